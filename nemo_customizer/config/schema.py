@@ -1,0 +1,161 @@
+"""Typed configuration schema: the single source of truth for every run.
+
+Hydra YAML (``conf/``) and ``customize(**kwargs)`` only select and override these fields. The dataclasses are
+registered as structured configs, so a misspelled key is an error instead of a silent default.
+This module must not import torch or megatron: configs are validated before any heavy import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+MISSING_PATH = "???"
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama-3 style RoPE frequency scaling, in HF ``config.json`` terms."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ArchitectureConfig:
+    """A Llama-family decoder in HF ``config.json`` terms.
+
+    Used as-is for weight-free runs (benchmarks, tests with random weights). When a checkpoint is given, its
+    ``config.json`` is authoritative and a conflicting value here is an error.
+    """
+
+    architectures: List[str] = field(default_factory=lambda: ["LlamaForCausalLM"])
+    num_hidden_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = None
+    """Per-head width; ``None`` means ``hidden_size // num_attention_heads``."""
+    intermediate_size: int = 128
+    vocab_size: int = 256
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScalingConfig] = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    """End-of-sequence id; when config.json lists several, the first of them."""
+    eos_token_ids: Optional[List[int]] = None
+    """Every end-of-sequence id when config.json lists several (Llama-3 instruct: end_of_text, eom, eot);
+    generation stops at any of them. ``None`` means just ``eos_token_id``."""
+
+
+@dataclass
+class ModelConfig:
+    """One customizable model: run defaults plus where its weights and tokenizer come from."""
+
+    name: str = "tiny-llama"
+    checkpoint: Optional[str] = None
+    """HF checkpoint directory (config.json, *.safetensors, tokenizer files). Overrides ``embedded``."""
+    embedded: Optional[str] = None
+    """Name of a checkpoint shipped inside a Python package (``smollm2-135m-instruct``), converted once to a cache."""
+    random_weights: bool = False
+    """Use randomly initialized weights (benchmarks and tests only); needs ``tokenizer`` or token-id data."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory; defaults to the checkpoint directory."""
+    max_seq_length: int = 2048
+    """Longest training sequence (prompt + completion tokens); longer rows are truncated by the seed's rules."""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    use_sequence_parallel: bool = False
+    sequence_packing_supported: bool = True
+    chat_template: Optional[str] = None
+    """Jinja chat template overriding the tokenizer's own."""
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter settings (the seed's ``hyperparameters.lora``)."""
+
+    adapter_dim: int = 8
+    """Rank r of the low-rank update."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by ``alpha / adapter_dim``."""
+    adapter_dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """HF names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or Megatron names (linear_qkv,
+    linear_proj, linear_fc1, linear_fc2); a Megatron fused name stands for all of its HF parts."""
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when validation loss has not improved by ``min_delta`` for ``patience`` validations."""
+
+    enabled: bool = True
+    patience: int = 10
+    min_delta: float = 0.001
+
+
+@dataclass
+class HyperparametersConfig:
+    """Training hyperparameters, named as NeMo Customizer names them."""
+
+    training_type: str = "sft"
+    finetuning_type: str = "lora"
+    epochs: int = 3
+    batch_size: int = 16
+    """Global batch size: examples per optimizer step across all data-parallel ranks."""
+    micro_batch_size: int = 1
+    """Examples per forward/backward pass on one rank; the rest is gradient accumulation."""
+    learning_rate: float = 1e-4
+    min_learning_rate: float = 0.0
+    """Cosine decay ends here."""
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    clip_grad: float = 1.0
+    seed: int = 42
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (cuts the schedule short; for smoke tests and demos)."""
+    val_check_interval: Optional[int] = None
+    """Also validate every N optimizer steps (validation always runs at the end of each epoch)."""
+    sequence_packing_enabled: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass
+class DatasetConfig:
+    """Training data: a JSONL file or a directory with training*/validation* JSONL files."""
+
+    path: str = MISSING_PATH
+    val_fraction: float = 0.1
+    """Fraction held out for validation when the dataset has no validation file (seeded split)."""
+    max_val_examples: Optional[int] = None
+    """Cap on validation rows (keeps frequent validation cheap)."""
+
+
+@dataclass
+class Config:
+    """A whole customization job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    hyperparameters: HyperparametersConfig = field(default_factory=HyperparametersConfig)
+    output_dir: str = "outputs/job"
+    """Job directory: resolved config, metrics.jsonl, adapter."""
+    device: str = "auto"
+    """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
+    precision: str = "auto"
+    """``auto`` (bf16 on cuda, fp32 on cpu), ``fp32`` or ``bf16``."""
+    cache_dir: Optional[str] = None
+    """Where embedded checkpoints are converted; default ``$NEMO_CUSTOMIZER_CACHE`` or ~/.cache/nemo_customizer."""
+    log_interval: int = 1
+    """Print and record train metrics every N steps."""
+    progress_bar: bool = True

@@ -1,0 +1,84 @@
+"""Work-arounds that let megatron-core 0.16.1 run on a CPU-only torch.
+
+Megatron-core assumes CUDA in a handful of places. Each patch below names the mcore code it works around. They are
+applied once, only when the job's device is CPU (``apply_cpu_patches``), and never on GPU machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_APPLIED = False
+
+
+def _cpu_get_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _make_cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    class CpuRNGStatesTracker(mpu_random.CudaRNGStatesTracker):
+        """Model-parallel RNG tracker over the CPU generator.
+
+        mcore's tracker (tensor_parallel/random.py, ``CudaRNGStatesTracker.add``) seeds and snapshots
+        ``torch.cuda`` RNG state; here the named states are CPU generator states instead.
+        """
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"rng seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            original = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+        @contextlib.contextmanager
+        def fork(self, name=mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            # mcore's fork warns when the CPU state changes inside the context, which is exactly what a CPU
+            # tracker does; swap states without that check.
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            original = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(original)
+
+    return CpuRNGStatesTracker
+
+
+def apply_cpu_patches() -> None:
+    """Patch mcore's CUDA-only paths so models, DDP and the optimizer run on CPU tensors."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    # tensor_parallel/random.py: _get_cuda_rng_state / _set_cuda_rng_state read torch.cuda generators.
+    mpu_random._get_cuda_rng_state = _cpu_get_rng_state
+    mpu_random._set_cuda_rng_state = _cpu_set_rng_state
+    # tensor_parallel/random.py: initialize_rng_tracker builds a CudaRNGStatesTracker; install ours instead
+    # and mark it initialized so model_parallel_cuda_manual_seed keeps it.
+    mpu_random._CUDA_RNG_STATE_TRACKER = _make_cpu_rng_tracker_class()()
+    mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    # RoPE (models/common/embeddings/rotary_pos_embedding.py) and DDP buffers
+    # (distributed/param_and_grad_buffer.py: device=torch.cuda.current_device()) ask for the current CUDA device.
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    # optimizer/clip_grads.py and DDP call torch.cuda.synchronize / streams for timing and overlap.
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+    _APPLIED = True

@@ -1,0 +1,115 @@
+"""The only place that initializes torch.distributed and megatron-core's model-parallel state.
+
+One code path for one and many processes: a plain ``python`` run becomes a world of size 1 (gloo over a local
+TCP store), a ``torchrun`` run reads RANK/WORLD_SIZE from the environment. CPU runs use gloo, CUDA runs NCCL.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int
+    data_parallel_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """The one rank that writes job files and prints progress."""
+        return self.rank == 0
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without a GPU is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was requested but torch sees no GPU; use device=cpu or device=auto.")
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    return torch.device(requested)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init_process_group(device: torch.device) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=30)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(0)
+    store = dist.TCPStore("127.0.0.1", _free_port(), world_size=1, is_master=True)
+    dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+
+
+def initialize_parallel(
+    *, tensor_parallel_size: int, pipeline_parallel_size: int, device: torch.device, seed: int
+) -> ParallelLayout:
+    """Start torch.distributed (if needed) and mcore's parallel groups; seed every RNG mcore uses."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if device.type == "cpu":
+        from nemo_customizer.distributed.cpu_patches import apply_cpu_patches
+
+        apply_cpu_patches()
+    if not dist.is_initialized():
+        _init_process_group(device)
+    world_size = dist.get_world_size()
+    model_parallel = tensor_parallel_size * pipeline_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel_size × pipeline_parallel_size "
+            f"= {tensor_parallel_size} × {pipeline_parallel_size}; launch a multiple of {model_parallel} processes."
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return ParallelLayout(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+        data_parallel_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+    )
+
+
+def destroy_parallel() -> None:
+    """Tear down mcore's groups and the process group (lets one process run several jobs)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

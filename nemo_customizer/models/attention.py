@@ -1,0 +1,130 @@
+"""Core attention for our layer spec: causal SDPA for padded batches, boundary-respecting attention for packed ones.
+
+mcore's local ``DotProductAttention`` refuses packed sequences, so this module sits at
+``self_attention.submodules.core_attention``. mcore calls it with query/key/value after RoPE:
+padded (SBHD) q ``[sq, b, heads, head_dim]``, k/v ``[sk, b, kv_heads, head_dim]``, returns ``[sq, b, heads*head_dim]``;
+packed (THD) q ``[t, heads, head_dim]``, k/v ``[t, kv_heads, head_dim]``, returns ``[t, heads*head_dim]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def _varlen_attn():
+    """``torch.nn.attention.varlen.varlen_attn`` (flash attention over packed sequences), or None if absent."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Block-diagonal causal mask ``[t, t]`` (True = attend) for sequences packed back to back."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+    if segment.numel() < total:  # padding after the last sequence attends only to itself
+        pad = torch.arange(len(lengths), len(lengths) + total - segment.numel(), device=cu_seqlens.device)
+        segment = torch.cat([segment, pad])
+    position = torch.arange(total, device=cu_seqlens.device)
+    return (segment[:, None] == segment[None, :]) & (position[:, None] >= position[None, :])
+
+
+class CoreAttention(MegatronModule):
+    """Scaled dot-product attention with GQA, for padded and packed batches, on CPU and CUDA."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise ValueError("context parallelism is not supported by nemo_customizer's core attention")
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        varlen = _varlen_attn()
+        self._varlen = varlen
+        self._varlen_has_gqa = varlen is not None and "enable_gqa" in inspect.signature(varlen).parameters
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        return self._padded(query, key, value, attention_mask, mask_type)
+
+    def _dropout(self) -> float:
+        return self.dropout_p if self.training else 0.0
+
+    def _padded(self, query, key, value, attention_mask, mask_type) -> torch.Tensor:
+        sq, b, heads, head_dim = query.shape
+        sk = key.shape[0]
+        q = query.permute(1, 2, 0, 3)  # (b, heads, sq, head_dim)
+        k = key.permute(1, 2, 0, 3)  # (b, kv_heads, sk, head_dim)
+        v = value.permute(1, 2, 0, 3)
+        mask = None
+        is_causal = False
+        if mask_type == AttnMaskType.causal:
+            if sq == sk:
+                is_causal = True
+            else:  # queries are the last sq positions (decoding with a KV cache): bottom-right aligned causal
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        elif attention_mask is not None:  # mcore masks are True where attention is NOT allowed
+            mask = ~attention_mask
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self._dropout(), is_causal=is_causal,
+            scale=self.softmax_scale, enable_gqa=k.shape[1] != heads,
+        )  # (b, heads, sq, head_dim)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)
+
+    def _packed(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
+        if query.dim() == 4:  # some mcore paths keep the singleton batch dim: [t, 1, heads, head_dim]
+            query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+        total, heads, head_dim = query.shape
+        gqa = key.shape[1] != heads
+        if query.is_cuda and self._varlen is not None and (self._varlen_has_gqa or not gqa):
+            cu_q = params.cu_seqlens_q.to(torch.int32)
+            cu_k = params.cu_seqlens_kv.to(torch.int32)
+            max_q = int(params.max_seqlen_q)
+            max_k = int(params.max_seqlen_kv)
+            kwargs = {"enable_gqa": True} if gqa else {}
+            if self._dropout() > 0:
+                raise ValueError("attention dropout is not supported with packed sequences on CUDA")
+            out = self._varlen(
+                query, key, value, cu_q, cu_k, max_q, max_k, scale=self.softmax_scale, window_size=(-1, 0), **kwargs
+            )  # (t, heads, head_dim)
+            return out.reshape(total, heads * head_dim)
+        mask = packed_causal_mask(params.cu_seqlens_q, total)
+        out = F.scaled_dot_product_attention(
+            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), attn_mask=mask,
+            dropout_p=self._dropout(), scale=self.softmax_scale, enable_gqa=gqa,
+        )  # (heads, t, head_dim)
+        return out.transpose(0, 1).reshape(total, heads * head_dim)

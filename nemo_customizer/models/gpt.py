@@ -1,0 +1,180 @@
+"""Build megatron-core's GPTModel for a Llama-family architecture, with a loss head that skips unmasked tokens."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    vocab_parallel_cross_entropy,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.utils.checkpoint import checkpoint
+
+from nemo_customizer.config.schema import ArchitectureConfig
+from nemo_customizer.models import llama
+from nemo_customizer.models.spec import llama_block_spec
+
+# Tokens per chunk of the output projection + cross-entropy. Logits of a chunk are recomputed in backward instead
+# of kept, so a long fully-supervised sequence never holds [tokens, vocab] fp32 logits at once.
+LOSS_CHUNK_TOKENS = 1024
+
+
+class CustomizerGPTModel(GPTModel):
+    """GPTModel whose training forward returns the per-token loss of loss-masked positions only.
+
+    With ``labels`` and ``loss_mask`` given, the output projection runs only on positions with ``loss_mask > 0``:
+    a prompt/completion row trains on a handful of completion tokens, so projecting every prompt token onto the
+    vocabulary would be wasted compute and memory. Returns the losses of those positions, flattened, in fp32.
+    Without labels it behaves like GPTModel (logits ``[b, s, vocab]``).
+    """
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None, **kwargs):
+        if labels is None or not self.post_process or loss_mask is None:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, loss_mask=loss_mask,
+                                        **kwargs)
+        if self.config.sequence_parallel:
+            # (s/tp, b, h) → (s, b, h). Backward only splits: the reduction over vocab shards happens once, in
+            # copy_to_tensor_model_parallel_region below.
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+        select = loss_mask.transpose(0, 1) > 0  # (s, b)
+        hidden = hidden_states[select]  # (n, h)
+        targets = labels.transpose(0, 1)[select]  # (n,)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else \
+            self.output_layer.weight
+        return masked_token_losses(hidden, targets, weight)
+
+
+def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    hidden = copy_to_tensor_model_parallel_region(hidden)  # identity forward; all-reduce of input grads backward
+    logits = torch.nn.functional.linear(hidden, weight)  # (n, vocab/tp)
+    return vocab_parallel_cross_entropy(logits.float().unsqueeze(1), targets.unsqueeze(1)).squeeze(1)
+
+
+def masked_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (n,) of hidden states (n, h) against targets (n,) with a vocab-parallel output weight."""
+    if hidden.shape[0] <= LOSS_CHUNK_TOKENS or not torch.is_grad_enabled():
+        return _token_losses(hidden, targets, weight)
+    chunks = [
+        checkpoint(_token_losses, h, t, weight, use_reentrant=False)
+        for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))
+    ]
+    return torch.cat(chunks)
+
+
+def llama3_inv_freq(arch: ArchitectureConfig) -> torch.Tensor:
+    """RoPE inverse frequencies exactly as ``transformers`` computes them, with Llama-3 scaling when configured.
+
+    mcore's own rope scaling hard-codes low/high frequency factors and the original context; this uses the
+    checkpoint's values.
+    """
+    dim = llama.head_dim(arch)
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = arch.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type not in ("llama3",):
+        raise ValueError(f"rope_scaling type {scaling.rope_type!r} is not supported (only llama3)")
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def transformer_config(
+    arch: ArchitectureConfig,
+    *,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    device: torch.device = torch.device("cpu"),
+    perform_initialization: bool = True,
+    init_method_std: float = 0.02,
+) -> TransformerConfig:
+    return TransformerConfig(
+        **llama.transformer_fields(arch),
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=device.type == "cpu",
+        perform_initialization=perform_initialization,
+        init_method_std=init_method_std,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        calculate_per_token_loss=True,
+    )
+
+
+def build_gpt_model(arch: ArchitectureConfig, config: TransformerConfig, device: torch.device) -> CustomizerGPTModel:
+    """This rank's (TP/PP) shard of the model, on ``device``; weights random until a checkpoint is loaded."""
+    if arch.vocab_size % config.tensor_model_parallel_size:
+        raise ValueError(
+            f"vocab_size {arch.vocab_size} is not divisible by tensor_parallel_size "
+            f"{config.tensor_model_parallel_size}; choose a tensor_parallel_size that divides it."
+        )
+    model = CustomizerGPTModel(
+        config=config,
+        transformer_layer_spec=llama_block_spec(config),
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,
+    )
+    model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(device)
+    return model.to(device)
+
+
+def stage_layer_numbers(model: GPTModel) -> list[int]:
+    """0-based global layer indices of this pipeline stage's layers, in local order."""
+    return [layer.layer_number - 1 for layer in model.decoder.layers]
+
+
+def unwrap(model: torch.nn.Module) -> CustomizerGPTModel:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while not isinstance(model, GPTModel):
+        model = model.module
+    return model
+
+
+def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
+    """Full-vocabulary logits ``[b, s, vocab]`` (gathered over TP) for a padded batch; for tests and inference."""
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return model(tokens, position_ids, None, runtime_gather_output=True)
+
+
+def load_hf_checkpoint(model: CustomizerGPTModel, arch: ArchitectureConfig, directory: str) -> None:
+    """Load this rank's TP/PP shard of an HF checkpoint directory into ``model``."""
+    from nemo_customizer.checkpoints.hf_loader import SafetensorsCheckpoint, load_hf_weights
+    from nemo_customizer.checkpoints.mappings import TPShard
+    from nemo_customizer.models.registry import family_for
+
+    mappings = family_for(arch).weight_mappings(
+        arch, stage_layer_numbers(model), pre_process=model.pre_process, post_process=model.post_process
+    )
+    tp = TPShard(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size())
+    load_hf_weights(model, SafetensorsCheckpoint(directory), mappings, tp)

@@ -1,0 +1,72 @@
+"""Our Megatron model equals transformers' LlamaForCausalLM on the same weights."""
+
+import pytest
+import torch
+
+from nemo_customizer.distributed.parallel import initialize_parallel
+from nemo_customizer.models.gpt import build_gpt_model, forward_logits, load_hf_checkpoint, transformer_config
+
+from _tiny import tiny_arch, write_tiny_checkpoint
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def parallel():
+    initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=CPU, seed=0)
+
+
+def _ours(arch, directory):
+    model = build_gpt_model(arch, transformer_config(arch, perform_initialization=False), CPU)
+    load_hf_checkpoint(model, arch, str(directory))
+    return model.eval()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("rope_scaling", [False, True])
+def test_logits_match_transformers(tmp_path, tied, rope_scaling):
+    arch = tiny_arch(tied=tied, rope_scaling=rope_scaling)
+    hf = write_tiny_checkpoint(tmp_path, arch)
+    ours = _ours(arch, tmp_path)
+    tokens = torch.randint(0, arch.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        actual = forward_logits(ours, tokens)
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max().item() <= 1e-4
+
+
+def test_masked_loss_equals_full_cross_entropy(tmp_path):
+    arch = tiny_arch()
+    hf = write_tiny_checkpoint(tmp_path, arch)
+    ours = _ours(arch, tmp_path)
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, arch.vocab_size, (2, 16), generator=gen)
+    labels = torch.randint(0, arch.vocab_size, (2, 16), generator=gen)
+    mask = torch.zeros(2, 16)
+    mask[0, 10:] = 1
+    mask[1, 3:7] = 1
+    positions = torch.arange(16).expand_as(tokens)
+    with torch.no_grad():
+        losses = ours(tokens, positions, None, labels=labels, loss_mask=mask)
+        logits = hf(tokens).logits
+    full = torch.nn.functional.cross_entropy(logits.reshape(-1, arch.vocab_size), labels.reshape(-1),
+                                             reduction="none").reshape(2, 16)
+    assert losses.shape == (int(mask.sum()),)
+    torch.testing.assert_close(losses.sum(), (full * mask).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_loss_matches_unchunked(monkeypatch):
+    from nemo_customizer.models import gpt
+
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(50, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(32, 8, generator=gen)
+    targets = torch.randint(0, 32, (50,), generator=gen)
+    whole = gpt.masked_token_losses(hidden, targets, weight)
+    (grad_whole,) = torch.autograd.grad(whole.sum(), hidden)
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_TOKENS", 7)
+    chunked = gpt.masked_token_losses(hidden, targets, weight)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(grad_chunked, grad_whole)
