@@ -1,0 +1,38 @@
+"""The few collectives the library needs outside Megatron's own modules (one path for 1 and N ranks)."""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def gather_tensor_parallel(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenate this tensor's shards from every tensor-parallel rank along ``dim`` (rank order)."""
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    if size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=dim)
+
+
+def gather_pipeline_objects(obj: Any) -> List[Any]:
+    """Every pipeline stage's ``obj`` (picklable), in stage order."""
+    size = parallel_state.get_pipeline_model_parallel_world_size()
+    if size == 1:
+        return [obj]
+    out: List[Any] = [None] * size
+    dist.all_gather_object(out, obj, group=parallel_state.get_pipeline_model_parallel_group())
+    return out
+
+
+def all_reduce_sum(values: List[float], group=None) -> List[float]:
+    """Sum a few floats over a process group (default: the whole world)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, group=group)
+    return tensor.tolist()

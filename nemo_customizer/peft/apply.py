@@ -1,0 +1,96 @@
+"""Attach LoRA to a Megatron GPT model: match targets, wrap the linears, freeze everything else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Set
+
+import torch
+from megatron.core import parallel_state
+
+from nemo_customizer.config.schema import ArchitectureConfig, LoraConfig
+from nemo_customizer.models.llama import HF_PROJECTIONS, head_dim
+from nemo_customizer.peft.lora import ColumnParallelLoRA, FusedSlice, RowParallelLoRA
+
+_HF_TO_MEGATRON = {hf: mc for mc, names in HF_PROJECTIONS.items() for hf in names}
+_LINEAR_PATHS = {
+    "linear_qkv": "self_attention.linear_qkv",
+    "linear_proj": "self_attention.linear_proj",
+    "linear_fc1": "mlp.linear_fc1",
+    "linear_fc2": "mlp.linear_fc2",
+}
+
+
+@dataclass(frozen=True)
+class LoraSummary:
+    """What LoRA attached, for the job log."""
+
+    projections: List[str]
+    trainable_parameters: int
+    total_parameters: int
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable_parameters / max(self.total_parameters, 1)
+        return (f"LoRA on {', '.join(self.projections)}: trainable parameters {self.trainable_parameters:,} of "
+                f"{self.total_parameters:,} ({share:.3f}%)")
+
+
+def resolve_targets(target_modules: List[str]) -> Dict[str, Set[str]]:
+    """Megatron linear name → the HF projections to adapt in it. Megatron names stand for all their parts."""
+    targets: Dict[str, Set[str]] = {}
+    for name in target_modules:
+        if name in HF_PROJECTIONS:
+            targets.setdefault(name, set()).update(HF_PROJECTIONS[name])
+        elif name in _HF_TO_MEGATRON:
+            targets.setdefault(_HF_TO_MEGATRON[name], set()).add(name)
+        else:
+            known = sorted(list(HF_PROJECTIONS) + list(_HF_TO_MEGATRON))
+            raise ValueError(f"hyperparameters.lora.target_modules: unknown module {name!r}; use any of {known}")
+    if not targets:
+        raise ValueError("hyperparameters.lora.target_modules is empty; name at least one module, e.g. [q_proj, v_proj]")
+    return targets
+
+
+def _fused_slices(linear: str, arch: ArchitectureConfig, tp_size: int) -> tuple[list[FusedSlice], int]:
+    if linear == "linear_qkv":
+        d = head_dim(arch)
+        q_width = arch.num_attention_heads // arch.num_key_value_heads * d
+        slices = [FusedSlice("q_proj", 0, q_width), FusedSlice("k_proj", q_width, d),
+                  FusedSlice("v_proj", q_width + d, d)]
+        return slices, arch.num_key_value_heads // tp_size
+    ffn = arch.intermediate_size // tp_size
+    return [FusedSlice("gate_proj", 0, ffn), FusedSlice("up_proj", ffn, ffn)], 1
+
+
+def apply_lora(model: torch.nn.Module, arch: ArchitectureConfig, lora: LoraConfig, seed: int) -> LoraSummary:
+    """Freeze ``model`` and wrap the targeted linears of every layer in this stage with LoRA (B = 0)."""
+    targets = resolve_targets(list(lora.target_modules))
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    wrapped = 0
+    for layer in model.decoder.layers:
+        layer_index = layer.layer_number - 1
+        for linear, projections in targets.items():
+            parent_path, attr = _LINEAR_PATHS[linear].rsplit(".", 1)
+            parent = layer.get_submodule(parent_path)
+            base = getattr(parent, attr)
+            # One seed per (layer, linear), independent of rank and pipeline stage.
+            adapter_seed = seed * 1_000_003 + layer_index * 17 + list(_LINEAR_PATHS).index(linear) * 5
+            common = dict(rank=lora.adapter_dim, alpha=lora.alpha, dropout=lora.adapter_dropout, seed=adapter_seed,
+                          tp_rank=tp_rank, tp_size=tp_size)
+            if linear in ("linear_qkv", "linear_fc1"):
+                slices, groups = _fused_slices(linear, arch, tp_size)
+                module = ColumnParallelLoRA(base, slices=slices, groups=groups, targets=sorted(projections), **common)
+            else:
+                (name,) = projections
+                module = RowParallelLoRA(base, name=name, **common)
+            setattr(parent, attr, module)
+            wrapped += 1
+    if wrapped == 0:
+        raise ValueError(f"hyperparameters.lora.target_modules {list(lora.target_modules)} matched no layer")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    projections = sorted({p for names in targets.values() for p in names})
+    return LoraSummary(projections, trainable, total)

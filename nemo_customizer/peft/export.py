@@ -1,0 +1,141 @@
+"""HF PEFT adapter files ↔ our LoRA modules (gathered over tensor and pipeline parallel ranks).
+
+``adapter_model.safetensors`` uses HF module names
+(``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``), so ``peft`` and vLLM load it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict
+
+import torch
+from megatron.core import parallel_state
+from safetensors.torch import load_file, save_file
+
+from nemo_customizer.config.schema import LoraConfig
+from nemo_customizer.distributed.collectives import gather_pipeline_objects, gather_tensor_parallel
+from nemo_customizer.models.llama import HF_MODULE_PREFIX
+from nemo_customizer.peft.lora import ColumnParallelLoRA, lora_modules
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _hf_key(layer_index: int, projection: str, matrix: str) -> str:
+    return f"base_model.model.model.layers.{layer_index}.{HF_MODULE_PREFIX[projection]}.{projection}.{matrix}.weight"
+
+
+def _shard_dims(module) -> tuple[int | None, int | None]:
+    """TP shard dim of (lora_A, lora_B): column-parallel shards B's rows, row-parallel shards A's columns."""
+    return (None, 0) if isinstance(module, ColumnParallelLoRA) else (1, None)
+
+
+def _layer_index(module_name: str, model: torch.nn.Module) -> int:
+    local = int(module_name.split("decoder.layers.")[1].split(".")[0])
+    return model.decoder.layers[local].layer_number - 1
+
+
+def adapter_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The full (unsharded) adapter weights of the whole model under HF PEFT names, on every rank (fp32, CPU)."""
+    local: Dict[str, torch.Tensor] = {}
+    for name, module in lora_modules(model).items():
+        layer_index = _layer_index(name, model)
+        a_dim, b_dim = _shard_dims(module)
+        for projection, pair in module.adapters.items():
+            a = pair.lora_A.detach() if a_dim is None else gather_tensor_parallel(pair.lora_A.detach(), a_dim)
+            b = pair.lora_B.detach() if b_dim is None else gather_tensor_parallel(pair.lora_B.detach(), b_dim)
+            local[_hf_key(layer_index, projection, "lora_A")] = a.float().cpu().contiguous()
+            local[_hf_key(layer_index, projection, "lora_B")] = b.float().cpu().contiguous()
+    merged: Dict[str, torch.Tensor] = {}
+    for stage in gather_pipeline_objects(local):
+        merged.update(stage)
+    return merged
+
+
+def peft_adapter_config(lora: LoraConfig, base_model: str, projections) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": lora.adapter_dim,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.adapter_dropout,
+        "target_modules": sorted(projections),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+    }
+
+
+def save_peft_adapter(model: torch.nn.Module, lora: LoraConfig, directory: str | Path, base_model: str) -> None:
+    """Write the adapter atomically (temp dir + rename): a crash never leaves a half-written adapter.
+
+    Collective: every rank must call it; only the global rank 0 writes.
+    """
+    weights = adapter_state_dict(model)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    projections = sorted({key.split(".")[-3] for key in weights})
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    save_file(weights, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (staging / ADAPTER_CONFIG).write_text(json.dumps(peft_adapter_config(lora, base_model, projections), indent=2))
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(staging, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, directory)
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG}; expected an HF PEFT LoRA adapter directory")
+    config = json.loads(path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    return config
+
+
+@torch.no_grad()
+def load_peft_adapter(model: torch.nn.Module, directory: str | Path) -> None:
+    """Copy an HF PEFT adapter's weights into the model's (already attached) LoRA modules, sharding for TP."""
+    weights = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    used = set()
+    for name, module in lora_modules(model).items():
+        layer_index = _layer_index(name, model)
+        dims = _shard_dims(module)
+        for projection, pair in module.adapters.items():
+            for matrix, param, dim in (("lora_A", pair.lora_A, dims[0]), ("lora_B", pair.lora_B, dims[1])):
+                key = _hf_key(layer_index, projection, matrix)
+                if key not in weights:
+                    raise KeyError(f"{directory}: adapter has no {key}; was it trained with the same target_modules?")
+                full = weights[key]
+                shard = full if dim is None else full.chunk(tp_size, dim=dim)[tp_rank]
+                if shard.shape != param.shape:
+                    raise ValueError(f"{directory}: {key} has shape {tuple(full.shape)}, which does not fit this "
+                                     f"model (shard {tuple(param.shape)}); check the base model and adapter rank")
+                param.copy_(shard.to(param.dtype))
+                used.add(key)
+    stage_keys = {k for k in weights if int(k.split(".layers.")[1].split(".")[0]) in
+                  {layer.layer_number - 1 for layer in model.decoder.layers}}
+    unused = stage_keys - used
+    if unused:
+        raise KeyError(f"{directory}: adapter weights {sorted(unused)[:4]} have no matching LoRA module; attach LoRA "
+                       "with the adapter's target_modules first")
