@@ -1,0 +1,45 @@
+"""Prompt/completion datasets: find files, validate rows, tokenize with loss masks, batch per rank, collate.
+
+Files: ``discovery`` (which files), ``jsonl`` (read lines), ``formats/`` (one module per row format),
+``loading`` (``load_dataset``), ``split`` (seeded validation hold-out), ``truncation`` (the seed's length rule),
+``tokenization`` (``tokenize_examples``), ``batching`` (shuffle and DP sharding), ``collate`` (tensors),
+``errors`` (``DatasetError``).
+"""
+
+from nemo_customizer.data.batching import (
+    epoch_order,
+    iterate_micro_batches,
+    iterate_validation_micro_batches,
+    num_micro_batches,
+    steps_per_epoch,
+    validation_steps,
+)
+from nemo_customizer.data.collate import Batch, collate
+from nemo_customizer.data.discovery import DatasetFiles, discover_files
+from nemo_customizer.data.errors import DatasetError
+from nemo_customizer.data.examples import PADDING_EXAMPLE, TokenizedExample
+from nemo_customizer.data.formats import PromptCompletion
+from nemo_customizer.data.loading import DatasetSplits, load_dataset
+from nemo_customizer.data.tokenization import tokenize_examples
+from nemo_customizer.data.truncation import TruncationStats
+
+__all__ = [
+    "PADDING_EXAMPLE",
+    "Batch",
+    "DatasetError",
+    "DatasetFiles",
+    "DatasetSplits",
+    "PromptCompletion",
+    "TokenizedExample",
+    "TruncationStats",
+    "collate",
+    "discover_files",
+    "epoch_order",
+    "iterate_micro_batches",
+    "iterate_validation_micro_batches",
+    "load_dataset",
+    "num_micro_batches",
+    "steps_per_epoch",
+    "tokenize_examples",
+    "validation_steps",
+]

@@ -1,0 +1,57 @@
+"""Find the training and validation JSONL files of a dataset path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from nemo_customizer.data.errors import raise_one
+
+TRAIN_PREFIXES = ("training", "train")
+VAL_PREFIXES = ("validation", "val")
+EXPECTED_NAMES = "training*.jsonl or train*.jsonl (required) and validation*.jsonl or val*.jsonl (optional)"
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """The files a dataset path resolved to, each list sorted by name."""
+
+    train: tuple[Path, ...]
+    val: tuple[Path, ...]
+    """Empty when the dataset has no validation file (a seeded split is held out of ``train`` instead)."""
+    ignored: tuple[Path, ...] = ()
+    """Other ``*.jsonl`` files in the directory (e.g. ``test.jsonl``), listed so the job log can mention them."""
+
+
+def discover_files(path: str | Path) -> DatasetFiles:
+    """Resolve ``path`` (a JSONL file, or a directory of split files) to its train/validation files.
+
+    A directory must hold ``training*.jsonl``/``train*.jsonl`` files and may hold ``validation*.jsonl``/
+    ``val*.jsonl`` files (names compared case-insensitively). When it has no training file but exactly one other
+    ``*.jsonl``, that file is the training file; anything more ambiguous raises ``DatasetError``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise_one(str(path), "dataset path does not exist", "Pass a JSONL file or a directory holding train*.jsonl.")
+    if path.is_file():
+        return DatasetFiles(train=(path,), val=())
+
+    jsonl = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".jsonl")
+    train = tuple(p for p in jsonl if _has_prefix(p, TRAIN_PREFIXES))
+    val = tuple(p for p in jsonl if _has_prefix(p, VAL_PREFIXES))
+    other = tuple(p for p in jsonl if p not in train and p not in val)
+    if train:
+        return DatasetFiles(train=train, val=val, ignored=other)
+    if len(other) == 1:
+        # Unambiguous: a single unnamed file next to (at most) validation files can only be the training data.
+        return DatasetFiles(train=other, val=val)
+    found = ", ".join(p.name for p in jsonl) or "no *.jsonl files"
+    raise_one(
+        str(path),
+        f"directory has no training file (found: {found})",
+        f"Name the files {EXPECTED_NAMES}, or pass the path of a single JSONL file.",
+    )
+
+
+def _has_prefix(path: Path, prefixes: tuple[str, ...]) -> bool:
+    return path.name.lower().startswith(prefixes)

@@ -1,0 +1,31 @@
+"""Dataset formats. Each module builds one ``DataFormat``; ``FORMATS`` lists them in detection order."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from nemo_customizer.data.formats.base import DataFormat, Row
+from nemo_customizer.data.formats.chat import CHAT
+from nemo_customizer.data.formats.prompt_completion import PROMPT_COMPLETION, PromptCompletion
+
+FORMATS: tuple[DataFormat, ...] = (CHAT, PROMPT_COMPLETION)
+"""Detection order: the first format whose ``matches`` accepts a file's first JSON object is the file's format."""
+
+
+def detect_format(row: Row) -> DataFormat:
+    """The format of a file whose first JSON object is ``row``."""
+    return next(fmt for fmt in FORMATS if fmt.matches(row))
+
+
+def format_of_examples(examples: Sequence[Any]) -> DataFormat:
+    """The format that parsed ``examples`` (all must come from one format)."""
+    types = {type(e) for e in examples}
+    formats = [fmt for fmt in FORMATS if fmt.example_type in types]
+    if len(types) != 1 or len(formats) != 1:
+        names = ", ".join(sorted(t.__name__ for t in types)) or "none"
+        raise ValueError(f"expected examples of one dataset format, got types: {names}")
+    return formats[0]
+
+
+__all__ = ["CHAT", "FORMATS", "PROMPT_COMPLETION", "DataFormat", "PromptCompletion", "detect_format",
+           "format_of_examples"]
