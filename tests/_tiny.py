@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -50,3 +51,49 @@ def write_tiny_checkpoint(directory: Path, arch: ArchitectureConfig, seed: int =
                 param.uniform_(0.5, 1.5)
     model.save_pretrained(directory)
     return model
+
+
+TINY_VOCAB = 320  # 256 byte tokens + specials, padded to a multiple of 64
+
+
+def write_tiny_tokenizer(directory: Path):
+    """A byte-level tokenizer (no merges) with <s>/</s>/<pad>: encodes any text, needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for char in sorted(alphabet):
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>")
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def write_tiny_model_dir(directory: Path, arch: ArchitectureConfig | None = None, seed: int = 0):
+    """An HF checkpoint directory (random tiny Llama + byte tokenizer) like a user's fine-tuning base."""
+    arch = arch or dataclasses.replace(tiny_arch(vocab=TINY_VOCAB), max_position_embeddings=2048, head_dim=16,
+                                       bos_token_id=1, eos_token_id=2)
+    hf = write_tiny_checkpoint(directory, arch, seed)
+    write_tiny_tokenizer(directory)
+    return hf
+
+
+def write_classification_data(directory: Path, n_train: int = 64, n_val: int = 16, seed: int = 0) -> Path:
+    """A learnable prompt/completion task: the label is the first word of the prompt, repeated."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, n in (("training.jsonl", n_train), ("validation.jsonl", n_val)):
+        with open(directory / name, "w") as handle:
+            for _ in range(n):
+                label = rng.choice(["yes", "no"])
+                filler = " ".join(rng.choice(["a", "b", "c", "d"]) for _ in range(rng.randint(2, 12)))
+                handle.write(json.dumps({"prompt": f"{label} {filler}\nAnswer: ", "completion": label}) + "\n")
+    return directory

@@ -12,6 +12,37 @@ import torch
 
 _APPLIED = False
 
+# mcore modules that create tensors with a literal device="cuda" (the line numbers are megatron-core 0.16.1's):
+# pipeline_parallel/schedules.py:596 (token counter), optimizer/optimizer.py:473-485,907 (loss-scale and found-inf
+# buffers), optimizer/clip_grads.py:90-115,174 (grad-norm buffers), distributed/param_and_grad_buffer.py:768,
+# utils.py:1207 (local_multi_tensor_l2_norm, the grad-norm fallback used without apex/TE).
+_MODULES_WITH_CUDA_TENSORS = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.utils",
+)
+_TENSOR_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like")
+
+
+class _CpuDeviceTorch:
+    """Stands in for the ``torch`` module inside the modules above: tensor factories asked for a CUDA device
+    get the CPU instead; everything else is the real torch."""
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _TENSOR_FACTORIES:
+            def factory(*args, _create=attr, **kwargs):
+                device = kwargs.get("device")
+                if device is not None and str(device).startswith("cuda"):
+                    kwargs["device"] = "cpu"
+                return _create(*args, **kwargs)
+
+            return factory
+        return attr
+
 
 def _cpu_get_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     state = torch.get_rng_state()
@@ -81,4 +112,23 @@ def apply_cpu_patches() -> None:
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     # optimizer/clip_grads.py and DDP call torch.cuda.synchronize / streams for timing and overlap.
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+
+    import importlib
+
+    proxy = _CpuDeviceTorch()
+    for name in _MODULES_WITH_CUDA_TENSORS:
+        importlib.import_module(name).torch = proxy
+
+    # optimizer/clip_grads.py:167 asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``; same clipping without it.
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
     _APPLIED = True
+
+
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad: bool = False):
+    grads = [p.decoupled_grad if use_decoupled_grad else p.grad for p in parameters]
+    grads = [g.detach() for g in grads if g is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)

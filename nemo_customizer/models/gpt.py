@@ -178,3 +178,24 @@ def load_hf_checkpoint(model: CustomizerGPTModel, arch: ArchitectureConfig, dire
     )
     tp = TPShard(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size())
     load_hf_weights(model, SafetensorsCheckpoint(directory), mappings, tp)
+
+
+def build_model_for_job(model_cfg, checkpoint_dir, *, device: torch.device, params_dtype: torch.dtype):
+    """This rank's model for a job: built from ``model_cfg`` and, unless the weights are random, loaded.
+
+    Returns ``(model, transformer_config)``.
+    """
+    arch = model_cfg.architecture
+    config = transformer_config(
+        arch,
+        tensor_parallel_size=model_cfg.tensor_parallel_size,
+        pipeline_parallel_size=model_cfg.pipeline_parallel_size,
+        sequence_parallel=model_cfg.use_sequence_parallel,
+        params_dtype=params_dtype,
+        device=device,
+        perform_initialization=checkpoint_dir is None,
+    )
+    model = build_gpt_model(arch, config, device)
+    if checkpoint_dir is not None:
+        load_hf_checkpoint(model, arch, str(checkpoint_dir))
+    return model, config

@@ -1,0 +1,155 @@
+"""``customize()``: config → data → model → LoRA → train → export, top to bottom."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from nemo_customizer.config import Config, check_batch_layout, config_from_kwargs, validate_config
+from nemo_customizer.jobs import JobDirectory, peak_memory_gib
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomizationResult:
+    """What a finished job produced."""
+
+    job_dir: str
+    adapter_path: str
+    metrics_path: str
+    best_epoch: Optional[int]
+    best_step: Optional[int]
+    best_val_loss: float
+    final_train_loss: float
+    final_val_loss: float
+    steps: int
+    epochs_completed: int
+    stopped_early: bool
+    tokens_per_second: float
+    train_seconds: float
+    peak_memory_gib: float
+    trainable_parameters: int
+    total_parameters: int
+    warnings: tuple = ()
+
+
+def customize(
+    config: str = "smollm2-135m-instruct",
+    dataset: Optional[str] = None,
+    hyperparameters: Optional[Mapping[str, Any]] = None,
+    output_dir: Optional[str] = None,
+    **overrides: Any,
+) -> CustomizationResult:
+    """Fine-tune model config ``config`` on ``dataset`` (a JSONL file or directory) and export a LoRA adapter.
+
+    ``hyperparameters`` uses NeMo Customizer's names (``epochs``, ``batch_size``, ``learning_rate``,
+    ``lora={"adapter_dim": 16}``, ...); other keyword arguments override config sections
+    (``model={"checkpoint": "/ckpt"}``, ``device="cpu"``). Unknown keys raise ``ConfigError``.
+    """
+    cfg = config_from_kwargs(config=config, dataset=dataset, hyperparameters=hyperparameters,
+                             output_dir=output_dir, **overrides)
+    return run(cfg)
+
+
+def run(cfg: Config) -> CustomizationResult:
+    """Run one customization job described by a composed config."""
+    validate_config(cfg)
+    hp = cfg.hyperparameters
+    check_batch_layout(hp.batch_size, hp.micro_batch_size, 1)
+
+    # Everything that can fail on user input happens here, before a process group or a model exists.
+    from nemo_customizer.checkpoints.resolve import load_tokenizer, resolve_model
+    from nemo_customizer.data import load_dataset, tokenize_examples
+
+    resolved = resolve_model(cfg.model, cfg.cache_dir)
+    cfg = dataclasses.replace(cfg, model=resolved.config)
+    tokenizer = load_tokenizer(resolved.tokenizer_dir, cfg.model.chat_template)
+    splits = load_dataset(cfg.dataset.path, cfg.dataset.val_fraction, hp.seed,
+                          max_val_examples=cfg.dataset.max_val_examples)
+    train, train_stats = tokenize_examples(splits.train, tokenizer, cfg.model.max_seq_length)
+    val, val_stats = tokenize_examples(splits.val, tokenizer, cfg.model.max_seq_length)
+    if len(train) < hp.batch_size:
+        raise ValueError(f"{cfg.dataset.path}: {len(train)} usable training rows is fewer than "
+                         f"hyperparameters.batch_size={hp.batch_size}; add data or lower the batch size.")
+    job = JobDirectory.create(cfg.output_dir, cfg)
+    log = _Log()
+    log(splits.describe())
+    log(f"tokenized with max_seq_length={cfg.model.max_seq_length}: train {train_stats}; validation {val_stats}")
+
+    import torch
+
+    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel, resolve_device
+    from nemo_customizer.models.gpt import build_model_for_job
+    from nemo_customizer.peft.apply import apply_lora
+    from nemo_customizer.peft.export import save_peft_adapter
+    from nemo_customizer.training.loop import TrainingJob, fit, planned_steps
+    from nemo_customizer.training.metrics import MetricsLog, ProgressBar
+    from nemo_customizer.training.optim import build_optimizer, build_scheduler
+    from nemo_customizer.training.wrap import wrap_for_training
+
+    device = resolve_device(cfg.device)
+    dtype = _params_dtype(cfg.precision, device)
+    layout = initialize_parallel(tensor_parallel_size=cfg.model.tensor_parallel_size,
+                                 pipeline_parallel_size=cfg.model.pipeline_parallel_size, device=device, seed=hp.seed)
+    log.enabled = layout.is_main
+    try:
+        check_batch_layout(hp.batch_size, hp.micro_batch_size, layout.data_parallel_size)
+        model, tconfig = build_model_for_job(cfg.model, resolved.checkpoint_dir, device=device, params_dtype=dtype)
+        lora = apply_lora(model, cfg.model.architecture, hp.lora, hp.seed)
+        log(f"model {cfg.model.name} on {device.type} ({dtype}), TP={layout.tensor_parallel_size} "
+            f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {lora}")
+        ddp = wrap_for_training(model, tconfig)
+        optimizer = build_optimizer([ddp], hp, dtype)
+        total_steps = planned_steps(len(train), hp)
+        scheduler = build_scheduler(optimizer, hp, total_steps)
+        log(f"training {total_steps} steps: epochs={hp.epochs}, batch_size={hp.batch_size}, "
+            f"micro_batch_size={hp.micro_batch_size}, learning_rate={hp.learning_rate}")
+        metrics = MetricsLog(job.metrics_path if layout.is_main else None)
+        base_name = str(resolved.checkpoint_dir or cfg.model.name)
+        fit_result = fit(TrainingJob(
+            model=ddp, optimizer=optimizer, scheduler=scheduler, train_examples=train, val_examples=val,
+            hyperparameters=hp, layout=layout, pad_id=_pad_id(tokenizer),
+            pad_to_multiple_of=layout.tensor_parallel_size if cfg.model.use_sequence_parallel else 1,
+            metrics=metrics, progress=ProgressBar(total_steps, enabled=layout.is_main and cfg.progress_bar),
+            save_best=lambda: save_peft_adapter(model, hp.lora, job.adapter_path, base_name),
+        ))
+        metrics.close()
+    finally:
+        destroy_parallel()
+    result = CustomizationResult(
+        job_dir=str(job.path), adapter_path=str(job.adapter_path), metrics_path=str(job.metrics_path),
+        best_epoch=fit_result.best_epoch, best_step=fit_result.best_step, best_val_loss=fit_result.best_val_loss,
+        final_train_loss=fit_result.final_train_loss, final_val_loss=fit_result.final_val_loss,
+        steps=fit_result.steps, epochs_completed=fit_result.epochs_completed,
+        stopped_early=fit_result.stopped_early, tokens_per_second=fit_result.tokens_per_second,
+        train_seconds=fit_result.train_seconds, peak_memory_gib=peak_memory_gib(),
+        trainable_parameters=lora.trainable_parameters, total_parameters=lora.total_parameters,
+    )
+    if layout.is_main:
+        job.write_result(result)
+        log(f"done: {result.steps} steps in {result.train_seconds:.0f}s, {result.tokens_per_second:,.0f} tokens/s, "
+            f"best val_loss {result.best_val_loss:.4f} (step {result.best_step}); adapter: {result.adapter_path}")
+    return result
+
+
+def _params_dtype(precision: str, device):
+    import torch
+
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class _Log:
+    """Job log lines on stderr, from the main rank only."""
+
+    enabled = True
+
+    def __call__(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,53 @@
+"""Where a job's weights and tokenizer come from: an HF checkpoint directory, an embedded model, or nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+from nemo_customizer.config import ConfigError, ModelConfig, merge_checkpoint_architecture, model_source, read_hf_config
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    """The model config with the checkpoint's authoritative architecture, and its directories."""
+
+    config: ModelConfig
+    checkpoint_dir: Optional[Path]
+    """HF checkpoint directory, or None for random weights."""
+    tokenizer_dir: Optional[Path]
+
+
+def resolve_model(model: ModelConfig, cache_dir: Optional[str]) -> ResolvedModel:
+    """Locate (and for embedded models, convert once) the checkpoint; reconcile its config.json with the YAML."""
+    kind, where = model_source(model)
+    checkpoint: Optional[Path] = None
+    if kind == "checkpoint":
+        checkpoint = Path(where).expanduser()
+        if not (checkpoint / "config.json").is_file():
+            raise ConfigError(f"model.checkpoint={where}: no config.json there; point it at an HF checkpoint "
+                              "directory (config.json, *.safetensors, tokenizer files).")
+    elif kind == "embedded":
+        from nemo_customizer.checkpoints.embedded import resolve_embedded_checkpoint
+
+        checkpoint = resolve_embedded_checkpoint(where, cache_dir)
+    if checkpoint is not None:
+        model = merge_checkpoint_architecture(model, read_hf_config(checkpoint / "config.json"),
+                                              source=str(checkpoint / "config.json"))
+    tokenizer = Path(model.tokenizer).expanduser() if model.tokenizer else checkpoint
+    return ResolvedModel(model, checkpoint, tokenizer)
+
+
+def load_tokenizer(directory: Optional[Path], chat_template: Optional[str] = None):
+    """The HF tokenizer in ``directory`` (local files only; no hub access)."""
+    if directory is None:
+        raise ConfigError("no tokenizer: model.random_weights=true needs model.tokenizer=/path/to/tokenizer_dir")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"{directory}: the tokenizer has no eos token; completions need one to end on")
+    return tokenizer

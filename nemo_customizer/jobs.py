@@ -1,0 +1,73 @@
+"""The job directory: resolved config, metrics, adapter, result. Checked before any training starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from nemo_customizer.config import Config
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+ADAPTER_DIR = "adapter"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobDirectory:
+    path: Path
+
+    @classmethod
+    def create(cls, output_dir: str, cfg: Config) -> "JobDirectory":
+        """Make the job directory (refusing one that already holds a job) and write the resolved config."""
+        path = Path(output_dir).expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"output_dir={output_dir} is a file; choose a directory path.")
+        if path.is_dir() and any(path.iterdir()):
+            raise FileExistsError(f"output_dir={output_dir} is not empty (it holds an earlier job); choose a new "
+                                  "output_dir or delete it.")
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise PermissionError(f"output_dir={output_dir} is not writable: {err}") from err
+        if shutil.disk_usage(path).free < 256 * 2**20:
+            raise OSError(f"output_dir={output_dir}: less than 256 MiB free on its disk; free space first.")
+        job = cls(path)
+        job.write_atomic(CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return job
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    def write_atomic(self, name: str, text: str) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, self.path / name)
+
+    def write_result(self, result) -> None:
+        self.write_atomic(RESULT_FILE, json.dumps(dataclasses.asdict(result), indent=2, default=str) + "\n")
+
+
+def peak_memory_gib() -> float:
+    """Peak resident memory of this process (CPU runs) or peak CUDA allocation (GPU runs), in GiB."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux

@@ -1,0 +1,73 @@
+"""Job metrics: ``metrics.jsonl`` records and a one-line terminal progress bar (main rank only)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+
+class MetricsLog:
+    """Appends one JSON object per event to ``metrics.jsonl`` (flushed each line, so a crash loses nothing)."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def write(self, **record) -> None:
+        if self._file is None:
+            return
+        record.setdefault("time", round(time.time(), 3))
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class ProgressBar:
+    """``[#####.....] step 12/82 | loss 0.734 | 160 tok/s | ETA 6m12s`` redrawn in place on a terminal."""
+
+    def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stderr, width: int = 24):
+        self.total = max(total_steps, 1)
+        self.enabled = enabled
+        self.stream = stream
+        self.width = width
+        self.start = time.perf_counter()
+        self._interactive = bool(getattr(stream, "isatty", lambda: False)())
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        done = int(self.width * step / self.total)
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(step, 1) * (self.total - step)
+        line = (f"[{'#' * done}{'.' * (self.width - done)}] step {step}/{self.total} | loss {loss:.4f} | "
+                f"{tokens_per_s:,.0f} tok/s | ETA {_duration(eta)}")
+        if self._interactive:
+            self.stream.write("\r" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A log line that does not fight with the bar."""
+        if self.enabled and self._interactive:
+            self.stream.write("\n")
+        print(text, file=self.stream if self.enabled else sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self._interactive:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    minutes, sec = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"

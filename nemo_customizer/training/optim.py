@@ -1,0 +1,46 @@
+"""Megatron optimizer (Adam with decoupled weight decay) and its warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from nemo_customizer.config.schema import HyperparametersConfig
+
+
+def build_optimizer(model_chunks: List[torch.nn.Module], hp: HyperparametersConfig, params_dtype: torch.dtype):
+    """Only parameters with ``requires_grad`` (the adapters, for LoRA) get optimizer state."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=hp.learning_rate,
+        min_lr=hp.min_learning_rate,
+        weight_decay=hp.weight_decay,
+        adam_beta1=hp.adam_beta1,
+        adam_beta2=hp.adam_beta2,
+        clip_grad=hp.clip_grad,
+        bf16=params_dtype == torch.bfloat16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=False,
+    )
+    return get_megatron_optimizer(config, model_chunks, use_gloo_process_groups=False)
+
+
+def build_scheduler(optimizer, hp: HyperparametersConfig, total_steps: int) -> OptimizerParamScheduler:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_learning_rate`` at the last step."""
+    warmup = min(hp.warmup_steps, max(total_steps - 1, 0))
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else hp.learning_rate,
+        max_lr=hp.learning_rate,
+        min_lr=hp.min_learning_rate,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style="cosine",
+        start_wd=hp.weight_decay,
+        end_wd=hp.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )

@@ -1,0 +1,115 @@
+"""One optimizer step and one validation pass through Megatron's forward/backward schedule.
+
+The loss is the mean over every loss-masked token of the global batch (all micro batches and data-parallel ranks),
+not a mean of per-micro-batch means: mcore sums token losses (``calculate_per_token_loss``) and
+``finalize_model_grads`` divides the gradients by the global token count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Iterable, List
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from nemo_customizer.distributed.collectives import all_reduce_sum
+
+MicroBatch = Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """Token-mean loss over the global batch."""
+    loss_tokens: int
+    """Loss-masked tokens in the global batch."""
+    real_tokens: int
+    """Non-padding input tokens this step processed, all ranks together (for tokens/s)."""
+    grad_norm: float
+    learning_rate: float
+    skipped: bool
+
+
+def _loss_func(token_losses: torch.Tensor):
+    """mcore's 3-tuple contract: (summed loss to backprop, token count, values to report)."""
+    total = token_losses.sum()
+    count = torch.tensor(token_losses.numel(), dtype=torch.int, device=token_losses.device)
+    report = torch.stack([total.detach().double(), count.double()])
+    return total, count, {"loss_sum_and_tokens": report}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    token_losses = model(
+        batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
+        packed_seq_params=batch.get("packed_seq_params"),
+    )
+    return token_losses, _loss_func
+
+
+def _to_device(batch: MicroBatch, device: torch.device) -> MicroBatch:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _run_schedule(model, micro_batches: List[MicroBatch], device: torch.device, forward_only: bool):
+    seq_length = max(b["tokens"].shape[1] for b in micro_batches)
+    outputs = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iter([_to_device(b, device) for b in micro_batches]),
+        model=model,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+    )
+    loss_sum, tokens = 0.0, 0.0
+    for out in outputs:  # only the last pipeline stage has outputs
+        loss_sum += float(out["loss_sum_and_tokens"][0])
+        tokens += float(out["loss_sum_and_tokens"][1])
+    # Sum over data-parallel ranks, and bring the last stage's numbers to every pipeline stage.
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        loss_sum, tokens = all_reduce_sum([loss_sum, tokens], parallel_state.get_pipeline_model_parallel_group())
+    return loss_sum, int(tokens)
+
+
+def _real_tokens(micro_batches: Iterable[MicroBatch]) -> int:
+    local = sum(int(b["num_real_tokens"]) for b in micro_batches)
+    (total,) = all_reduce_sum([local], parallel_state.get_data_parallel_group())
+    return int(total)
+
+
+def train_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], device: torch.device) -> StepResult:
+    """Forward/backward over this rank's micro batches, gradient reduction, clipping, optimizer and LR step."""
+    model.train()
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss_sum, loss_tokens = _run_schedule(model, micro_batches, device, forward_only=False)
+    update_ok, grad_norm, _ = optimizer.step()
+    learning_rate = optimizer.param_groups[0]["lr"]
+    if update_ok:
+        scheduler.step(increment=1)
+    return StepResult(
+        loss=loss_sum / max(loss_tokens, 1),
+        loss_tokens=loss_tokens,
+        real_tokens=_real_tokens(micro_batches),
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        learning_rate=learning_rate,
+        skipped=not update_ok,
+    )
+
+
+@torch.no_grad()
+def validation_loss(model, batches: Iterable[List[MicroBatch]], device: torch.device) -> float:
+    """Token-mean loss over the whole validation set."""
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for micro_batches in batches:
+        step_sum, step_tokens = _run_schedule(model, micro_batches, device, forward_only=True)
+        loss_sum += step_sum
+        tokens += step_tokens
+    model.train()
+    return loss_sum / tokens if tokens else float("nan")

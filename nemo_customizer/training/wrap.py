@@ -1,0 +1,28 @@
+"""Wrap a model for training with Megatron's mixed precision and DistributedDataParallel."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def wrap_for_training(model: torch.nn.Module, config: TransformerConfig) -> DistributedDataParallel:
+    """bf16 (Float16Module) when the config says so, then mcore DDP with fp32 gradient buffers.
+
+    Only trainable parameters get gradient buffers, so a LoRA job keeps no gradient memory for the frozen base.
+    Also wires mcore's schedule hooks: gradient finalization (DP all-reduce, SP norm grads, per-token scaling)
+    and no_sync for gradient accumulation.
+    """
+    if config.bf16 or config.fp16:
+        model = Float16Module(config, model)
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                 use_distributed_optimizer=False),
+        module=model,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return ddp
