@@ -1,0 +1,42 @@
+"""The shipped model configs, listed like NeMo Customizer's ``GET /v1/customization/configs``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .compose import available_models, compose_config
+from .schema import ArchitectureConfig, ModelConfig
+
+TEST_MODEL_SUFFIX = "-test"  # conf/model/*-test.yaml are unit-test models, left out of configs()
+
+
+def model_configs(include_test_models: bool = False) -> list[ModelConfig]:
+    """Each shipped ``conf/model/*.yaml``, composed and typed."""
+    names = [n for n in available_models() if include_test_models or not n.endswith(TEST_MODEL_SUFFIX)]
+    return [compose_config([f"model={name}"]).model for name in names]
+
+
+def configs(include_test_models: bool = False) -> list[dict[str, Any]]:
+    """One dict per customizable model: name, max_seq_length, default parallelism, packing, parameter count."""
+    return [
+        {
+            "name": model.name,
+            "max_seq_length": model.max_seq_length,
+            "tensor_parallel_size": model.tensor_parallel_size,
+            "use_sequence_parallel": model.use_sequence_parallel,
+            "sequence_packing_supported": model.sequence_packing_supported,
+            "num_parameters": num_parameters(model.architecture),
+        }
+        for model in model_configs(include_test_models)
+    ]
+
+
+def num_parameters(arch: ArchitectureConfig) -> int:
+    """Parameter count of a Llama-family decoder (embeddings, attention, gated MLP, RMSNorms, untied head)."""
+    hidden, heads, kv_heads = arch.hidden_size, arch.num_attention_heads, arch.num_key_value_heads
+    head_dim = arch.head_dim or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q, o + k, v
+    mlp = 3 * hidden * arch.intermediate_size  # gate, up, down
+    layer = attention + mlp + 2 * hidden  # + input and post-attention norms
+    embeddings = arch.vocab_size * hidden * (1 if arch.tie_word_embeddings else 2)
+    return arch.num_hidden_layers * layer + embeddings + hidden  # + final norm

@@ -1,0 +1,317 @@
+"""Compose one typed :class:`Config` from ``conf/`` + Hydra overrides, or from ``customize(**kwargs)``.
+
+Both entry points end in :func:`compose_config`, so a YAML file, a command-line override and a Python keyword give
+the same config and the same errors. Hydra's compose API is used directly (no ``hydra.main``, no cwd change, no
+output directory). Every override key is checked against the schema first: Hydra's ``+key=`` would otherwise add
+keys that the dataclasses do not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from omegaconf import OmegaConf
+
+from .errors import ConfigError
+from .schema import MISSING_PATH, Config
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_CONFIG_NAME = "config"
+_SCHEMA_NAME = "base_config"  # the name conf/config.yaml's defaults list uses for the schema
+_GROUPS = ("model",)  # config groups: directories under conf/ selected with `group=name`
+
+
+def conf_dir() -> Path:
+    """The directory holding ``config.yaml`` and ``model/``.
+
+    Installed wheels carry it as package data at ``nemo_customizer/conf``; source and editable checkouts use the
+    repository's top-level ``conf/``.
+    """
+    package_dir = Path(__file__).resolve().parents[1]
+    for candidate in (package_dir / "conf", package_dir.parent / "conf"):
+        if (candidate / f"{_CONFIG_NAME}.yaml").is_file():
+            return candidate
+    raise ConfigError(
+        f"cannot find the nemo_customizer config directory (looked for {package_dir / 'conf'} and "
+        f"{package_dir.parent / 'conf'}); reinstall the package so its conf/ package data is present."
+    )
+
+
+def available_models() -> list[str]:
+    """Names accepted by ``model=NAME`` / ``customize(config=NAME)``: the files in ``conf/model/``."""
+    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+
+
+def compose_config(overrides: Sequence[str] = ()) -> Config:
+    """Compose ``conf/config.yaml`` with Hydra ``overrides`` (``["model=llama-3.2-1b-instruct", "a.b=1"]``).
+
+    Returns a typed :class:`Config`; an unset ``dataset.path`` stays the ``"???"`` sentinel (validation reports it
+    where a dataset is needed). Unknown keys, unknown model names and ill-typed values raise :class:`ConfigError`.
+    Value checks (ranges, divisibility) are :func:`nemo_customizer.config.validate.validate_config`'s job.
+    """
+    overrides = list(overrides)
+    _check_overrides(overrides)
+    node = _compose(overrides)
+    # OmegaConf.to_object refuses MISSING ("???") fields; keep the sentinel instead so that commands which need no
+    # dataset (generate, --cfg) still get a typed config.
+    missing = sorted(OmegaConf.missing_keys(node))
+    try:
+        for key in missing:
+            OmegaConf.update(node, key, "", merge=False)
+        cfg = OmegaConf.to_object(node)
+    except Exception as exc:  # a missing non-string value, say: report it like any other config mistake
+        raise _translate(exc) from None
+    for key in missing:
+        *parents, leaf = key.split(".")
+        obj = cfg
+        for part in parents:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, MISSING_PATH)
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def config_from_kwargs(
+    config: str = DEFAULT_MODEL,
+    dataset: str | Mapping[str, Any] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    output_dir: str | None = None,
+    **overrides: Any,
+) -> Config:
+    """Build the config for ``customize(config=..., dataset=..., hyperparameters={...}, output_dir=...)``.
+
+    ``config`` is a model name (see :func:`available_models`); ``dataset`` a path or a dict of ``dataset`` fields;
+    other keywords are top-level fields, nested as dicts (``model={"checkpoint": "/ckpt"}``, ``device="cpu"``).
+    The keywords become Hydra override strings, so the result equals the command line's for the same settings.
+    """
+    if "model" in overrides and not isinstance(overrides["model"], Mapping):
+        raise ConfigError(
+            f"model={overrides['model']!r}: pass the model name as config={overrides['model']!r}; "
+            "model= takes a dict of model fields such as {'checkpoint': '/path'}."
+        )
+    fields: dict[str, Any] = dict(overrides)
+    if dataset is not None:
+        fields["dataset"] = {"path": dataset} if isinstance(dataset, (str, Path)) else dataset
+    if hyperparameters is not None:
+        fields["hyperparameters"] = hyperparameters
+    if output_dir is not None:
+        fields["output_dir"] = output_dir
+    return compose_config([f"model={config}", *overrides_from_dict(fields)])
+
+
+def overrides_from_dict(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Flatten nested ``values`` into Hydra override strings: ``{"a": {"b": 1}}`` → ``["a.b=1"]``."""
+    out: list[str] = []
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out += overrides_from_dict(value, prefix=dotted + ".")
+        else:
+            out.append(f"{dotted}={_format_value(dotted, value)}")
+    return out
+
+
+def _format_value(key: str, value: Any) -> str:
+    """One value in Hydra's override grammar; strings are always quoted so paths with spaces or commas survive."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        # Inside '...' only a quote and the backslashes right before a quote (or the closing quote) are escaped.
+        text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+        return "'" + text.replace("'", "\\'") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format_value(key, v) for v in value) + "]"
+    if isinstance(value, Mapping):  # an empty dict: nothing to override
+        return "{}"
+    raise ConfigError(f"{key}: cannot use a value of type {type(value).__name__} in a config; use str, number, "
+                      "bool, None, list or dict.")
+
+
+@contextmanager
+def _hydra_context() -> Iterator[None]:
+    """Initialize Hydra for our conf dir, then put back whatever Hydra state the caller's own app had."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.singleton import Singleton
+    from hydra.version import VersionBase
+
+    _register_schema()
+    # Hydra keeps its state in process-wide singletons; initialize_config_dir refuses to run while one is set.
+    saved_hydra = Singleton._instances.pop(GlobalHydra, None)
+    saved_base = VersionBase.instance().getbase()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="nemo_customizer"):
+            yield
+    finally:
+        if saved_hydra is not None:
+            Singleton._instances[GlobalHydra] = saved_hydra
+        VersionBase.instance().version_base = saved_base
+
+
+def _register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=_SCHEMA_NAME, node=Config)
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose
+
+    try:
+        with _hydra_context():
+            return compose(config_name=_CONFIG_NAME, overrides=overrides)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        error = _translate(exc)
+        section = _optional_section_in(overrides) if "NoneType" in str(error) else None
+        if section:
+            # OmegaConf cannot merge into an optional section that is null (a model without rope scaling).
+            error = ConfigError(f"cannot override inside {section}: it is null for this model; take such "
+                                "settings from a model YAML or the checkpoint's config.json.")
+        elif overrides and "full_key" not in str(exc):  # no key to blame: show what was applied
+            error = ConfigError(f"{str(error).rstrip('.')} (while applying {' '.join(overrides)}).")
+        raise error from None
+
+
+def _optional_section_in(overrides: list[str]) -> str | None:
+    """The first overridden ``Optional[dataclass]`` section (``model.architecture.rope_scaling``), if any."""
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        node: Any = Config
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            hints = typing.get_type_hints(node) if _dataclass_of(node) else {}
+            if part not in hints:
+                break
+            annotation = hints[part]
+            node = _dataclass_of(annotation)
+            if node is not None and type(None) in typing.get_args(annotation):
+                return ".".join(parts[: depth + 1])
+    return None
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    """Reject unknown keys and model names before Hydra sees them (``+key=`` would silently add a key)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise ConfigError(f"cannot parse override: {_first_line(str(exc))}") from None
+    for override in parsed:
+        key = override.key_or_group
+        if key in _GROUPS and not override.is_delete():
+            if key == "model":
+                _check_model_name(str(override.value()))
+            continue
+        _check_key(key)
+
+
+def _check_model_name(name: str) -> None:
+    names = available_models()
+    if name not in names:
+        raise ConfigError(f"unknown model {name!r}{_did_you_mean(name, names)}; available models: "
+                          f"{', '.join(names)}.")
+
+
+def _check_key(dotted: str) -> None:
+    """Raise ConfigError unless ``dotted`` names a field of the schema."""
+    node: Any = Config
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        parent = ".".join(parts[:depth])
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            raise ConfigError(f"unknown config key {dotted!r}: {parent!r} is a value, not a section.")
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            raise _unknown_key_error(dotted)
+        node = _dataclass_of(hints[part])
+
+
+def _unknown_key_error(dotted: str) -> ConfigError:
+    """The error for an unknown key: names the full key and lists the valid keys of its section."""
+    parts = dotted.split(".")
+    node: Any = Config
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            section = ".".join(parts[:depth])
+            where = f"under {section!r}" if section else "at the top level"
+            names = [f.name for f in dataclasses.fields(node)]
+            return ConfigError(f"unknown config key {dotted!r}{_did_you_mean(part, names)}; valid keys {where}: "
+                               f"{', '.join(names)}.")
+        node = _dataclass_of(hints[part])
+        if node is None:
+            break
+    return ConfigError(f"unknown config key {dotted!r}.")
+
+
+def _dataclass_of(annotation: Any) -> type | None:
+    """The dataclass inside ``annotation`` (``Optional[X]`` → X), or None for a plain value."""
+    candidates = typing.get_args(annotation) or (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_FULL_KEY = re.compile(r"full_key: (\S+)")
+_IN_FILE = re.compile(r"^In '([^']+)'")
+_NOT_IN = re.compile(r"Key '[^']+' not in '|not in struct")
+
+
+def _translate(exc: BaseException) -> ConfigError:
+    """Turn a Hydra / OmegaConf composition error into one readable ConfigError line."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
+
+    if isinstance(exc, MissingConfigException):
+        match = re.search(r"Could not find '([^']+)'", str(exc))
+        missing = match.group(1) if match else str(exc)
+        group, _, name = missing.rpartition("/")
+        if group == "model":
+            _check_model_name(name)  # raises with the list of models
+        return ConfigError(f"cannot find config {missing!r}: {_first_line(str(exc))}")
+
+    # The OmegaConf error is either chained (overrides) or flattened into the message (YAML files).
+    cause: BaseException | None = exc
+    while cause is not None and getattr(cause, "full_key", None) is None:
+        cause = cause.__cause__
+    text = str(exc)
+    full_key = getattr(cause, "full_key", None)
+    if full_key is None:
+        match = _FULL_KEY.search(text)
+        full_key = match.group(1) if match else None
+    origin = _IN_FILE.search(text)
+    where = f" (in conf/{origin.group(1)}.yaml)" if origin and origin.group(1) != _CONFIG_NAME else ""
+    if full_key is None:
+        return ConfigError(_first_line(text))
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) or _NOT_IN.search(text):
+        error = _unknown_key_error(full_key)
+        return ConfigError(str(error)[:-1] + where + ".")
+    if isinstance(cause, MissingMandatoryValue):
+        return ConfigError(f"{full_key} is required: set {full_key}=VALUE.")
+    detail = str(cause) if cause is not None else text.split("composing config:", 1)[-1]
+    return ConfigError(f"invalid value for {full_key}{where}: {_first_line(detail.strip())}.")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0].rstrip(".") if text.strip() else text

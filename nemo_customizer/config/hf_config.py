@@ -1,0 +1,133 @@
+"""Read a checkpoint's HF ``config.json`` into :class:`ArchitectureConfig` and reconcile it with the model YAML.
+
+The checkpoint is authoritative. A model YAML describes its family's real checkpoints, so any difference means the
+wrong model config was picked; it is an error naming the key and both values. No torch, no megatron.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .schema import ArchitectureConfig, ModelConfig, RopeScalingConfig
+
+# HF LlamaConfig defaults for keys a config.json may leave out.
+_HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+                "tie_word_embeddings": False}
+_REQUIRED = ("architectures", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+             "vocab_size")
+_SHOWN_CONFLICTS = 3
+
+
+def read_hf_config(path: str | os.PathLike) -> ArchitectureConfig:
+    """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+    file = Path(path)
+    if file.suffix != ".json":  # a checkpoint directory
+        file = file / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{file} not found: model.checkpoint must be an HF checkpoint directory with config.json.")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file} is not valid JSON: {exc}.") from None
+    return architecture_from_hf(data, source=str(file))
+
+
+def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -> ArchitectureConfig:
+    """Map HF config keys to :class:`ArchitectureConfig` (transformers 4 and 5 rope layouts)."""
+    missing = [key for key in _REQUIRED if key not in data]
+    if missing:
+        raise ConfigError(f"{source} lacks {', '.join(missing)}; is it a Llama-family causal LM config?")
+    rope_theta, rope_scaling = _rope(data, source)
+    eos = data.get("eos_token_id")
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else None
+    heads = data["num_attention_heads"]
+    return ArchitectureConfig(
+        architectures=list(data["architectures"]),
+        num_hidden_layers=data["num_hidden_layers"],
+        hidden_size=data["hidden_size"],
+        num_attention_heads=heads,
+        num_key_value_heads=data.get("num_key_value_heads") or heads,
+        head_dim=data.get("head_dim"),
+        intermediate_size=data["intermediate_size"],
+        vocab_size=data["vocab_size"],
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=float(data.get("rms_norm_eps", _HF_DEFAULTS["rms_norm_eps"])),
+        tie_word_embeddings=bool(data.get("tie_word_embeddings", _HF_DEFAULTS["tie_word_embeddings"])),
+        max_position_embeddings=data.get("max_position_embeddings", _HF_DEFAULTS["max_position_embeddings"]),
+        bos_token_id=data.get("bos_token_id"),
+        eos_token_id=eos_ids[0] if eos_ids else eos,
+        eos_token_ids=eos_ids if eos_ids and len(eos_ids) > 1 else None,
+    )
+
+
+def _rope(data: Mapping[str, Any], source: str) -> tuple[float, RopeScalingConfig | None]:
+    """``rope_theta`` + ``rope_scaling`` (transformers 4) or one ``rope_parameters`` dict (transformers 5)."""
+    params = data.get("rope_parameters")
+    if params is not None:
+        theta, scaling = params.get("rope_theta", data.get("rope_theta")), params
+    else:
+        theta, scaling = data.get("rope_theta"), data.get("rope_scaling")
+    theta = _HF_DEFAULTS["rope_theta"] if theta is None else theta
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ConfigError(f"{source}: rope scaling type {kind!r} is not supported (only llama3).")
+    fields = {f.name for f in dataclasses.fields(RopeScalingConfig)} - {"rope_type"}
+    return theta, RopeScalingConfig(rope_type="llama3", **{k: scaling[k] for k in fields if k in scaling})
+
+
+def merge_checkpoint_architecture(model: ModelConfig, checkpoint_arch: ArchitectureConfig,
+                                  source: str = "config.json") -> ModelConfig:
+    """Return ``model`` with the checkpoint's architecture, after checking the YAML agrees with it.
+
+    Raises ConfigError listing every key whose YAML value differs from ``source`` (the checkpoint's config.json).
+    """
+    ours, theirs = _comparable(model.architecture), _comparable(checkpoint_arch)
+    conflicts = [f"model.architecture.{key} is {ours[key]!r} in the model YAML but {theirs[key]!r} in the "
+                 "checkpoint" for key in ours if not _same(ours[key], theirs[key])]
+    if conflicts:
+        shown = "; ".join(conflicts[:_SHOWN_CONFLICTS])
+        more = f" (and {len(conflicts) - _SHOWN_CONFLICTS} more)" if len(conflicts) > _SHOWN_CONFLICTS else ""
+        raise ConfigError(f"{source} does not match model {model.name!r}: {shown}{more}; the checkpoint is "
+                          f"authoritative, so {_pick_model(checkpoint_arch)}")
+    return dataclasses.replace(model, architecture=checkpoint_arch)
+
+
+def _comparable(arch: ArchitectureConfig) -> dict[str, Any]:
+    """Fields with implied defaults spelled out, so that e.g. head_dim=None equals hidden/heads."""
+    values = dataclasses.asdict(arch)
+    if values["head_dim"] is None:
+        values["head_dim"] = arch.hidden_size // arch.num_attention_heads
+    if values["eos_token_ids"] is None:
+        values["eos_token_ids"] = None if arch.eos_token_id is None else [arch.eos_token_id]
+    return values
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        # float32 round trips (GGUF stores rms_norm_eps=1e-5 as 9.99999974e-06) are the same value
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
+def _pick_model(arch: ArchitectureConfig) -> str:
+    """Advice for a mismatch: the shipped model config matching this checkpoint, if one does."""
+    from .catalog import model_configs
+
+    target = _comparable(arch)
+    for model in model_configs():
+        ours = _comparable(model.architecture)
+        if all(_same(ours[key], target[key]) for key in ours):
+            return f"use model={model.name} for this checkpoint."
+    return ("pick the model name whose architecture matches this checkpoint, or add a conf/model/<name>.yaml "
+            "with the values of its config.json.")

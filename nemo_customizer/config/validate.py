@@ -1,0 +1,195 @@
+"""Value checks on a composed :class:`Config`, run before any heavy import or GPU work.
+
+Each check raises :class:`ConfigError` with one sentence that names the key and says what to do. Checks that need
+the world size (data-parallel divisibility) live in :func:`check_batch_layout`, which the training code calls once it
+knows the size. Pure Python: no torch, no megatron.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from .errors import ConfigError, ConfigWarning
+from .schema import MISSING_PATH, ArchitectureConfig, Config, HyperparametersConfig, ModelConfig
+
+HF_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MEGATRON_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+TRAINING_TYPES = ("sft",)
+FINETUNING_TYPES = ("lora",)
+LATER_FINETUNING_TYPES = ("all_weights", "lora_merged")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+RECOMMENDED_BATCH_MULTIPLE = 16
+
+
+def validate_config(cfg: Config, *, training: bool = True) -> None:
+    """Check every value of ``cfg``; ``training=False`` (inference) skips the dataset and hyperparameters."""
+    _one_of("device", cfg.device, DEVICES)
+    _one_of("precision", cfg.precision, PRECISIONS)
+    _at_least("log_interval", cfg.log_interval, 1)
+    validate_model(cfg.model)
+    if not training:
+        return
+    if cfg.dataset.path in (MISSING_PATH, "", None):
+        raise ConfigError("dataset.path is required: pass dataset.path=/path/to/data.jsonl (a JSONL file or a "
+                          "directory with training/validation files), or dataset= in customize().")
+    if not 0.0 <= cfg.dataset.val_fraction < 1.0:
+        raise ConfigError(f"dataset.val_fraction must be in [0, 1), got {cfg.dataset.val_fraction}.")
+    if cfg.dataset.max_val_examples is not None:
+        _at_least("dataset.max_val_examples", cfg.dataset.max_val_examples, 1)
+    validate_hyperparameters(cfg.hyperparameters, cfg.model)
+
+
+def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> None:
+    """Training settings: types of run, positive sizes and rates, schedule, LoRA, early stopping."""
+    _one_of("hyperparameters.training_type", hp.training_type, TRAINING_TYPES)
+    if hp.finetuning_type in LATER_FINETUNING_TYPES:
+        raise ConfigError(f"hyperparameters.finetuning_type={hp.finetuning_type} is not supported yet (only "
+                          f"lora for now; {' and '.join(LATER_FINETUNING_TYPES)} come in a later release).")
+    _one_of("hyperparameters.finetuning_type", hp.finetuning_type, FINETUNING_TYPES)
+    _at_least("hyperparameters.epochs", hp.epochs, 1)
+    _at_least("hyperparameters.batch_size", hp.batch_size, 1)
+    _at_least("hyperparameters.micro_batch_size", hp.micro_batch_size, 1)
+    check_batch_layout(hp.batch_size, hp.micro_batch_size, 1)
+    if hp.batch_size % RECOMMENDED_BATCH_MULTIPLE:
+        warnings.warn(f"hyperparameters.batch_size={hp.batch_size} is not a multiple of "
+                      f"{RECOMMENDED_BATCH_MULTIPLE}; multiples of {RECOMMENDED_BATCH_MULTIPLE} are recommended.",
+                      ConfigWarning, stacklevel=2)
+    _positive("hyperparameters.learning_rate", hp.learning_rate)
+    if not 0.0 <= hp.min_learning_rate <= hp.learning_rate:
+        raise ConfigError(f"hyperparameters.min_learning_rate={hp.min_learning_rate} must be between 0 and "
+                          f"hyperparameters.learning_rate={hp.learning_rate}.")
+    _at_least("hyperparameters.warmup_steps", hp.warmup_steps, 0)
+    _non_negative("hyperparameters.weight_decay", hp.weight_decay)
+    _non_negative("hyperparameters.clip_grad", hp.clip_grad)
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(hp, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"hyperparameters.{name} must be in [0, 1), got {value}.")
+    if hp.max_steps is not None:
+        _at_least("hyperparameters.max_steps", hp.max_steps, 1)
+    if hp.val_check_interval is not None:
+        _at_least("hyperparameters.val_check_interval", hp.val_check_interval, 1)
+    if hp.sequence_packing_enabled and not model.sequence_packing_supported:
+        raise ConfigError(f"hyperparameters.sequence_packing_enabled=true but model {model.name} does not "
+                          "support sequence packing; set hyperparameters.sequence_packing_enabled=false.")
+    _validate_lora(hp)
+    _at_least("hyperparameters.early_stopping.patience", hp.early_stopping.patience, 1)
+    _non_negative("hyperparameters.early_stopping.min_delta", hp.early_stopping.min_delta)
+
+
+def _validate_lora(hp: HyperparametersConfig) -> None:
+    lora = hp.lora
+    _at_least("hyperparameters.lora.adapter_dim", lora.adapter_dim, 1)
+    _positive("hyperparameters.lora.alpha", lora.alpha)
+    if not 0.0 <= lora.adapter_dropout < 1.0:
+        raise ConfigError(f"hyperparameters.lora.adapter_dropout must be in [0, 1), got {lora.adapter_dropout}.")
+    if not lora.target_modules:
+        raise ConfigError("hyperparameters.lora.target_modules is empty; list modules such as [q_proj,v_proj].")
+    known = HF_TARGET_MODULES + MEGATRON_TARGET_MODULES
+    for name in lora.target_modules:
+        if name not in known:
+            raise ConfigError(f"hyperparameters.lora.target_modules has unknown module {name!r}; use HF names "
+                              f"({', '.join(HF_TARGET_MODULES)}) or Megatron names "
+                              f"({', '.join(MEGATRON_TARGET_MODULES)}).")
+
+
+def validate_model(model: ModelConfig) -> None:
+    """Model settings: weight source, sequence length, parallelism against the architecture."""
+    model_source(model)
+    arch = model.architecture
+    validate_architecture(arch, prefix="model.architecture")
+    _at_least("model.max_seq_length", model.max_seq_length, 1)
+    if model.max_seq_length > arch.max_position_embeddings:
+        raise ConfigError(f"model.max_seq_length={model.max_seq_length} exceeds the model's "
+                          f"max_position_embeddings={arch.max_position_embeddings}; lower model.max_seq_length.")
+    tp = model.tensor_parallel_size
+    _at_least("model.tensor_parallel_size", tp, 1)
+    _at_least("model.pipeline_parallel_size", model.pipeline_parallel_size, 1)
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(arch, key)
+        if heads % tp:
+            raise ConfigError(f"model.tensor_parallel_size={tp} does not divide model.architecture.{key}={heads}; "
+                              "pick a tensor parallel size that divides both head counts.")
+    if arch.num_hidden_layers % model.pipeline_parallel_size:
+        raise ConfigError(f"model.pipeline_parallel_size={model.pipeline_parallel_size} does not divide "
+                          f"model.architecture.num_hidden_layers={arch.num_hidden_layers}.")
+    if model.use_sequence_parallel and tp == 1:
+        raise ConfigError("model.use_sequence_parallel=true needs model.tensor_parallel_size > 1; set "
+                          "model.use_sequence_parallel=false or raise the tensor parallel size.")
+
+
+def validate_architecture(arch: ArchitectureConfig, prefix: str = "model.architecture") -> None:
+    """Shape consistency of a Llama-family architecture (also applied to a checkpoint's config.json)."""
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "max_position_embeddings"):
+        _at_least(f"{prefix}.{key}", getattr(arch, key), 1)
+    if arch.num_attention_heads % arch.num_key_value_heads:
+        raise ConfigError(f"{prefix}.num_attention_heads={arch.num_attention_heads} is not divisible by "
+                          f"{prefix}.num_key_value_heads={arch.num_key_value_heads}.")
+    if arch.head_dim is None and arch.hidden_size % arch.num_attention_heads:
+        raise ConfigError(f"{prefix}.hidden_size={arch.hidden_size} is not divisible by num_attention_heads="
+                          f"{arch.num_attention_heads}; set {prefix}.head_dim.")
+    if arch.head_dim is not None:
+        _at_least(f"{prefix}.head_dim", arch.head_dim, 1)
+    _positive(f"{prefix}.rope_theta", arch.rope_theta)
+    _positive(f"{prefix}.rms_norm_eps", arch.rms_norm_eps)
+    if arch.rope_scaling is not None and arch.rope_scaling.rope_type != "llama3":
+        raise ConfigError(f"{prefix}.rope_scaling.rope_type={arch.rope_scaling.rope_type!r} is not supported; "
+                          "only llama3 rope scaling is implemented.")
+
+
+def model_source(model: ModelConfig) -> tuple[str, str | None]:
+    """Where the weights come from: ``("checkpoint", dir)``, ``("embedded", name)`` or ``("random", None)``.
+
+    A checkpoint wins over ``embedded`` (a model YAML's default); ``random_weights`` wins over ``embedded`` but
+    cannot be combined with a checkpoint.
+    """
+    if model.checkpoint and model.random_weights:
+        raise ConfigError("model.checkpoint and model.random_weights=true are both set; drop one of them.")
+    if model.checkpoint:
+        return "checkpoint", model.checkpoint
+    if model.random_weights:
+        return "random", None
+    if model.embedded:
+        return "embedded", model.embedded
+    raise ConfigError(f"model {model.name} has no weights: pass model.checkpoint=/path/to/hf_checkpoint (a folder "
+                      "with config.json and *.safetensors), or model.random_weights=true for weight-free runs.")
+
+
+def check_batch_layout(global_batch: int, micro_batch: int, data_parallel_size: int) -> int:
+    """Gradient-accumulation steps for ``global_batch = micro_batch × data_parallel_size × steps``.
+
+    Raises ConfigError when the sizes do not divide; used here with ``data_parallel_size=1`` and again by the
+    training code once the world size is known.
+    """
+    if micro_batch < 1 or data_parallel_size < 1:
+        raise ConfigError(f"micro batch size ({micro_batch}) and data-parallel size ({data_parallel_size}) must "
+                          "be at least 1.")
+    per_step = micro_batch * data_parallel_size
+    if global_batch < 1 or global_batch % per_step:
+        dp = f" × data-parallel size {data_parallel_size} = {per_step}" if data_parallel_size > 1 else ""
+        raise ConfigError(f"hyperparameters.batch_size={global_batch} is not a multiple of "
+                          f"hyperparameters.micro_batch_size={micro_batch}{dp}; pick a batch size that is a "
+                          f"multiple of {per_step}.")
+    return global_batch // per_step
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}.")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be at least {low}, got {value}.")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be greater than 0, got {value}.")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{key} must be 0 or more, got {value}.")

@@ -1,0 +1,114 @@
+"""Value checks: each mistake raises one ConfigError sentence naming the key."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from nemo_customizer.config import ConfigError, ConfigWarning, check_batch_layout, compose_config, model_source
+from nemo_customizer.config.validate import validate_config
+
+BASE = ["model=tiny-llama-test", "dataset.path=data.jsonl"]
+
+
+def _validate(*overrides: str, training: bool = True) -> None:
+    validate_config(compose_config([*BASE, *overrides]), training=training)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "tiny-llama-test"])
+def test_shipped_defaults_are_valid(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_config(compose_config([f"model={name}", "dataset.path=d.jsonl"]))
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b-instruct", "llama-3.1-8b-instruct", "llama-3.3-70b-instruct"])
+def test_llama_models_are_valid_given_a_checkpoint(name):
+    validate_config(compose_config([f"model={name}", "dataset.path=d.jsonl", "model.checkpoint=/ckpt"]))
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("hyperparameters.learning_rate=0", "hyperparameters.learning_rate must be greater than 0"),
+    ("hyperparameters.learning_rate=-1e-4", "hyperparameters.learning_rate must be greater than 0"),
+    ("hyperparameters.epochs=0", "hyperparameters.epochs must be at least 1"),
+    ("hyperparameters.batch_size=0", "hyperparameters.batch_size must be at least 1"),
+    ("hyperparameters.micro_batch_size=0", "hyperparameters.micro_batch_size must be at least 1"),
+    ("hyperparameters.micro_batch_size=3", r"batch_size=16 is not a multiple of hyperparameters.micro_batch_size=3"),
+    ("hyperparameters.lora.adapter_dim=0", "hyperparameters.lora.adapter_dim must be at least 1"),
+    ("hyperparameters.lora.adapter_dropout=1.0", r"hyperparameters.lora.adapter_dropout must be in \[0, 1\)"),
+    ("hyperparameters.lora.adapter_dropout=-0.1", r"hyperparameters.lora.adapter_dropout must be in \[0, 1\)"),
+    ("hyperparameters.lora.alpha=0", "hyperparameters.lora.alpha must be greater than 0"),
+    ("hyperparameters.lora.target_modules=[q_proj,qkv]", "unknown module 'qkv'.*linear_qkv"),
+    ("hyperparameters.lora.target_modules=[]", "target_modules is empty"),
+    ("hyperparameters.training_type=dpo", "hyperparameters.training_type='dpo' is not one of sft"),
+    ("hyperparameters.finetuning_type=all_weights", "finetuning_type=all_weights is not supported yet.*later"),
+    ("hyperparameters.finetuning_type=lora_merged", "finetuning_type=lora_merged is not supported yet.*later"),
+    ("hyperparameters.finetuning_type=p_tuning", "finetuning_type='p_tuning' is not one of lora"),
+    ("hyperparameters.warmup_steps=-1", "hyperparameters.warmup_steps must be at least 0"),
+    ("hyperparameters.min_learning_rate=1e-3", "min_learning_rate=0.001 must be between 0 and"),
+    ("hyperparameters.adam_beta2=1.0", r"hyperparameters.adam_beta2 must be in \[0, 1\)"),
+    ("hyperparameters.max_steps=0", "hyperparameters.max_steps must be at least 1"),
+    ("hyperparameters.early_stopping.patience=0", "hyperparameters.early_stopping.patience must be at least 1"),
+    ("device=tpu", "device='tpu' is not one of auto, cpu, cuda"),
+    ("precision=fp16", "precision='fp16' is not one of auto, fp32, bf16"),
+    ("dataset.val_fraction=1.0", r"dataset.val_fraction must be in \[0, 1\)"),
+    ("model.architecture.num_key_value_heads=3", "num_attention_heads=4 is not divisible by .*num_key_value_heads=3"),
+    ("model.tensor_parallel_size=4", "model.tensor_parallel_size=4 does not divide .*num_key_value_heads=2"),
+    ("model.tensor_parallel_size=3", "model.tensor_parallel_size=3 does not divide .*num_attention_heads=4"),
+    ("model.use_sequence_parallel=true", "model.use_sequence_parallel=true needs model.tensor_parallel_size > 1"),
+    ("model.max_seq_length=4096", "model.max_seq_length=4096 exceeds .*max_position_embeddings=2048"),
+    ("model.pipeline_parallel_size=3", "pipeline_parallel_size=3 does not divide"),
+    ("model.checkpoint=/ckpt", "model.checkpoint and model.random_weights=true are both set"),
+    ("model.random_weights=false", "has no weights: pass model.checkpoint="),
+])
+def test_each_mistake_is_reported(override, pattern):
+    with pytest.raises(ConfigError, match=pattern) as info:
+        _validate(override)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_dataset_path_is_reported_only_for_training():
+    cfg = compose_config(["model=tiny-llama-test"])
+    with pytest.raises(ConfigError, match="dataset.path is required"):
+        validate_config(cfg)
+    validate_config(cfg, training=False)
+
+
+def test_sequence_packing_needs_model_support():
+    with pytest.raises(ConfigError, match="does not support sequence packing"):
+        _validate("hyperparameters.sequence_packing_enabled=true", "model.sequence_packing_supported=false")
+
+
+def test_tp_with_sequence_parallel_is_valid():
+    _validate("model.tensor_parallel_size=2", "model.use_sequence_parallel=true")
+
+
+def test_batch_size_not_multiple_of_16_only_warns():
+    with pytest.warns(ConfigWarning, match="batch_size=12 is not a multiple of 16"):
+        _validate("hyperparameters.batch_size=12", "hyperparameters.micro_batch_size=4")
+
+
+def test_megatron_target_names_are_accepted():
+    _validate("hyperparameters.lora.target_modules=[linear_qkv,linear_proj,linear_fc1,linear_fc2]")
+
+
+def test_check_batch_layout():
+    assert check_batch_layout(16, 2, 4) == 2
+    assert check_batch_layout(16, 16, 1) == 1
+    with pytest.raises(ConfigError, match=r"micro_batch_size=2 × data-parallel size 3 = 6; .*multiple of 6"):
+        check_batch_layout(16, 2, 3)
+    with pytest.raises(ConfigError, match="at least 1"):
+        check_batch_layout(16, 0, 1)
+
+
+def test_model_source_precedence():
+    model = compose_config(["model=smollm2-135m-instruct"]).model
+    assert model_source(model) == ("embedded", "smollm2-135m-instruct")
+    model.checkpoint = "/ckpt"
+    assert model_source(model) == ("checkpoint", "/ckpt")  # checkpoint wins over embedded
+    model.checkpoint, model.random_weights = None, True
+    assert model_source(model) == ("random", None)
+    llama = compose_config(["model=llama-3.2-1b-instruct"]).model
+    with pytest.raises(ConfigError, match="llama-3.2-1b-instruct has no weights"):
+        model_source(llama)
