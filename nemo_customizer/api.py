@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -72,8 +73,9 @@ def run(cfg: Config) -> CustomizationResult:
     if len(train) < hp.batch_size:
         raise ValueError(f"{cfg.dataset.path}: {len(train)} usable training rows is fewer than "
                          f"hyperparameters.batch_size={hp.batch_size}; add data or lower the batch size.")
-    job = JobDirectory.create(cfg.output_dir, cfg)
+    job = JobDirectory.create(cfg.output_dir, cfg, is_main=int(os.environ.get("RANK", "0")) == 0)
     log = _Log()
+    log.enabled = int(os.environ.get("RANK", "0")) == 0
     log(splits.describe())
     log(f"tokenized with max_seq_length={cfg.model.max_seq_length}: train {train_stats}; validation {val_stats}")
 

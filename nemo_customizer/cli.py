@@ -32,7 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     try:
         return _COMMANDS[name](argv)
-    except ConfigError as exc:
+    except Exception as exc:
+        from .data.errors import DatasetError  # imported late: the data package pulls in torch
+
+        if not isinstance(exc, (ConfigError, DatasetError, FileExistsError, PermissionError)):
+            raise
+        # User input problems (config keys, dataset rows, output directory): one clear message, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
 

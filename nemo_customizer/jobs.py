@@ -25,9 +25,15 @@ class JobDirectory:
     path: Path
 
     @classmethod
-    def create(cls, output_dir: str, cfg: Config) -> "JobDirectory":
-        """Make the job directory (refusing one that already holds a job) and write the resolved config."""
+    def create(cls, output_dir: str, cfg: Config, *, is_main: bool = True) -> "JobDirectory":
+        """Make the job directory (refusing one that already holds a job) and write the resolved config.
+
+        Only the main process (global rank 0; known from the launcher's RANK before torch.distributed starts)
+        creates and checks it; the other ranks just point at it.
+        """
         path = Path(output_dir).expanduser().resolve()
+        if not is_main:
+            return cls(path)
         if path.exists() and not path.is_dir():
             raise FileExistsError(f"output_dir={output_dir} is a file; choose a directory path.")
         if path.is_dir() and any(path.iterdir()):

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from megatron.core.tensor_parallel import (
+    set_tensor_model_parallel_attributes,
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
@@ -82,8 +83,10 @@ class ColumnParallelLoRA(LoraModule):
         for index, piece in enumerate(self.slices):
             if piece.name in targets:
                 a_init = _init_lora_a(rank, in_features, seed + index)
-                self.adapters[piece.name] = LoraPair(in_features, piece.width * groups, rank, weight.dtype,
-                                                     weight.device, a_init)
+                pair = LoraPair(in_features, piece.width * groups, rank, weight.dtype, weight.device, a_init)
+                # B is this rank's shard: mark it so mcore's grad-norm counts every rank's part (not as a duplicate).
+                set_tensor_model_parallel_attributes(pair.lora_B, is_parallel=True, dim=0, stride=1)
+                self.adapters[piece.name] = pair
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)  # out: (s, b, groups * group_width) on this rank
@@ -116,6 +119,7 @@ class RowParallelLoRA(LoraModule):
         full_a = _init_lora_a(rank, in_local * tp_size, seed)
         a_init = full_a[:, tp_rank * in_local:(tp_rank + 1) * in_local]
         self.adapters[name] = LoraPair(in_local, out_features, rank, weight.dtype, weight.device, a_init)
+        set_tensor_model_parallel_attributes(self.adapters[name].lora_A, is_parallel=True, dim=1, stride=1)
         if self.sequence_parallel:
             # Each rank sees a different slice of the sequence, so B's gradient is partial: finalize_model_grads
             # all-reduces parameters marked like this over the TP group.

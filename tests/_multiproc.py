@@ -1,0 +1,25 @@
+"""Run a function in N CPU processes over gloo, as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    fn(rank, *args)
+
+
+def run_world(fn, world_size: int, *args) -> None:
+    """``fn(rank, *args)`` in ``world_size`` spawned processes; raises if any process fails."""
+    mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)

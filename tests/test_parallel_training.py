@@ -1,0 +1,57 @@
+"""TP=2, TP=2+SP and DP=2 training on CPU over gloo give the same losses as one process."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _multiproc import run_world
+from _tiny import write_classification_data, write_tiny_model_dir
+
+STEPS = 4
+
+
+def _train(rank: int, root: str, name: str, tp: int, sp: bool) -> None:
+    from nemo_customizer.api import customize
+
+    customize(
+        "tiny-llama-test", dataset=f"{root}/data", output_dir=f"{root}/{name}", device="cpu", progress_bar=False,
+        hyperparameters={"epochs": 1, "batch_size": 8, "micro_batch_size": 2, "learning_rate": 5e-3,
+                         "max_steps": STEPS, "lora": {"adapter_dropout": 0.0, "target_modules": ["q_proj", "v_proj",
+                                                                                                 "o_proj", "down_proj",
+                                                                                                 "gate_proj"]}},
+        model={"checkpoint": f"{root}/model", "random_weights": False, "tensor_parallel_size": tp,
+               "use_sequence_parallel": sp},
+    )
+
+
+def _losses(job: Path) -> list:
+    rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["event"] == "train"] + [r["val_loss"] for r in rows if r["event"] == "validation"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    write_tiny_model_dir(root / "model")
+    write_classification_data(root / "data", n_train=48, n_val=8)
+    run_world(_train, 1, str(root), "single", 1, False)
+    return root, _losses(root / "single")
+
+
+@pytest.mark.parametrize("name,world,tp,sp", [("tp2", 2, 2, False), ("tp2sp", 2, 2, True), ("dp2", 2, 1, False)])
+def test_parallel_losses_match_single_process(reference, name, world, tp, sp):
+    root, expected = reference
+    run_world(_train, world, str(root), name, tp, sp)
+    actual = _losses(root / name)
+    assert len(actual) == len(expected) == STEPS + 1
+    assert actual == pytest.approx(expected, abs=1e-4)
+    assert expected[STEPS - 1] < expected[0]  # it trained
+    # the exported adapter is the same full (unsharded) adapter
+    from safetensors.torch import load_file
+
+    ours, ref = load_file(str(root / name / "adapter/adapter_model.safetensors")), \
+        load_file(str(root / "single/adapter/adapter_model.safetensors"))
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        assert (ours[key] - ref[key]).abs().max().item() < 1e-4, key
