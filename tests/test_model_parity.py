@@ -70,3 +70,25 @@ def test_chunked_loss_matches_unchunked(monkeypatch):
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(grad_chunked, grad_whole)
+
+
+def test_left_padded_batch_with_attention_mask_matches_single_rows(tmp_path):
+    """Batched prompts of different lengths (left padding + key mask) give each row's own logits."""
+    arch = tiny_arch()
+    hf = write_tiny_checkpoint(tmp_path, arch)
+    ours = _ours(arch, tmp_path)
+    gen = torch.Generator().manual_seed(5)
+    rows = [torch.randint(0, arch.vocab_size, (n,), generator=gen) for n in (9, 4)]
+    width = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    pad = torch.ones(len(rows), width, dtype=torch.bool)  # True = padding (masked out)
+    for i, row in enumerate(rows):
+        tokens[i, width - len(row):] = row
+        pad[i, width - len(row):] = False
+    mask = pad[:, None, None, :]  # (b, 1, 1, sk): True where a key must not be attended
+    with torch.no_grad():
+        logits = ours(tokens, torch.arange(width).expand_as(tokens), mask, runtime_gather_output=True)
+        for i, row in enumerate(rows):
+            expected = hf(row[None]).logits[0]
+            assert torch.isfinite(logits[i]).all()
+            assert (logits[i, width - len(row):] - expected).abs().max().item() <= 1e-4

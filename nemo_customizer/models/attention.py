@@ -90,15 +90,21 @@ class CoreAttention(MegatronModule):
         q = query.permute(1, 2, 0, 3)  # (b, heads, sq, head_dim)
         k = key.permute(1, 2, 0, 3)  # (b, kv_heads, sk, head_dim)
         v = value.permute(1, 2, 0, 3)
-        mask = None
+        # mcore's attention_mask is True where attention is NOT allowed (e.g. left padding of batched prompts),
+        # broadcastable to (b, heads, sq, sk).
+        allowed = None if attention_mask is None else ~attention_mask
         is_causal = False
         if mask_type == AttnMaskType.causal:
-            if sq == sk:
-                is_causal = True
+            if allowed is None and sq == sk:
+                is_causal = True  # lets SDPA pick its fused causal kernel
             else:  # queries are the last sq positions (decoding with a KV cache): bottom-right aligned causal
-                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-        elif attention_mask is not None:  # mcore masks are True where attention is NOT allowed
-            mask = ~attention_mask
+                causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+                allowed = causal if allowed is None else allowed & causal
+        if attention_mask is not None:
+            # A padding query would otherwise see no key at all; SDPA then returns NaN, which leaks into real
+            # positions through 0 * NaN. Let every query see its own position.
+            allowed = allowed | torch.eye(sq, sk, dtype=torch.bool, device=q.device).roll(sk - sq, dims=1)
+        mask = allowed
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self._dropout(), is_causal=is_causal,
             scale=self.softmax_scale, enable_gqa=k.shape[1] != heads,
