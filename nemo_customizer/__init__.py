@@ -1,0 +1,30 @@
+"""nemo_customizer: customize Megatron-core GPT models (LoRA SFT) on your own data, then run inference.
+
+Public surface: ``customize`` (train), ``configs`` (list model configs), ``generate`` (inference). Heavy modules
+(torch, megatron) load on first use, so ``configs()`` and config errors are instant.
+"""
+
+import warnings
+
+from nemo_customizer.config import ConfigError, configs
+
+# megatron-core warns at import and per layer about optional CUDA extensions (apex, Transformer Engine) and its own
+# API deprecations; none of them is actionable for a user of this library.
+for _message in (r".*(Apex|Transformer Engine).*not installed.*", r"full scope is deprecated.*",
+                 r".*tp_group is None.*", r"MLP requires ffn_hidden_size.*"):
+    warnings.filterwarnings("ignore", message=_message)
+
+__all__ = ["ConfigError", "configs", "customize", "generate"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "customize":
+        from nemo_customizer.api import customize
+
+        return customize
+    if name == "generate":
+        from nemo_customizer.inference import generate
+
+        return generate
+    raise AttributeError(f"module 'nemo_customizer' has no attribute {name!r}")
