@@ -24,7 +24,7 @@ def __getattr__(name):
 
         return customize
     if name == "generate":
-        from nemo_customizer.inference import generate
+        from nemo_customizer.api import generate
 
         return generate
     raise AttributeError(f"module 'nemo_customizer' has no attribute {name!r}")

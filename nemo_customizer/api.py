@@ -81,7 +81,8 @@ def run(cfg: Config) -> CustomizationResult:
 
     import torch
 
-    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel, resolve_device
+    from nemo_customizer.distributed.parallel import (destroy_parallel, initialize_parallel, params_dtype,
+                                                       resolve_device)
     from nemo_customizer.models.gpt import build_model_for_job
     from nemo_customizer.peft.apply import apply_lora
     from nemo_customizer.peft.export import save_peft_adapter
@@ -91,7 +92,7 @@ def run(cfg: Config) -> CustomizationResult:
     from nemo_customizer.training.wrap import wrap_for_training
 
     device = resolve_device(cfg.device)
-    dtype = _params_dtype(cfg.precision, device)
+    dtype = params_dtype(cfg.precision, device)
     layout = initialize_parallel(tensor_parallel_size=cfg.model.tensor_parallel_size,
                                  pipeline_parallel_size=cfg.model.pipeline_parallel_size, device=device, seed=hp.seed)
     log.enabled = layout.is_main
@@ -135,14 +136,6 @@ def run(cfg: Config) -> CustomizationResult:
     return result
 
 
-def _params_dtype(precision: str, device):
-    import torch
-
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-
-
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -155,3 +148,17 @@ class _Log:
     def __call__(self, text: str) -> None:
         if self.enabled:
             print(text, file=sys.stderr, flush=True)
+
+
+def generate(prompt: str, *, config: str = "smollm2-135m-instruct", adapter: Optional[str] = None,
+             max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, stop: Optional[list] = None,
+             seed: int = 0, **overrides: Any) -> str:
+    """Complete ``prompt`` with model config ``config`` (plus an optional LoRA adapter directory).
+
+    Loads the model for this one call; for many prompts use ``nemo_customizer.inference.Generator``.
+    """
+    from nemo_customizer.inference import generate as generate_with_config
+
+    cfg = config_from_kwargs(config=config, **overrides)
+    return generate_with_config(prompt, config=cfg, adapter=adapter, max_tokens=max_tokens, temperature=temperature,
+                                top_p=top_p, stop=stop, seed=seed)

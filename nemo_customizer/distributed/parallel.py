@@ -45,6 +45,13 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def params_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Weights dtype for a job: ``auto`` is bf16 on CUDA and fp32 on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,0 +1,226 @@
+"""Text completion with a Megatron GPT model (optionally with a LoRA adapter) and a KV cache.
+
+Each prompt is prefilled alone into megatron-core's static KV cache at positions ``0..n-1`` (only its last
+position is projected onto the vocabulary); generated tokens are then decoded one step at a time for a batch of
+prompts together (``_kv_cache.BatchKVCache``). Sampling and stop rules live in ``sampling`` and ``_Row``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from nemo_customizer.config import Config
+from nemo_customizer.inference._kv_cache import BatchKVCache
+from nemo_customizer.inference.sampling import find_stop, next_token
+
+_REPLACEMENT = "\ufffd"  # what a decoder shows for incomplete UTF-8 bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One generated completion, OpenAI-style."""
+
+    text: str
+    """Decoded completion (special tokens skipped), cut before the first stop string."""
+    token_ids: List[int]
+    """Every token the model generated, including the eos or the token that completed a stop string."""
+    finish_reason: str
+    """``"stop"`` (eos or a stop string) or ``"length"`` (``max_tokens`` or the model's context was reached)."""
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Generator:
+    """A model loaded once for many completions. Owns the parallel state it starts: ``close()`` (or ``with``)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, eos_ids: Sequence[int], max_context: int,
+                 device: torch.device):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        self.max_context = max_context  # longest prompt + completion: the model's max_position_embeddings
+        self.device = device
+
+    @classmethod
+    def from_config(cls, cfg: Config, adapter: Optional[str] = None) -> "Generator":
+        """Resolve ``cfg.model``'s checkpoint and tokenizer, start a one-process parallel state, build the model.
+
+        ``adapter`` is an HF PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``), e.g. a
+        customization job's ``adapter_path``; LoRA is attached with its r / lora_alpha / target_modules.
+        """
+        from nemo_customizer.checkpoints.resolve import load_tokenizer, resolve_model
+        from nemo_customizer.distributed.parallel import (destroy_parallel, initialize_parallel, params_dtype,
+                                                           resolve_device)
+        from nemo_customizer.models.gpt import build_model_for_job
+
+        resolved = resolve_model(cfg.model, cfg.cache_dir)
+        tokenizer = load_tokenizer(resolved.tokenizer_dir, resolved.config.chat_template)
+        adapter_lora = _adapter_lora(adapter) if adapter is not None else None
+        # One process holds the whole model: generation is latency-bound and small models fit one device.
+        model_cfg = dataclasses.replace(resolved.config, tensor_parallel_size=1, pipeline_parallel_size=1,
+                                        use_sequence_parallel=False)
+        device = resolve_device(cfg.device)
+        initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=device,
+                            seed=cfg.hyperparameters.seed)
+        try:
+            model, _ = build_model_for_job(model_cfg, resolved.checkpoint_dir, device=device,
+                                           params_dtype=params_dtype(cfg.precision, device))
+            if adapter_lora is not None:
+                from nemo_customizer.peft.apply import apply_lora
+                from nemo_customizer.peft.export import load_peft_adapter
+
+                apply_lora(model, model_cfg.architecture, adapter_lora, seed=0)
+                load_peft_adapter(model, adapter)
+        except BaseException:
+            destroy_parallel()
+            raise
+        arch = model_cfg.architecture
+        eos = _eos_ids(tokenizer, arch, resolved.checkpoint_dir)
+        return cls(model, tokenizer, eos_ids=eos, max_context=arch.max_position_embeddings, device=device)
+
+    def close(self) -> None:
+        """Tear down the parallel state (and process group) started by ``from_config``."""
+        from nemo_customizer.distributed.parallel import destroy_parallel
+
+        destroy_parallel()
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def encode(self, prompt: str) -> List[int]:
+        """Prompt token ids exactly as training tokenizes a prompt (with the tokenizer's special tokens, e.g. BOS)."""
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def complete(self, prompt: str, *, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Optional[List[str]] = None, seed: Optional[int] = None) -> Completion:
+        """Complete ``prompt``: greedy when ``temperature == 0``, else temperature + nucleus (``top_p``) sampling.
+
+        Stops at an eos token, after ``max_tokens`` tokens, at the model's context length, or when the text
+        contains a stop string (the text is cut before it). ``seed`` makes sampling reproducible.
+        """
+        return self.complete_batch([prompt], max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                   stop=stop, seed=seed)[0]
+
+    @torch.inference_mode()
+    def complete_batch(self, prompts: Sequence[str], *, max_tokens: int = 128, temperature: float = 0.0,
+                       top_p: float = 1.0, stop: Optional[List[str]] = None, seed: Optional[int] = None,
+                       batch_size: int = 16) -> List[Completion]:
+        """``complete`` for every prompt, decoding up to ``batch_size`` of them together.
+
+        Each prompt is prefilled on its own (exact, no padding); decoding then runs the rows as one batch, which
+        on a CPU costs about as much per step as one row (a decode step is bound by reading the weights). Each row
+        samples with its own generator seeded by ``seed``, so a row's result is what ``complete`` gives.
+        """
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        encoded = [self.encode(prompt) for prompt in prompts]
+        for ids in encoded:
+            if len(ids) > self.max_context - 1:
+                raise ValueError(
+                    f"the prompt is {len(ids)} tokens, but the model's context is {self.max_context} tokens "
+                    f"(max_position_embeddings), which leaves room for a prompt of at most {self.max_context - 1} "
+                    "tokens; shorten the prompt.")
+        completions: List[Completion] = []
+        for first in range(0, len(encoded), batch_size):
+            rows = [_Row(self, ids, max_tokens, temperature, top_p, stop, seed)
+                    for ids in encoded[first:first + batch_size]]
+            self._generate(rows)
+            completions.extend(row.completion() for row in rows)
+        return completions
+
+    def _generate(self, rows: List["_Row"]) -> None:
+        # the last token of the longest row is never fed back, hence budget - 1 cache slots for generated tokens
+        cache = BatchKVCache(self.model, [row.prompt_ids for row in rows], max(row.budget for row in rows) - 1,
+                             self.device)
+        logits = cache.first_logits  # (b, vocab)
+        while True:
+            # sample on the CPU in fp32: the per-row torch.Generator is a CPU generator, bf16 logits lose ties
+            for row, row_logits in zip(rows, logits.float().cpu()):
+                row.push(row_logits)
+            if all(row.done for row in rows):
+                return
+            logits = cache.decode([row.generated[-1] for row in rows])  # finished rows idle along
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of generated tokens, special tokens skipped (as OpenAI-compatible servers return it)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+class _Row:
+    """One prompt's generation state: sampling, and the eos / stop string / length rules."""
+
+    def __init__(self, owner: Generator, prompt_ids: List[int], max_tokens: int, temperature: float, top_p: float,
+                 stop: Optional[List[str]], seed: Optional[int]):
+        self.owner = owner
+        self.prompt_ids = prompt_ids
+        self.budget = min(max_tokens, owner.max_context - len(prompt_ids))
+        self.temperature, self.top_p, self.stop = temperature, top_p, stop or []
+        self.sampler = None
+        if temperature > 0:
+            self.sampler = torch.Generator()
+            self.sampler.manual_seed(seed) if seed is not None else self.sampler.seed()
+        self.generated: List[int] = []
+        self.stopped_at: Optional[int] = None
+        self.done = False
+
+    def push(self, logits: torch.Tensor) -> None:
+        """Choose the next token from ``logits`` (vocab,) unless finished, and apply the stop rules."""
+        if self.done:
+            return
+        token = next_token(logits, temperature=self.temperature, top_p=self.top_p, generator=self.sampler)
+        self.generated.append(token)
+        if token in self.owner.eos_ids:
+            self.done = True
+            return
+        if self.stop:
+            # A trailing U+FFFD can be a character whose remaining bytes are still to come: match stop strings
+            # only on the settled text, which later tokens cannot change.
+            settled = self.owner.decode(self.generated).rstrip(_REPLACEMENT)
+            self.stopped_at = find_stop(settled, self.stop)
+        self.done = self.stopped_at is not None or len(self.generated) == self.budget
+
+    def completion(self) -> Completion:
+        ended_on_eos = self.generated[-1] in self.owner.eos_ids
+        text = self.owner.decode(self.generated[:-1] if ended_on_eos else self.generated)
+        stopped_at = self.stopped_at
+        if stopped_at is None and self.stop:
+            stopped_at = find_stop(text, self.stop)  # a stop string completed by the held-back tail
+        return Completion(text=text if stopped_at is None else text[:stopped_at], token_ids=list(self.generated),
+                          finish_reason="stop" if ended_on_eos or stopped_at is not None else "length",
+                          prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated))
+
+
+def _adapter_lora(directory: str):
+    """The LoraConfig an HF PEFT adapter was trained with (dropout 0: inference)."""
+    from nemo_customizer.config import LoraConfig
+    from nemo_customizer.peft.export import read_adapter_config
+
+    config = read_adapter_config(directory)
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise ValueError(f"{directory}: adapter_config.json target_modules must be a list of module names "
+                         f"(got {targets!r}); regex targets are not supported")
+    for flag in ("use_dora", "use_rslora"):
+        if config.get(flag):
+            raise ValueError(f"{directory}: adapter_config.json has {flag}=true, which is not supported")
+    return LoraConfig(adapter_dim=int(config["r"]), alpha=float(config["lora_alpha"]), adapter_dropout=0.0,
+                      target_modules=list(targets))
+
+
+def _eos_ids(tokenizer, arch, checkpoint_dir: Optional[Path]) -> List[int]:
+    """Every id that ends a completion: the tokenizer's eos, config.json's and generation_config.json's."""
+    ids = {tokenizer.eos_token_id}
+    ids.update(arch.eos_token_ids or [arch.eos_token_id])
+    path = checkpoint_dir / "generation_config.json" if checkpoint_dir is not None else None
+    if path is not None and path.is_file():
+        listed = json.loads(path.read_text()).get("eos_token_id")
+        ids.update(listed if isinstance(listed, list) else [listed])
+    return sorted(i for i in ids if i is not None)
