@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from nemo_customizer.config import Config, check_batch_layout, config_from_kwargs, validate_config
@@ -56,70 +55,13 @@ def customize(
 def run(cfg: Config) -> CustomizationResult:
     """Run one customization job described by a composed config."""
     validate_config(cfg)
-    hp = cfg.hyperparameters
-    check_batch_layout(hp.batch_size, hp.micro_batch_size, 1)
-
-    # Everything that can fail on user input happens here, before a process group or a model exists.
-    from nemo_customizer.checkpoints.resolve import load_tokenizer, resolve_model
-    from nemo_customizer.data import load_dataset, tokenize_examples
-
-    resolved = resolve_model(cfg.model, cfg.cache_dir)
-    cfg = dataclasses.replace(cfg, model=resolved.config)
-    tokenizer = load_tokenizer(resolved.tokenizer_dir, cfg.model.chat_template)
-    splits = load_dataset(cfg.dataset.path, cfg.dataset.val_fraction, hp.seed,
-                          max_val_examples=cfg.dataset.max_val_examples)
-    train, train_stats = tokenize_examples(splits.train, tokenizer, cfg.model.max_seq_length)
-    val, val_stats = tokenize_examples(splits.val, tokenizer, cfg.model.max_seq_length)
-    if len(train) < hp.batch_size:
-        raise ValueError(f"{cfg.dataset.path}: {len(train)} usable training rows is fewer than "
-                         f"hyperparameters.batch_size={hp.batch_size}; add data or lower the batch size.")
-    job = JobDirectory.create(cfg.output_dir, cfg, is_main=int(os.environ.get("RANK", "0")) == 0)
-    log = _Log()
-    log.enabled = int(os.environ.get("RANK", "0")) == 0
-    log(splits.describe())
-    log(f"tokenized with max_seq_length={cfg.model.max_seq_length}: train {train_stats}; validation {val_stats}")
-
-    import torch
-
-    from nemo_customizer.distributed.parallel import (destroy_parallel, initialize_parallel, params_dtype,
-                                                       resolve_device)
-    from nemo_customizer.models.gpt import build_model_for_job
-    from nemo_customizer.peft.apply import apply_lora
-    from nemo_customizer.peft.export import save_peft_adapter
-    from nemo_customizer.training.loop import TrainingJob, fit, planned_steps
-    from nemo_customizer.training.metrics import MetricsLog, ProgressBar
-    from nemo_customizer.training.optim import build_optimizer, build_scheduler
-    from nemo_customizer.training.wrap import wrap_for_training
-
-    device = resolve_device(cfg.device)
-    dtype = params_dtype(cfg.precision, device)
-    layout = initialize_parallel(tensor_parallel_size=cfg.model.tensor_parallel_size,
-                                 pipeline_parallel_size=cfg.model.pipeline_parallel_size, device=device, seed=hp.seed)
-    log.enabled = layout.is_main
-    try:
-        check_batch_layout(hp.batch_size, hp.micro_batch_size, layout.data_parallel_size)
-        model, tconfig = build_model_for_job(cfg.model, resolved.checkpoint_dir, device=device, params_dtype=dtype)
-        lora = apply_lora(model, cfg.model.architecture, hp.lora, hp.seed)
-        log(f"model {cfg.model.name} on {device.type} ({dtype}), TP={layout.tensor_parallel_size} "
-            f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {lora}")
-        ddp = wrap_for_training(model, tconfig)
-        optimizer = build_optimizer([ddp], hp, dtype)
-        total_steps = planned_steps(len(train), hp)
-        scheduler = build_scheduler(optimizer, hp, total_steps)
-        log(f"training {total_steps} steps: epochs={hp.epochs}, batch_size={hp.batch_size}, "
-            f"micro_batch_size={hp.micro_batch_size}, learning_rate={hp.learning_rate}")
-        metrics = MetricsLog(job.metrics_path if layout.is_main else None)
-        base_name = str(resolved.checkpoint_dir or cfg.model.name)
-        fit_result = fit(TrainingJob(
-            model=ddp, optimizer=optimizer, scheduler=scheduler, train_examples=train, val_examples=val,
-            hyperparameters=hp, layout=layout, pad_id=_pad_id(tokenizer),
-            pad_to_multiple_of=layout.tensor_parallel_size if cfg.model.use_sequence_parallel else 1,
-            metrics=metrics, progress=ProgressBar(total_steps, enabled=layout.is_main and cfg.progress_bar),
-            save_best=lambda: save_peft_adapter(model, hp.lora, job.adapter_path, base_name),
-        ))
-        metrics.close()
-    finally:
-        destroy_parallel()
+    check_batch_layout(cfg.hyperparameters.batch_size, cfg.hyperparameters.micro_batch_size, 1)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # the launcher's rank; torch.distributed is not up yet
+    log = _Log(enabled=is_main)
+    inputs = _load_inputs(cfg, log)  # every user-input error surfaces here, before a model exists
+    cfg = inputs.cfg
+    job = JobDirectory.create(cfg.output_dir, cfg, is_main=is_main)
+    fit_result, lora, layout = _train(cfg, inputs, job, log)
     result = CustomizationResult(
         job_dir=str(job.path), adapter_path=str(job.adapter_path), metrics_path=str(job.metrics_path),
         best_epoch=fit_result.best_epoch, best_step=fit_result.best_step, best_val_loss=fit_result.best_val_loss,
@@ -136,6 +78,86 @@ def run(cfg: Config) -> CustomizationResult:
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    cfg: Config
+    """The config with the checkpoint's architecture merged in."""
+    resolved: Any
+    tokenizer: Any
+    train: list
+    val: list
+
+
+def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
+    """Resolve the checkpoint, read and validate every dataset row, tokenize (no megatron, no process group)."""
+    from nemo_customizer.checkpoints.resolve import load_tokenizer, resolve_model
+    from nemo_customizer.data import load_dataset, tokenize_examples
+
+    hp = cfg.hyperparameters
+    resolved = resolve_model(cfg.model, cfg.cache_dir)
+    cfg = dataclasses.replace(cfg, model=resolved.config)
+    tokenizer = load_tokenizer(resolved.tokenizer_dir, cfg.model.chat_template)
+    splits = load_dataset(cfg.dataset.path, cfg.dataset.val_fraction, hp.seed,
+                          max_val_examples=cfg.dataset.max_val_examples)
+    train, train_stats = tokenize_examples(splits.train, tokenizer, cfg.model.max_seq_length)
+    val, val_stats = tokenize_examples(splits.val, tokenizer, cfg.model.max_seq_length)
+    if len(train) < hp.batch_size:
+        raise ValueError(f"{cfg.dataset.path}: {len(train)} usable training rows is fewer than "
+                         f"hyperparameters.batch_size={hp.batch_size}; add data or lower the batch size.")
+    log(splits.describe())
+    log(f"tokenized with max_seq_length={cfg.model.max_seq_length}: training {train_stats.describe()}; "
+        f"validation {val_stats.describe()}")
+    for origin in (train_stats.dropped_origins + val_stats.dropped_origins)[:5]:
+        log(f"  dropped (completion longer than max_seq_length): {origin}")
+    return _Inputs(cfg, resolved, tokenizer, train, val)
+
+
+def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log"):
+    """Start the parallel state, build the model with LoRA, train; returns (fit result, LoRA summary, layout)."""
+    from nemo_customizer.distributed.parallel import (destroy_parallel, initialize_parallel, params_dtype,
+                                                       resolve_device)
+    from nemo_customizer.models.gpt import build_model_for_job
+    from nemo_customizer.peft.apply import apply_lora
+    from nemo_customizer.peft.export import save_peft_adapter
+    from nemo_customizer.training.loop import TrainingJob, fit, planned_steps
+    from nemo_customizer.training.metrics import MetricsLog, ProgressBar
+    from nemo_customizer.training.optim import build_optimizer, build_scheduler
+    from nemo_customizer.training.wrap import wrap_for_training
+
+    hp = cfg.hyperparameters
+    device = resolve_device(cfg.device)
+    dtype = params_dtype(cfg.precision, device)
+    layout = initialize_parallel(tensor_parallel_size=cfg.model.tensor_parallel_size,
+                                 pipeline_parallel_size=cfg.model.pipeline_parallel_size, device=device, seed=hp.seed)
+    metrics = MetricsLog(job.metrics_path if layout.is_main else None)
+    try:
+        check_batch_layout(hp.batch_size, hp.micro_batch_size, layout.data_parallel_size)
+        model, tconfig = build_model_for_job(cfg.model, inputs.resolved.checkpoint_dir, device=device,
+                                             params_dtype=dtype)
+        lora = apply_lora(model, cfg.model.architecture, hp.lora, hp.seed)
+        log(f"model {cfg.model.name} on {device.type} ({dtype}), TP={layout.tensor_parallel_size} "
+            f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {lora}")
+        ddp = wrap_for_training(model, tconfig)
+        optimizer = build_optimizer([ddp], hp, dtype)
+        total_steps = planned_steps(len(inputs.train), hp)
+        scheduler = build_scheduler(optimizer, hp, total_steps)
+        log(f"training {total_steps} steps: epochs={hp.epochs}, batch_size={hp.batch_size}, "
+            f"micro_batch_size={hp.micro_batch_size}, learning_rate={hp.learning_rate}")
+        base_name = str(inputs.resolved.checkpoint_dir or cfg.model.name)
+        progress = ProgressBar(total_steps, enabled=layout.is_main and cfg.progress_bar, every=cfg.log_interval)
+        fit_result = fit(TrainingJob(
+            model=ddp, optimizer=optimizer, scheduler=scheduler, train_examples=inputs.train,
+            val_examples=inputs.val, hyperparameters=hp, layout=layout, pad_id=_pad_id(inputs.tokenizer),
+            pad_to_multiple_of=layout.tensor_parallel_size if cfg.model.use_sequence_parallel else 1,
+            metrics=metrics, progress=progress,
+            save_best=lambda: save_peft_adapter(model, hp.lora, job.adapter_path, base_name),
+        ))
+    finally:
+        metrics.close()
+        destroy_parallel(layout)
+    return fit_result, lora, layout
+
+
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -143,7 +165,8 @@ def _pad_id(tokenizer) -> int:
 class _Log:
     """Job log lines on stderr, from the main rank only."""
 
-    enabled = True
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
 
     def __call__(self, text: str) -> None:
         if self.enabled:

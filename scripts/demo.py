@@ -46,7 +46,7 @@ def _accuracy(generator, rows: list[dict], label: str) -> tuple[float, list[str]
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="outputs/demo", help="job and data directory (replaced)")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps (global batch 16)")
+    parser.add_argument("--steps", type=int, default=125, help="optimizer steps (global batch 16; 125 = one epoch)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--validation", type=int, default=200)
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         dataset=str(root / "data"),
         output_dir=str(root / "job"),
         hyperparameters={
-            "epochs": 1, "max_steps": args.steps, "batch_size": 16, "micro_batch_size": 16,
+            "epochs": -(-args.steps * 16 // args.train), "max_steps": args.steps, "batch_size": 16, "micro_batch_size": 16,
             "learning_rate": args.learning_rate, "min_learning_rate": args.learning_rate / 10,
             "seed": args.seed, "lora": {"adapter_dim": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
         },

@@ -97,3 +97,12 @@ def write_classification_data(directory: Path, n_train: int = 64, n_val: int = 1
                 filler = " ".join(rng.choice(["a", "b", "c", "d"]) for _ in range(rng.randint(2, 12)))
                 handle.write(json.dumps({"prompt": f"{label} {filler}\nAnswer: ", "completion": label}) + "\n")
     return directory
+
+
+def load_tiny_model(arch: ArchitectureConfig, directory: Path):
+    """Our Megatron model (this process's TP shard, CPU, fp32) with the HF checkpoint in ``directory`` loaded."""
+    from nemo_customizer.models.gpt import build_gpt_model, load_hf_checkpoint, transformer_config
+
+    model = build_gpt_model(arch, transformer_config(arch, perform_initialization=False), torch.device("cpu"))
+    load_hf_checkpoint(model, arch, str(directory))
+    return model

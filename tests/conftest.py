@@ -5,5 +5,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end tests on the real embedded model (minutes)")
+@pytest.fixture(scope="module")
+def cpu_parallel():
+    """A one-process (TP=1, PP=1) CPU parallel state for the tests of one module, torn down after them."""
+    import torch
+
+    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
+
+    layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=torch.device("cpu"), seed=0)
+    yield layout
+    destroy_parallel(layout)

@@ -4,26 +4,15 @@ import pytest
 import torch
 
 from nemo_customizer.config.schema import LoraConfig
-from nemo_customizer.distributed.parallel import initialize_parallel
-from nemo_customizer.models.gpt import build_gpt_model, forward_logits, load_hf_checkpoint, transformer_config
+from nemo_customizer.models.gpt import forward_logits
 from nemo_customizer.peft.apply import apply_lora, resolve_targets
 from nemo_customizer.peft.export import load_peft_adapter, save_peft_adapter
 from nemo_customizer.peft.lora import adapter_parameters
 
-from _tiny import tiny_arch, write_tiny_checkpoint
+from _tiny import load_tiny_model, tiny_arch, write_tiny_checkpoint
 
-CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("cpu_parallel")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def parallel():
-    initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=CPU, seed=0)
-
-
-def _model(arch, directory):
-    model = build_gpt_model(arch, transformer_config(arch, perform_initialization=False), CPU)
-    load_hf_checkpoint(model, arch, str(directory))
-    return model
 
 
 def test_resolve_targets_accepts_hf_and_megatron_names():
@@ -37,7 +26,7 @@ def test_resolve_targets_accepts_hf_and_megatron_names():
 def test_lora_starts_at_base_and_only_adapters_train(tmp_path):
     arch = tiny_arch()
     write_tiny_checkpoint(tmp_path, arch)
-    model = _model(arch, tmp_path).eval()
+    model = load_tiny_model(arch, tmp_path).eval()
     tokens = torch.randint(0, arch.vocab_size, (1, 12))
     with torch.no_grad():
         before = forward_logits(model, tokens)
@@ -59,7 +48,7 @@ def test_exported_adapter_matches_peft(tmp_path, targets, tied):
 
     arch = tiny_arch(tied=tied)
     hf = write_tiny_checkpoint(tmp_path / "base", arch)
-    model = _model(arch, tmp_path / "base")
+    model = load_tiny_model(arch, tmp_path / "base")
     lora = LoraConfig(adapter_dim=4, alpha=8.0, adapter_dropout=0.0, target_modules=targets)
     apply_lora(model, arch, lora, seed=1)
     with torch.no_grad():  # B starts at zero; give every adapter weight a value so the mapping is exercised
@@ -74,7 +63,7 @@ def test_exported_adapter_matches_peft(tmp_path, targets, tied):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
     # and the adapter loads back into a fresh model with identical outputs
-    fresh = _model(arch, tmp_path / "base")
+    fresh = load_tiny_model(arch, tmp_path / "base")
     apply_lora(fresh, arch, lora, seed=99)
     load_peft_adapter(fresh, tmp_path / "adapter")
     with torch.no_grad():

@@ -3,23 +3,12 @@
 import pytest
 import torch
 
-from nemo_customizer.distributed.parallel import initialize_parallel
-from nemo_customizer.models.gpt import build_gpt_model, forward_logits, load_hf_checkpoint, transformer_config
+from nemo_customizer.models.gpt import forward_logits
 
-from _tiny import tiny_arch, write_tiny_checkpoint
+from _tiny import load_tiny_model, tiny_arch, write_tiny_checkpoint
 
-CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("cpu_parallel")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def parallel():
-    initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=CPU, seed=0)
-
-
-def _ours(arch, directory):
-    model = build_gpt_model(arch, transformer_config(arch, perform_initialization=False), CPU)
-    load_hf_checkpoint(model, arch, str(directory))
-    return model.eval()
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -27,7 +16,7 @@ def _ours(arch, directory):
 def test_logits_match_transformers(tmp_path, tied, rope_scaling):
     arch = tiny_arch(tied=tied, rope_scaling=rope_scaling)
     hf = write_tiny_checkpoint(tmp_path, arch)
-    ours = _ours(arch, tmp_path)
+    ours = load_tiny_model(arch, tmp_path).eval()
     tokens = torch.randint(0, arch.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(tokens).logits
@@ -39,7 +28,7 @@ def test_logits_match_transformers(tmp_path, tied, rope_scaling):
 def test_masked_loss_equals_full_cross_entropy(tmp_path):
     arch = tiny_arch()
     hf = write_tiny_checkpoint(tmp_path, arch)
-    ours = _ours(arch, tmp_path)
+    ours = load_tiny_model(arch, tmp_path).eval()
     gen = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, arch.vocab_size, (2, 16), generator=gen)
     labels = torch.randint(0, arch.vocab_size, (2, 16), generator=gen)
@@ -76,7 +65,7 @@ def test_left_padded_batch_with_attention_mask_matches_single_rows(tmp_path):
     """Batched prompts of different lengths (left padding + key mask) give each row's own logits."""
     arch = tiny_arch()
     hf = write_tiny_checkpoint(tmp_path, arch)
-    ours = _ours(arch, tmp_path)
+    ours = load_tiny_model(arch, tmp_path).eval()
     gen = torch.Generator().manual_seed(5)
     rows = [torch.randint(0, arch.vocab_size, (n,), generator=gen) for n in (9, 4)]
     width = max(len(r) for r in rows)

@@ -55,3 +55,41 @@ def test_parallel_losses_match_single_process(reference, name, world, tp, sp):
     assert ours.keys() == ref.keys()
     for key in ref:
         assert (ours[key] - ref[key]).abs().max().item() < 1e-4, key
+
+
+
+def _adapter_logits(rank: int, root: str, tp: int, out: str) -> None:
+    """Load the single-process adapter into a TP-sharded model and save the gathered logits (rank 0)."""
+    import torch
+
+    from nemo_customizer.config import LoraConfig
+    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
+    from nemo_customizer.models.gpt import build_model_for_job, forward_logits
+    from nemo_customizer.config import compose_config
+    from nemo_customizer.peft.apply import apply_lora
+    from nemo_customizer.peft.export import load_peft_adapter
+
+    cfg = compose_config(["model=tiny-llama-test", f"model.tensor_parallel_size={tp}"])
+    initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=1, device=torch.device("cpu"), seed=0)
+    model, _ = build_model_for_job(cfg.model, Path(root) / "model", device=torch.device("cpu"),
+                                   params_dtype=torch.float32)
+    apply_lora(model, cfg.model.architecture, LoraConfig(adapter_dropout=0.0, target_modules=[
+        "q_proj", "v_proj", "o_proj", "down_proj", "gate_proj"]), seed=123)
+    load_peft_adapter(model, Path(root) / "single" / "adapter")
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = forward_logits(model.eval(), tokens)
+    if rank == 0:
+        torch.save(logits, out)
+    destroy_parallel()
+
+
+def test_adapter_loads_into_tensor_parallel_model(reference):
+    import torch
+
+    root, _ = reference
+    run_world(_adapter_logits, 1, str(root), 1, str(root / "logits_tp1.pt"))
+    run_world(_adapter_logits, 2, str(root), 2, str(root / "logits_tp2.pt"))
+    tp1, tp2 = torch.load(root / "logits_tp1.pt"), torch.load(root / "logits_tp2.pt")
+    assert tp1.shape == tp2.shape == (2, 24, 320)
+    assert (tp1 - tp2).abs().max().item() <= 1e-4

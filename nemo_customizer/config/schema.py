@@ -157,5 +157,5 @@ class Config:
     cache_dir: Optional[str] = None
     """Where embedded checkpoints are converted; default ``$NEMO_CUSTOMIZER_CACHE`` or ~/.cache/nemo_customizer."""
     log_interval: int = 1
-    """Print and record train metrics every N steps."""
+    """Print a progress line every N steps when stderr is not a terminal (metrics.jsonl records every step)."""
     progress_bar: bool = True

@@ -27,6 +27,8 @@ class ParallelLayout:
     data_parallel_size: int
     data_parallel_rank: int
     device: torch.device
+    owns_process_group: bool = True
+    """Whether ``initialize_parallel`` started torch.distributed (and so ``destroy_parallel`` may end it)."""
 
     @property
     def is_main(self) -> bool:
@@ -83,7 +85,8 @@ def initialize_parallel(
         from nemo_customizer.distributed.cpu_patches import apply_cpu_patches
 
         apply_cpu_patches()
-    if not dist.is_initialized():
+    owns_process_group = not dist.is_initialized()
+    if owns_process_group:
         _init_process_group(device)
     world_size = dist.get_world_size()
     model_parallel = tensor_parallel_size * pipeline_parallel_size
@@ -109,14 +112,18 @@ def initialize_parallel(
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         device=device,
+        owns_process_group=owns_process_group,
     )
 
 
-def destroy_parallel() -> None:
-    """Tear down mcore's groups and the process group (lets one process run several jobs)."""
+def destroy_parallel(layout: ParallelLayout | None = None) -> None:
+    """Tear down mcore's groups, and the process group if ``initialize_parallel`` started it.
+
+    Lets one process run several jobs in turn, without ending a process group that the caller set up itself.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and (layout is None or layout.owns_process_group):
         dist.destroy_process_group()

@@ -45,6 +45,7 @@ class Generator:
         self.eos_ids = frozenset(eos_ids)
         self.max_context = max_context  # longest prompt + completion: the model's max_position_embeddings
         self.device = device
+        self._layout = None  # the parallel state from_config started, if any
 
     @classmethod
     def from_config(cls, cfg: Config, adapter: Optional[str] = None) -> "Generator":
@@ -65,8 +66,8 @@ class Generator:
         model_cfg = dataclasses.replace(resolved.config, tensor_parallel_size=1, pipeline_parallel_size=1,
                                         use_sequence_parallel=False)
         device = resolve_device(cfg.device)
-        initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=device,
-                            seed=cfg.hyperparameters.seed)
+        layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=device,
+                                     seed=cfg.hyperparameters.seed)
         try:
             model, _ = build_model_for_job(model_cfg, resolved.checkpoint_dir, device=device,
                                            params_dtype=params_dtype(cfg.precision, device))
@@ -77,17 +78,21 @@ class Generator:
                 apply_lora(model, model_cfg.architecture, adapter_lora, seed=0)
                 load_peft_adapter(model, adapter)
         except BaseException:
-            destroy_parallel()
+            destroy_parallel(layout)
             raise
         arch = model_cfg.architecture
         eos = _eos_ids(tokenizer, arch, resolved.checkpoint_dir)
-        return cls(model, tokenizer, eos_ids=eos, max_context=arch.max_position_embeddings, device=device)
+        generator = cls(model, tokenizer, eos_ids=eos, max_context=arch.max_position_embeddings, device=device)
+        generator._layout = layout
+        return generator
 
     def close(self) -> None:
         """Tear down the parallel state (and process group) started by ``from_config``."""
         from nemo_customizer.distributed.parallel import destroy_parallel
 
-        destroy_parallel()
+        if self._layout is not None:
+            destroy_parallel(self._layout)
+            self._layout = None
 
     def __enter__(self) -> "Generator":
         return self

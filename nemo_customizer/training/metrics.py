@@ -32,9 +32,11 @@ class MetricsLog:
 class ProgressBar:
     """``[#####.....] step 12/82 | loss 0.734 | 160 tok/s | ETA 6m12s`` redrawn in place on a terminal."""
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stderr, width: int = 24):
+    def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stderr, width: int = 24, every: int = 1):
         self.total = max(total_steps, 1)
         self.enabled = enabled
+        self.every = max(every, 1)
+        """In a log file (not a terminal) print only every N-th step, and the last."""
         self.stream = stream
         self.width = width
         self.start = time.perf_counter()
@@ -42,6 +44,8 @@ class ProgressBar:
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         if not self.enabled:
+            return
+        if not self._interactive and step % self.every and step != self.total:
             return
         done = int(self.width * step / self.total)
         elapsed = time.perf_counter() - self.start

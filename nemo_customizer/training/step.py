@@ -8,7 +8,6 @@ not a mean of per-micro-batch means: mcore sums token losses (``calculate_per_to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Dict, Iterable, List
 
 import torch

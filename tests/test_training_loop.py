@@ -1,0 +1,27 @@
+"""The training loop on a tiny model: early stopping, best checkpoint, job files."""
+
+from _tiny import write_classification_data, write_tiny_model_dir
+
+
+def test_early_stopping_ends_training_and_keeps_the_best_adapter(tmp_path):
+    """With a negligible learning rate, validation never improves: training stops after `patience` validations."""
+    import json
+
+    from nemo_customizer.api import customize
+
+    write_tiny_model_dir(tmp_path / "model")
+    write_classification_data(tmp_path / "data", n_train=32, n_val=8)
+    result = customize(
+        "tiny-llama-test", dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "job"), progress_bar=False,
+        hyperparameters={"epochs": 20, "batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-12,
+                         "min_learning_rate": 0.0, "val_check_interval": 2,
+                         "early_stopping": {"patience": 3, "min_delta": 0.001}},
+        model={"checkpoint": str(tmp_path / "model"), "random_weights": False},
+    )
+    assert result.stopped_early
+    assert result.steps == 8  # validations at steps 2 (best), 4, 6, 8 (third without improvement)
+    assert result.best_step == 2 and result.best_epoch == 0
+    rows = [json.loads(line) for line in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["event"] == "validation"] == [2, 4, 6, 8]
+    assert (tmp_path / "job" / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "job" / "result.json").read_text())["stopped_early"] is True
