@@ -17,6 +17,9 @@ class CustomizationResult:
 
     job_dir: str
     adapter_path: str
+    """The HF PEFT adapter (``lora``, ``lora_merged``); empty for ``all_weights``."""
+    model_path: str
+    """The exported HF model folder (``lora_merged``, ``all_weights``); empty for ``lora``."""
     metrics_path: str
     best_epoch: Optional[int]
     best_step: Optional[int]
@@ -61,20 +64,25 @@ def run(cfg: Config) -> CustomizationResult:
     inputs = _load_inputs(cfg, log)  # every user-input error surfaces here, before a model exists
     cfg = inputs.cfg
     job = JobDirectory.create(cfg.output_dir, cfg, is_main=is_main)
-    fit_result, lora, layout = _train(cfg, inputs, job, log)
+    fit_result, trainable, layout = _train(cfg, inputs, job, log)
+    kind = cfg.hyperparameters.finetuning_type
     result = CustomizationResult(
-        job_dir=str(job.path), adapter_path=str(job.adapter_path), metrics_path=str(job.metrics_path),
+        job_dir=str(job.path), metrics_path=str(job.metrics_path),
+        adapter_path=str(job.adapter_path) if kind != "all_weights" else "",
+        model_path=str(job.model_path) if kind != "lora" else "",
         best_epoch=fit_result.best_epoch, best_step=fit_result.best_step, best_val_loss=fit_result.best_val_loss,
         final_train_loss=fit_result.final_train_loss, final_val_loss=fit_result.final_val_loss,
         steps=fit_result.steps, epochs_completed=fit_result.epochs_completed,
         stopped_early=fit_result.stopped_early, tokens_per_second=fit_result.tokens_per_second,
         train_seconds=fit_result.train_seconds, peak_memory_gib=peak_memory_gib(),
-        trainable_parameters=lora.trainable_parameters, total_parameters=lora.total_parameters,
+        trainable_parameters=trainable.trainable_parameters, total_parameters=trainable.total_parameters,
+        warnings=inputs.warnings,
     )
     if layout.is_main:
         job.write_result(result)
         log(f"done: {result.steps} steps in {result.train_seconds:.0f}s, {result.tokens_per_second:,.0f} tokens/s, "
-            f"best val_loss {result.best_val_loss:.4f} (step {result.best_step}); adapter: {result.adapter_path}")
+            f"best val_loss {result.best_val_loss:.4f} (step {result.best_step}); "
+            f"saved: {result.adapter_path or result.model_path}")
     return result
 
 
@@ -86,6 +94,9 @@ class _Inputs:
     tokenizer: Any
     train: list
     val: list
+    pack: bool = False
+    """Train on packed sequences (asked for, and the model supports it)."""
+    warnings: tuple = ()
 
 
 def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
@@ -109,16 +120,20 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
         f"validation {val_stats.describe()}")
     for origin in (train_stats.dropped_origins + val_stats.dropped_origins)[:5]:
         log(f"  dropped (completion longer than max_seq_length): {origin}")
-    return _Inputs(cfg, resolved, tokenizer, train, val)
+    pack, warnings = hp.sequence_packing_enabled, ()
+    if pack and not cfg.model.sequence_packing_supported:  # the seed's behaviour: train anyway, unpacked
+        pack, warnings = False, (f"model {cfg.model.name} does not support sequence packing; "
+                                 "hyperparameters.sequence_packing_enabled is ignored and training runs unpacked",)
+        log(f"warning: {warnings[0]}")
+    return _Inputs(cfg, resolved, tokenizer, train, val, pack, warnings)
 
 
 def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log"):
-    """Start the parallel state, build the model with LoRA, train; returns (fit result, LoRA summary, layout)."""
+    """Start the parallel state, build the model (+ LoRA), train; returns (fit result, trainable summary, layout)."""
     from nemo_customizer.distributed.parallel import (destroy_parallel, initialize_parallel, params_dtype,
                                                        resolve_device)
     from nemo_customizer.models.gpt import build_model_for_job
-    from nemo_customizer.peft.apply import apply_lora
-    from nemo_customizer.peft.export import save_peft_adapter
+    from nemo_customizer.training.finetuning import best_checkpoint_saver, prepare_trainable
     from nemo_customizer.training.loop import TrainingJob, fit, planned_steps
     from nemo_customizer.training.metrics import MetricsLog, ProgressBar
     from nemo_customizer.training.optim import build_optimizer, build_scheduler
@@ -132,30 +147,54 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log"):
     metrics = MetricsLog(job.metrics_path if layout.is_main else None)
     try:
         check_batch_layout(hp.batch_size, hp.micro_batch_size, layout.data_parallel_size)
+        pad_multiple = layout.tensor_parallel_size if cfg.model.use_sequence_parallel else 1
+        packing = _packing_plan(cfg, inputs.train, layout.data_parallel_size, pad_multiple, log, metrics) \
+            if inputs.pack else None
         model, tconfig = build_model_for_job(cfg.model, inputs.resolved.checkpoint_dir, device=device,
                                              params_dtype=dtype)
-        lora = apply_lora(model, cfg.model.architecture, hp.lora, hp.seed)
+        trainable = prepare_trainable(model, cfg)
         log(f"model {cfg.model.name} on {device.type} ({dtype}), TP={layout.tensor_parallel_size} "
-            f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {lora}")
+            f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {trainable}")
         ddp = wrap_for_training(model, tconfig)
         optimizer = build_optimizer([ddp], hp, dtype)
-        total_steps = planned_steps(len(inputs.train), hp)
+        total_steps = planned_steps(len(inputs.train), hp, packing)
         scheduler = build_scheduler(optimizer, hp, total_steps)
-        log(f"training {total_steps} steps: epochs={hp.epochs}, batch_size={hp.batch_size}, "
-            f"micro_batch_size={hp.micro_batch_size}, learning_rate={hp.learning_rate}")
-        base_name = str(inputs.resolved.checkpoint_dir or cfg.model.name)
-        progress = ProgressBar(total_steps, enabled=layout.is_main and cfg.progress_bar, every=cfg.log_interval)
+        batches = (f"batch_size={packing.global_batch_size} bins (packed from {hp.batch_size} examples), "
+                   f"micro_batch_size={packing.micro_batch_size} bins" if packing else
+                   f"batch_size={hp.batch_size}, micro_batch_size={hp.micro_batch_size}")
+        log(f"training {total_steps} steps: epochs={hp.epochs}, {batches}, learning_rate={hp.learning_rate}")
+        progress = ProgressBar(total_steps, enabled=layout.is_main and cfg.progress_bar, every=cfg.log_interval,
+                               log=layout.is_main)
         fit_result = fit(TrainingJob(
             model=ddp, optimizer=optimizer, scheduler=scheduler, train_examples=inputs.train,
             val_examples=inputs.val, hyperparameters=hp, layout=layout, pad_id=_pad_id(inputs.tokenizer),
-            pad_to_multiple_of=layout.tensor_parallel_size if cfg.model.use_sequence_parallel else 1,
-            metrics=metrics, progress=progress,
-            save_best=lambda: save_peft_adapter(model, hp.lora, job.adapter_path, base_name),
+            pad_to_multiple_of=pad_multiple, metrics=metrics, progress=progress, packing=packing,
+            save_best=best_checkpoint_saver(model, cfg, job, source_dir=inputs.resolved.checkpoint_dir,
+                                            tokenizer=inputs.tokenizer),
         ))
     finally:
         metrics.close()
         destroy_parallel(layout)
-    return fit_result, lora, layout
+    return fit_result, trainable, layout
+
+
+def _packing_plan(cfg: Config, train: list, dp_size: int, pad_multiple: int, log: "_Log", metrics):
+    """Pack the training examples; state the packing factor, batch sizes, steps and padding in the job log."""
+    from nemo_customizer.data.packing import plan_packing
+
+    hp = cfg.hyperparameters
+    plan = plan_packing(train, max_seq_length=cfg.model.max_seq_length, batch_size=hp.batch_size,
+                        micro_batch_size=hp.micro_batch_size, dp_size=dp_size, seed=hp.seed,
+                        pad_to_multiple_of=pad_multiple)
+    if plan.steps_per_epoch == 0:
+        raise ValueError(f"{cfg.dataset.path}: {len(train)} training rows pack into {len(plan.bins)} bins, fewer than "
+                         f"one packed batch of {plan.global_batch_size} bins; add data or disable packing.")
+    log(plan.describe())
+    metrics.write(event="packing", packing_factor=plan.packing_factor, bins=len(plan.bins),
+                  batch_size=plan.global_batch_size, micro_batch_size=plan.micro_batch_size,
+                  steps_per_epoch=plan.steps_per_epoch, padding_before=plan.padding_before,
+                  padding_after=plan.padding_after)
+    return plan
 
 
 def _pad_id(tokenizer) -> int:
@@ -173,15 +212,24 @@ class _Log:
             print(text, file=sys.stderr, flush=True)
 
 
-def generate(prompt: str, *, config: str = "smollm2-135m-instruct", adapter: Optional[str] = None,
-             max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, stop: Optional[list] = None,
-             seed: int = 0, **overrides: Any) -> str:
-    """Complete ``prompt`` with model config ``config`` (plus an optional LoRA adapter directory).
+def generate(prompt: Optional[str] = None, *, messages: Optional[list] = None, tools: Optional[list] = None,
+             config: str = "smollm2-135m-instruct", adapter: Optional[str] = None, max_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, stop: Optional[list] = None, seed: int = 0,
+             tool_syntax: Optional[str] = None, **overrides: Any) -> Any:
+    """Complete ``prompt`` and return the text, or answer chat ``messages`` (OpenAI format, optionally offering
+    ``tools``) and return the assistant message ``{"role": "assistant", "content": ..., "tool_calls": [...]}``,
+    with model config ``config`` (plus an optional LoRA adapter directory).
 
-    Loads the model for this one call; for many prompts use ``nemo_customizer.inference.Generator``.
+    Chat renders with the model's chat template; tool calls are parsed for Hermes ``<tool_call>`` and Llama 3 JSON
+    templates (``tool_syntax`` overrides the detection). Loads the model for this one call; for many requests,
+    finish reasons and token counts use ``nemo_customizer.inference.Generator`` (``complete`` / ``chat``).
     """
     from nemo_customizer.inference import generate as generate_with_config
 
     cfg = config_from_kwargs(config=config, **overrides)
+    if messages is not None or tools is not None:
+        return generate_with_config(prompt, config=cfg, messages=messages, tools=tools, adapter=adapter,
+                                    max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                    seed=seed, tool_syntax=tool_syntax)
     return generate_with_config(prompt, config=cfg, adapter=adapter, max_tokens=max_tokens, temperature=temperature,
                                 top_p=top_p, stop=stop, seed=seed)

@@ -18,6 +18,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,13 @@ class JobDirectory:
 
     @property
     def adapter_path(self) -> Path:
+        """The HF PEFT adapter of a LoRA job."""
         return self.path / ADAPTER_DIR
+
+    @property
+    def model_path(self) -> Path:
+        """The exported HF model of a merged-LoRA or full fine-tuning job."""
+        return self.path / MODEL_DIR
 
     def write_atomic(self, name: str, text: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)

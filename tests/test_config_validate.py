@@ -42,8 +42,7 @@ def test_llama_models_are_valid_given_a_checkpoint(name):
     ("hyperparameters.lora.target_modules=[q_proj,qkv]", "unknown module 'qkv'.*linear_qkv"),
     ("hyperparameters.lora.target_modules=[]", "target_modules is empty"),
     ("hyperparameters.training_type=dpo", "hyperparameters.training_type='dpo' is not one of sft"),
-    ("hyperparameters.finetuning_type=all_weights", "finetuning_type=all_weights is not supported yet.*later"),
-    ("hyperparameters.finetuning_type=lora_merged", "finetuning_type=lora_merged is not supported yet.*later"),
+    ("hyperparameters.finetuning_type=full", "finetuning_type.*full"),
     ("hyperparameters.finetuning_type=p_tuning", "finetuning_type='p_tuning' is not one of lora"),
     ("hyperparameters.warmup_steps=-1", "hyperparameters.warmup_steps must be at least 0"),
     ("hyperparameters.min_learning_rate=1e-3", "min_learning_rate=0.001 must be between 0 and"),
@@ -75,9 +74,9 @@ def test_missing_dataset_path_is_reported_only_for_training():
     validate_config(cfg, training=False)
 
 
-def test_sequence_packing_needs_model_support():
-    with pytest.raises(ConfigError, match="does not support sequence packing"):
-        _validate("hyperparameters.sequence_packing_enabled=true", "model.sequence_packing_supported=false")
+def test_sequence_packing_on_an_unsupported_model_is_not_a_config_error():
+    # The job trains unpacked with a warning instead (tests/test_packing_training.py).
+    _validate("hyperparameters.sequence_packing_enabled=true", "model.sequence_packing_supported=false")
 
 
 def test_tp_with_sequence_parallel_is_valid():

@@ -15,8 +15,7 @@ from .schema import MISSING_PATH, ArchitectureConfig, Config, HyperparametersCon
 HF_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MEGATRON_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 TRAINING_TYPES = ("sft",)
-FINETUNING_TYPES = ("lora",)
-LATER_FINETUNING_TYPES = ("all_weights", "lora_merged")
+FINETUNING_TYPES = ("lora", "lora_merged", "all_weights")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 RECOMMENDED_BATCH_MULTIPLE = 16
@@ -43,9 +42,6 @@ def validate_config(cfg: Config, *, training: bool = True) -> None:
 def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> None:
     """Training settings: types of run, positive sizes and rates, schedule, LoRA, early stopping."""
     _one_of("hyperparameters.training_type", hp.training_type, TRAINING_TYPES)
-    if hp.finetuning_type in LATER_FINETUNING_TYPES:
-        raise ConfigError(f"hyperparameters.finetuning_type={hp.finetuning_type} is not supported yet (only "
-                          f"lora for now; {' and '.join(LATER_FINETUNING_TYPES)} come in a later release).")
     _one_of("hyperparameters.finetuning_type", hp.finetuning_type, FINETUNING_TYPES)
     _at_least("hyperparameters.epochs", hp.epochs, 1)
     _at_least("hyperparameters.batch_size", hp.batch_size, 1)
@@ -70,9 +66,8 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
         _at_least("hyperparameters.max_steps", hp.max_steps, 1)
     if hp.val_check_interval is not None:
         _at_least("hyperparameters.val_check_interval", hp.val_check_interval, 1)
-    if hp.sequence_packing_enabled and not model.sequence_packing_supported:
-        raise ConfigError(f"hyperparameters.sequence_packing_enabled=true but model {model.name} does not "
-                          "support sequence packing; set hyperparameters.sequence_packing_enabled=false.")
+    # sequence_packing_enabled on a model without packing support is not an error: as the seed does, the job trains
+    # unpacked and says so in its log and result (api._load_inputs).
     _validate_lora(hp)
     _at_least("hyperparameters.early_stopping.patience", hp.early_stopping.patience, 1)
     _non_negative("hyperparameters.early_stopping.min_delta", hp.early_stopping.min_delta)

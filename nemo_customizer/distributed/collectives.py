@@ -36,3 +36,13 @@ def all_reduce_sum(values: List[float], group=None) -> List[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor, group=group)
     return tensor.tolist()
+
+
+def gather_tensor_parallel_shards(tensor: torch.Tensor) -> List[torch.Tensor]:
+    """Every tensor-parallel rank's shard of a parameter, in rank order (shapes must match)."""
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    if size == 1:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return parts

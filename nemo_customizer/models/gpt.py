@@ -145,7 +145,34 @@ def build_gpt_model(arch: ArchitectureConfig, config: TransformerConfig, device:
         rotary_base=arch.rope_theta,
     )
     model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(device)
+    if not config.perform_initialization:
+        _mark_tensor_parallel_weights(model)
     return model.to(device)
+
+
+def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Tag sharded weights as tensor-parallel when mcore skipped initialization.
+
+    mcore sets ``tensor_model_parallel``/``partition_dim`` only inside its weight-init helpers
+    (tensor_parallel/layers.py ``_initialize_affine_weight_cpu``/``_gpu``), so with ``perform_initialization=False``
+    (weights about to be loaded) every shard looks replicated, and the gradient norm then counts only TP rank 0's
+    shards. Clipping full fine-tuning at TP>1 would differ from TP=1.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or getattr(weight, "tensor_model_parallel", False):
+            continue
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=0, stride=1)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=1, stride=1)
 
 
 def stage_layer_numbers(model: GPTModel) -> list[int]:

@@ -32,9 +32,13 @@ class MetricsLog:
 class ProgressBar:
     """``[#####.....] step 12/82 | loss 0.734 | 160 tok/s | ETA 6m12s`` redrawn in place on a terminal."""
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stderr, width: int = 24, every: int = 1):
+    def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stderr, width: int = 24, every: int = 1,
+                 log: bool = True):
         self.total = max(total_steps, 1)
         self.enabled = enabled
+        """Draw the bar (main rank, unless turned off)."""
+        self.log = log
+        """Print ``message`` lines (main rank only)."""
         self.every = max(every, 1)
         """In a log file (not a terminal) print only every N-th step, and the last."""
         self.stream = stream
@@ -60,9 +64,11 @@ class ProgressBar:
 
     def message(self, text: str) -> None:
         """A log line that does not fight with the bar."""
+        if not self.log:
+            return
         if self.enabled and self._interactive:
             self.stream.write("\n")
-        print(text, file=self.stream if self.enabled else sys.stderr, flush=True)
+        print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.enabled and self._interactive:
