@@ -8,6 +8,7 @@ import sys
 from typing import Any, Mapping, Optional
 
 from nemo_customizer.config import Config, check_batch_layout, config_from_kwargs, validate_config
+from nemo_customizer.config.validate import check_parallel_layout
 from nemo_customizer.jobs import JobDirectory, peak_memory_gib
 
 
@@ -58,7 +59,9 @@ def customize(
 def run(cfg: Config) -> CustomizationResult:
     """Run one customization job described by a composed config."""
     validate_config(cfg)
-    check_batch_layout(cfg.hyperparameters.batch_size, cfg.hyperparameters.micro_batch_size, 1)
+    # The launcher (torchrun) says how many processes there are: check the parallel layout before any work.
+    check_parallel_layout(cfg.model, cfg.hyperparameters, int(os.environ.get("WORLD_SIZE", "1")),
+                          int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None)
     is_main = int(os.environ.get("RANK", "0")) == 0  # the launcher's rank; torch.distributed is not up yet
     log = _Log(enabled=is_main)
     inputs = _load_inputs(cfg, log)  # every user-input error surfaces here, before a model exists

@@ -111,3 +111,18 @@ def test_model_source_precedence():
     llama = compose_config(["model=llama-3.2-1b-instruct"]).model
     with pytest.raises(ConfigError, match="llama-3.2-1b-instruct has no weights"):
         model_source(llama)
+
+
+def test_parallel_layout_checked_against_the_launched_processes():
+    from nemo_customizer.config.validate import check_parallel_layout
+
+    cfg = compose_config(["model=llama-3.1-8b-instruct", "model.tensor_parallel_size=2",
+                          "hyperparameters.batch_size=16", "hyperparameters.micro_batch_size=2"])
+    assert check_parallel_layout(cfg.model, cfg.hyperparameters, world_size=8) == 4
+    with pytest.raises(ConfigError, match="3 processes cannot be split into model.tensor_parallel_size=2"):
+        check_parallel_layout(cfg.model, cfg.hyperparameters, world_size=3)
+    with pytest.raises(ConfigError, match="larger than the 1 processes"):
+        check_parallel_layout(cfg.model, cfg.hyperparameters, world_size=2, local_world_size=1)
+    with pytest.raises(ConfigError, match=r"batch_size=16 is not a multiple of .*micro_batch_size=2 × data-parallel "
+                                          r"size 16 = 32"):
+        check_parallel_layout(cfg.model, cfg.hyperparameters, world_size=32)

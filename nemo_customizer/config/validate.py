@@ -188,3 +188,22 @@ def _positive(key: str, value: float) -> None:
 def _non_negative(key: str, value: float) -> None:
     if not value >= 0:
         raise ConfigError(f"{key} must be 0 or more, got {value}.")
+
+
+def check_parallel_layout(model: ModelConfig, hp: HyperparametersConfig, world_size: int,
+                          local_world_size: int | None = None) -> int:
+    """The data-parallel size of ``world_size`` processes under the model's TP × PP, or a ConfigError saying what
+    to change. Runs before any data is read or process group started (``WORLD_SIZE`` comes from the launcher).
+    """
+    tp, pp = model.tensor_parallel_size, model.pipeline_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(f"{world_size} processes cannot be split into model.tensor_parallel_size={tp} × "
+                          f"model.pipeline_parallel_size={pp}; launch a multiple of {tp * pp} processes or change "
+                          "the parallel sizes.")
+    if local_world_size is not None and tp > local_world_size:
+        raise ConfigError(f"model.tensor_parallel_size={tp} is larger than the {local_world_size} processes (GPUs) "
+                          "on one node; tensor parallelism needs the fast links inside a node, so keep it ≤ the GPUs "
+                          "per node and add pipeline or data parallelism across nodes.")
+    data_parallel = world_size // (tp * pp)
+    check_batch_layout(hp.batch_size, hp.micro_batch_size, data_parallel)
+    return data_parallel
