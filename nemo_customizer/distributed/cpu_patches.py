@@ -1,7 +1,8 @@
 """Work-arounds that let megatron-core 0.16.1 run on a CPU-only torch.
 
 Megatron-core assumes CUDA in a handful of places. Each patch below names the mcore code it works around. They are
-applied once, only when the job's device is CPU (``apply_cpu_patches``), and never on GPU machines.
+applied once, only when the job's device is CPU (``apply_cpu_patches``), and never on GPU machines. They are
+process-wide and one-way: a process that ran a CPU job uses the CPU from then on.
 """
 
 from __future__ import annotations
