@@ -142,14 +142,6 @@ def test_utf16_file(tmp_path):
     assert load_error(f).startswith(f"{f}: file is UTF-16 encoded. Save the file as UTF-8")
 
 
-def test_chat_rows_are_rejected_with_a_clear_message(tmp_path):
-    f = tmp_path / "train.jsonl"
-    f.write_text('\n{"messages": [{"role": "user", "content": "hi"}]}\n' * 3)
-    message = load_error(f)
-    assert message.startswith(f"{f}:2: chat data is not supported yet.")
-    assert "later release" in message and '{"prompt": str, "completion": str}' in message
-
-
 def test_many_errors_are_reported_together_and_capped(tmp_path):
     f = tmp_path / "train.jsonl"
     f.write_text('{"prompt": "a", "completion": "b"}\n' + '{"prompt": 1, "completion": "b"}\n' * 15)
@@ -213,3 +205,4 @@ def test_max_val_examples_caps_validation(tmp_path):
     splits = load_dataset(f, val_fraction=0.5, seed=0, max_val_examples=7)
     assert len(splits.val) == 7 and len(splits.train) == 50
     assert splits.val == load_dataset(f, val_fraction=0.5, seed=0, max_val_examples=7).val
+

@@ -65,7 +65,7 @@ def test_row_whose_completion_and_bos_do_not_fit_is_dropped_in_place():
     assert [e.input_ids for e in out] == [[BOS, 4, 5, EOS], [BOS, 6, 7, EOS]]
     assert (stats.unchanged, stats.truncated, stats.dropped) == (2, 0, 1)
     assert stats.dropped_origins == ["t.jsonl:2"]
-    assert stats.describe() == "2 examples kept (0 with truncated prompts), 1 dropped"
+    assert stats.describe() == "2 examples kept (0 truncated), 1 dropped"
 
 
 def test_tokenizer_without_bos_truncates_from_the_very_start():

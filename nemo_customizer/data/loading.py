@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from nemo_customizer.data.discovery import DatasetFiles, discover_files
 from nemo_customizer.data.errors import IssueLog, raise_one
-from nemo_customizer.data.formats import PROMPT_COMPLETION, DataFormat, detect_format
+from nemo_customizer.data.formats import FORMATS, PROMPT_COMPLETION, DataFormat, detect_format
 from nemo_customizer.data.jsonl import JsonLine, json_type_name, read_jsonl
 from nemo_customizer.data.split import cap_rows, check_val_fraction, split_rows
 
@@ -120,6 +120,13 @@ def _parse_line(line: JsonLine, fmt: DataFormat, issues: IssueLog) -> Optional[A
     """The example on ``line``, or ``None`` after recording why it is invalid."""
     if not isinstance(line.value, dict):
         issues.add(line.location, f"row must be a JSON object, got {json_type_name(line.value)}", fmt.row_hint)
+        return None
+    row_format = detect_format(line.value)
+    # The last format is the fallback that accepts anything, so only a row that positively looks like another
+    # format is a mixed file; other rows get their own format's field errors.
+    if row_format is not fmt and row_format is not FORMATS[-1]:
+        issues.add(line.location, f"row is {row_format.name} data but this file's first row is {fmt.name} data",
+                   "Keep one format per file: split chat rows and prompt/completion rows into separate datasets.")
         return None
     problems = fmt.row_problems(line.value)
     for problem in problems:

@@ -25,7 +25,7 @@ class TruncationStats:
         return self.unchanged + self.truncated
 
     def describe(self) -> str:
-        return f"{self.kept} examples kept ({self.truncated} with truncated prompts), {self.dropped} dropped"
+        return f"{self.kept} examples kept ({self.truncated} truncated), {self.dropped} dropped"
 
 
 def truncate_prompt_left(

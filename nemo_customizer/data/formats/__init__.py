@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nemo_customizer.data.formats.base import DataFormat, Row
-from nemo_customizer.data.formats.chat import CHAT
+from nemo_customizer.data.formats.chat import CHAT, Conversation
 from nemo_customizer.data.formats.prompt_completion import PROMPT_COMPLETION, PromptCompletion
 
 FORMATS: tuple[DataFormat, ...] = (CHAT, PROMPT_COMPLETION)
@@ -27,5 +27,5 @@ def format_of_examples(examples: Sequence[Any]) -> DataFormat:
     return formats[0]
 
 
-__all__ = ["CHAT", "FORMATS", "PROMPT_COMPLETION", "DataFormat", "PromptCompletion", "detect_format",
+__all__ = ["CHAT", "FORMATS", "PROMPT_COMPLETION", "Conversation", "DataFormat", "PromptCompletion", "detect_format",
            "format_of_examples"]
