@@ -40,3 +40,27 @@ def test_packed_logits_equal_unpacked(tmp_path):
         unpacked = torch.cat([forward_logits(model, s[None])[0] for s in sequences])
     assert packed.shape == unpacked.shape
     assert (packed - unpacked).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("cu, total", [([0, 7, 10, 21], 21), ([0, 4, 9], 12), ([0, 5], 5)])
+def test_per_sequence_attention_equals_the_block_diagonal_mask(cu, total):
+    """CoreAttention's CPU packed path (one causal SDPA per sequence) against SDPA with ``packed_causal_mask``,
+    GQA, trailing padding outside cu_seqlens included."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from nemo_customizer.models.attention import CoreAttention
+    from nemo_customizer.models.gpt import transformer_config
+
+    arch = tiny_arch(heads=4, kv_heads=2)
+    attention = CoreAttention(transformer_config(arch), 1, AttnMaskType.causal, "self").eval()
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(total, 4, 16, generator=gen)
+    k, v = torch.randn(total, 2, 16, generator=gen), torch.randn(total, 2, 16, generator=gen)
+    cu = torch.tensor(cu, dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=total,
+                             max_seqlen_kv=total)
+    out = attention(q, k, v, None, packed_seq_params=params)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=packed_causal_mask(cu, total),
+        scale=attention.softmax_scale, enable_gqa=True).transpose(0, 1).reshape(total, 64)
+    assert (out - expected).abs().max().item() <= 1e-5

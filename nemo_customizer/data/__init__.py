@@ -1,8 +1,9 @@
-"""Prompt/completion datasets: find files, validate rows, tokenize with loss masks, batch per rank, collate.
+"""Datasets (prompt/completion and chat): find files, validate rows, tokenize with loss masks, batch, collate.
 
 Files: ``discovery`` (which files), ``jsonl`` (read lines), ``formats/`` (one module per row format),
 ``loading`` (``load_dataset``), ``split`` (seeded validation hold-out), ``truncation`` (the seed's length rule),
-``tokenization`` (``tokenize_examples``), ``batching`` (shuffle and DP sharding), ``collate`` (tensors),
+``tokenization`` (``tokenize_examples``), ``batching`` (shuffle and DP sharding), ``packing`` (bins of examples
+and packed batch sizes), ``collate`` (tensors, padded or packed),
 ``errors`` (``DatasetError``).
 """
 
@@ -14,12 +15,13 @@ from nemo_customizer.data.batching import (
     steps_per_epoch,
     validation_steps,
 )
-from nemo_customizer.data.collate import Batch, collate
+from nemo_customizer.data.collate import Batch, PackedBatch, collate, collate_packed
 from nemo_customizer.data.discovery import DatasetFiles, discover_files
 from nemo_customizer.data.errors import DatasetError
 from nemo_customizer.data.examples import PADDING_EXAMPLE, TokenizedExample
 from nemo_customizer.data.formats import PromptCompletion
 from nemo_customizer.data.loading import DatasetSplits, load_dataset
+from nemo_customizer.data.packing import PackingPlan, pack_examples, pack_lengths, plan_packing
 from nemo_customizer.data.tokenization import tokenize_examples
 from nemo_customizer.data.truncation import TruncationStats
 
@@ -29,16 +31,22 @@ __all__ = [
     "DatasetError",
     "DatasetFiles",
     "DatasetSplits",
+    "PackedBatch",
+    "PackingPlan",
     "PromptCompletion",
     "TokenizedExample",
     "TruncationStats",
     "collate",
+    "collate_packed",
     "discover_files",
     "epoch_order",
     "iterate_micro_batches",
     "iterate_validation_micro_batches",
     "load_dataset",
     "num_micro_batches",
+    "pack_examples",
+    "pack_lengths",
+    "plan_packing",
     "steps_per_epoch",
     "tokenize_examples",
     "validation_steps",

@@ -1,4 +1,5 @@
-"""``collate``: a micro batch of ``TokenizedExample``s -> right-padded, shifted tensors for the model."""
+"""``collate``: a micro batch of ``TokenizedExample``s -> right-padded, shifted tensors for the model;
+``collate_packed``: a micro batch of packing bins -> one THD row with ``cu_seqlens``."""
 
 from __future__ import annotations
 
@@ -57,4 +58,64 @@ def collate(examples: Sequence[TokenizedExample], *, pad_id: int, pad_to_multipl
         loss_mask=loss_mask,
         position_ids=position_ids,
         num_real_tokens=torch.tensor(sum(lengths), dtype=torch.long),
+    )
+
+
+class PackedBatch(Batch):
+    """One packed micro batch: a single THD row ``[1, t]`` of whole examples back to back.
+
+    ``tokens``/``labels``/``loss_mask`` are shifted *per example* (an example of ``n`` tokens gives ``n - 1``
+    positions: its ``input_ids[:-1]`` as inputs, ``input_ids[1:]`` as labels), so no label crosses into the next
+    example; ``position_ids`` restart at 0 for every example. Trailing padding (to ``pad_to_multiple_of``) is one
+    more segment of its own, fully masked, so attention and RoPE are defined on every position.
+    """
+
+    cu_seqlens: torch.Tensor
+    """``[segments + 1]`` int32: segment starts in the row, then ``t`` (padding, if any, is the last segment)."""
+    max_seqlen: torch.Tensor
+    """``[]`` int32: the longest segment (for varlen attention and RoPE tables)."""
+
+
+def collate_packed(bins: Sequence[Sequence[TokenizedExample]], *, pad_id: int,
+                   pad_to_multiple_of: int = 1) -> PackedBatch:
+    """Join the examples of ``bins`` (a micro batch of packing bins) into one ``PackedBatch`` row.
+
+    The loss over the row's masked positions equals the loss of the same examples in a padded ``collate`` batch:
+    same inputs, targets and positions per example, and ``cu_seqlens`` keeps attention inside each example.
+    """
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    tokens: list[int] = []
+    labels: list[int] = []
+    loss_mask: list[int] = []
+    positions: list[int] = []
+    seqlens: list[int] = []
+    for example in (e for b in bins for e in b):
+        n = len(example.input_ids) - 1  # positions after the shift
+        if n < 1:
+            continue  # nothing to predict; an empty segment would only confuse varlen kernels
+        tokens += example.input_ids[:-1]
+        labels += example.input_ids[1:]
+        loss_mask += example.loss_mask[1:]
+        positions += range(n)
+        seqlens.append(n)
+    real = len(tokens)
+    pad = max(1, math.ceil(real / pad_to_multiple_of)) * pad_to_multiple_of - real
+    if pad:
+        # Padding labels use pad_id (not -100): vocab-parallel cross entropy indexes with every label before masking.
+        tokens += [pad_id] * pad
+        labels += [pad_id] * pad
+        loss_mask += [0] * pad
+        positions += range(pad)
+        seqlens.append(pad)
+    cu_seqlens = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(torch.tensor(seqlens, dtype=torch.int32), 0)
+    return PackedBatch(
+        tokens=torch.tensor([tokens], dtype=torch.long),  # [1, t]
+        labels=torch.tensor([labels], dtype=torch.long),  # [1, t]
+        loss_mask=torch.tensor([loss_mask], dtype=torch.float32),  # [1, t]
+        position_ids=torch.tensor([positions], dtype=torch.long),  # [1, t]
+        num_real_tokens=torch.tensor(real, dtype=torch.long),
+        cu_seqlens=cu_seqlens,  # [segments + 1]
+        max_seqlen=torch.tensor(max(seqlens), dtype=torch.int32),
     )

@@ -10,8 +10,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from nemo_customizer.config.schema import HyperparametersConfig
-from nemo_customizer.data import collate, iterate_micro_batches, iterate_validation_micro_batches, steps_per_epoch
+from nemo_customizer.data import (collate, collate_packed, iterate_micro_batches, iterate_validation_micro_batches,
+                                  steps_per_epoch)
 from nemo_customizer.data.examples import TokenizedExample
+from nemo_customizer.data.packing import PackingPlan
 from nemo_customizer.distributed.parallel import ParallelLayout
 from nemo_customizer.training.early_stopping import EarlyStopping
 from nemo_customizer.training.metrics import MetricsLog, ProgressBar
@@ -35,6 +37,8 @@ class TrainingJob:
     progress: ProgressBar
     save_best: Callable[[], None]
     """Called (on every rank: saving is collective) when validation loss reaches a new best."""
+    packing: Optional[PackingPlan] = None
+    """Train on packed bins of ``train_examples`` with the plan's batch sizes (validation stays unpacked)."""
 
 
 @dataclass
@@ -52,10 +56,24 @@ class FitResult:
     last_validated_step: int = 0
 
 
-def planned_steps(n_train: int, hp: HyperparametersConfig) -> int:
+def planned_steps(n_train: int, hp: HyperparametersConfig, packing: Optional[PackingPlan] = None) -> int:
     """Optimizer steps the schedule is built for: epochs × steps per epoch, capped by ``max_steps``."""
-    total = hp.epochs * steps_per_epoch(n_train, hp.batch_size)
+    per_epoch = packing.steps_per_epoch if packing is not None else steps_per_epoch(n_train, hp.batch_size)
+    total = hp.epochs * per_epoch
     return min(total, hp.max_steps) if hp.max_steps is not None else total
+
+
+def _training_batches(job: TrainingJob, items: Sequence, epoch: int):
+    """This rank's collated micro batches for each optimizer step of ``epoch``: padded examples or packed bins."""
+    hp, layout, plan = job.hyperparameters, job.layout, job.packing
+    steps = iterate_micro_batches(
+        items, global_batch_size=plan.global_batch_size if plan else hp.batch_size,
+        micro_batch_size=plan.micro_batch_size if plan else hp.micro_batch_size,
+        dp_rank=layout.data_parallel_rank, dp_size=layout.data_parallel_size, seed=hp.seed, epoch=epoch,
+    )
+    to_batch = collate_packed if plan else collate
+    for micro in steps:
+        yield [to_batch(m, pad_id=job.pad_id, pad_to_multiple_of=job.pad_to_multiple_of) for m in micro]
 
 
 def _validation_batches(job: TrainingJob):
@@ -84,21 +102,18 @@ def _validate(job: TrainingJob, result: FitResult, stopper: EarlyStopping, epoch
 
 def fit(job: TrainingJob) -> FitResult:
     hp, layout = job.hyperparameters, job.layout
-    total_steps = planned_steps(len(job.train_examples), hp)
+    total_steps = planned_steps(len(job.train_examples), hp, job.packing)
+    # Packed: the shuffled unit is a bin (bins are fixed for the job; their order changes every epoch).
+    items = job.packing.take(job.train_examples) if job.packing else job.train_examples
     stopper = EarlyStopping(hp.early_stopping.patience, hp.early_stopping.min_delta, hp.early_stopping.enabled)
     result = FitResult()
     tokens_total, seconds_total = 0, 0.0
     for epoch in range(hp.epochs):
         if result.steps >= total_steps:
             break
-        steps = iterate_micro_batches(
-            job.train_examples, global_batch_size=hp.batch_size, micro_batch_size=hp.micro_batch_size,
-            dp_rank=layout.data_parallel_rank, dp_size=layout.data_parallel_size, seed=hp.seed, epoch=epoch,
-        )
-        for micro in steps:
+        for batches in _training_batches(job, items, epoch):
             if result.steps >= total_steps:
                 break
-            batches = [collate(m, pad_id=job.pad_id, pad_to_multiple_of=job.pad_to_multiple_of) for m in micro]
             started = time.perf_counter()
             out = train_step(job.model, job.optimizer, job.scheduler, batches, layout.device)
             elapsed = time.perf_counter() - started

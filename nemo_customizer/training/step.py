@@ -2,7 +2,8 @@
 
 The loss is the mean over every loss-masked token of the global batch (all micro batches and data-parallel ranks),
 not a mean of per-micro-batch means: mcore sums token losses (``calculate_per_token_loss``) and
-``finalize_model_grads`` divides the gradients by the global token count.
+``finalize_model_grads`` divides the gradients by the global token count. That holds unchanged for packed micro
+batches (``collate_packed``): the model returns one loss per masked token whichever layout the tokens came in.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Dict, Iterable, List
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_customizer.distributed.collectives import all_reduce_sum
@@ -49,11 +51,30 @@ def _forward_step(data_iterator, model):
     return token_losses, _loss_func
 
 
+def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqParams:
+    """THD params for one packed row (self-attention: the same boundaries for queries and keys)."""
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
 def _to_device(batch: MicroBatch, device: torch.device) -> MicroBatch:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    """Move a collated batch to ``device``; a packed one (``collate_packed``) gets its ``PackedSeqParams``."""
+    # Read the host-side int before the copy: mcore sizes RoPE tables with it, and a device scalar would sync.
+    max_seqlen = int(batch["max_seqlen"]) if "max_seqlen" in batch else None
+    moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+             if k not in ("cu_seqlens", "max_seqlen")}
+    if max_seqlen is not None:
+        moved["packed_seq_params"] = packed_seq_params(batch["cu_seqlens"].to(device, non_blocking=True), max_seqlen)
+    return moved
 
 
-def _run_schedule(model, micro_batches: List[MicroBatch], device: torch.device, forward_only: bool):
+def forward_backward(model, micro_batches: List[MicroBatch], device: torch.device, forward_only: bool):
+    """mcore's schedule over this rank's micro batches (padded or packed); returns (loss sum, loss tokens), global.
+
+    With ``forward_only=False`` the gradients end in the DDP buffers (``param.main_grad``), already finalized
+    (DP/SP reductions, divided by the global loss-token count); the optimizer step is the caller's.
+    """
     seq_length = max(b["tokens"].shape[1] for b in micro_batches)
     outputs = get_forward_backward_func()(
         forward_step_func=_forward_step,
@@ -86,7 +107,7 @@ def train_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], dev
     model.train()
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    loss_sum, loss_tokens = _run_schedule(model, micro_batches, device, forward_only=False)
+    loss_sum, loss_tokens = forward_backward(model, micro_batches, device, forward_only=False)
     update_ok, grad_norm, _ = optimizer.step()
     learning_rate = optimizer.param_groups[0]["lr"]
     if update_ok:
@@ -107,7 +128,7 @@ def validation_loss(model, batches: Iterable[List[MicroBatch]], device: torch.de
     model.eval()
     loss_sum, tokens = 0.0, 0
     for micro_batches in batches:
-        step_sum, step_tokens = _run_schedule(model, micro_batches, device, forward_only=True)
+        step_sum, step_tokens = forward_backward(model, micro_batches, device, forward_only=True)
         loss_sum += step_sum
         tokens += step_tokens
     model.train()

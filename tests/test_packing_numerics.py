@@ -1,0 +1,113 @@
+"""Packed training numerics: the loss and the LoRA gradients of packed micro batches equal those of the same examples
+in padded micro batches (fp32, GQA), through the real schedule (mcore forward/backward, DDP, finalize_model_grads),
+at TP=1 in-process and at TP=2 / TP=2+SP over gloo."""
+
+import random
+
+import pytest
+import torch
+
+from _multiproc import run_world
+from _tiny import tiny_arch, write_tiny_checkpoint
+
+RTOL = 1e-5
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _examples(vocab: int, n: int = 10, seed: int = 0):
+    from nemo_customizer.data import TokenizedExample
+
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        length = rng.randint(3, 30)
+        prompt = rng.randint(1, length - 1)
+        examples.append(TokenizedExample([rng.randrange(vocab) for _ in range(length)],
+                                         [0] * prompt + [1] * (length - prompt)))
+    return examples
+
+
+def packed_and_unpacked(checkpoint_dir: str, tp: int, sp: bool) -> dict:
+    """Loss and LoRA grads (this rank's shards) for padded, packed and attention-leaking packed micro batches."""
+    from nemo_customizer.config import LoraConfig
+    from nemo_customizer.data import collate, collate_packed, pack_examples
+    from nemo_customizer.models.gpt import build_gpt_model, load_hf_checkpoint, transformer_config
+    from nemo_customizer.peft.apply import apply_lora
+    from nemo_customizer.training.step import forward_backward
+    from nemo_customizer.training.wrap import wrap_for_training
+
+    cpu = torch.device("cpu")
+    arch = tiny_arch(heads=4, kv_heads=2)
+    config = transformer_config(arch, tensor_parallel_size=tp, sequence_parallel=sp, perform_initialization=False)
+    model = build_gpt_model(arch, config, cpu)
+    load_hf_checkpoint(model, arch, checkpoint_dir)
+    apply_lora(model, arch, LoraConfig(adapter_dim=4, adapter_dropout=0.0, target_modules=TARGETS), seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA B starts at zero (zero grads for A); random adapters exercise every gradient path
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(0.0, 0.1, generator=gen)
+    ddp = wrap_for_training(model, config)
+    pad_multiple = tp if sp else 1
+    examples = _examples(arch.vocab_size)
+    bins = pack_examples(examples, 48)
+    assert 1 < len(bins) < len(examples)  # something was packed together, into more than one bin
+    unpacked = [collate(examples[:4], pad_id=0, pad_to_multiple_of=pad_multiple),
+                collate(examples[4:], pad_id=0, pad_to_multiple_of=pad_multiple)]
+    packed = [collate_packed(bins[:1], pad_id=0, pad_to_multiple_of=pad_multiple),
+              collate_packed(bins[1:], pad_id=0, pad_to_multiple_of=pad_multiple)]
+    # Control: the same packed rows with one segment per row, so attention crosses example boundaries.
+    leaking = [dict(b, cu_seqlens=torch.tensor([0, b["tokens"].shape[1]], dtype=torch.int32),
+                    max_seqlen=torch.tensor(b["tokens"].shape[1])) for b in packed]
+
+    out = {}
+    for name, batches in (("unpacked", unpacked), ("packed", packed), ("leaking", leaking)):
+        ddp.zero_grad_buffer()
+        loss_sum, tokens = forward_backward(ddp, batches, cpu, forward_only=False)
+        out[name] = {"loss": loss_sum / tokens, "tokens": tokens,
+                     "grads": {n: p.main_grad.detach().clone() for n, p in model.named_parameters()
+                               if p.requires_grad}}
+    return out
+
+
+def _check(out: dict) -> None:
+    ref, packed, leaking = out["unpacked"], out["packed"], out["leaking"]
+    assert packed["tokens"] == ref["tokens"] > 0
+    assert packed["loss"] == pytest.approx(ref["loss"], rel=RTOL)
+    assert ref["grads"].keys() == packed["grads"].keys() and len(ref["grads"]) > 0
+    for name, expected in ref["grads"].items():
+        assert expected.norm() > 0, name
+        error = (packed["grads"][name] - expected).norm() / expected.norm()
+        assert error <= RTOL, f"{name}: relative error {error:.2e}"
+    # The comparison can fail: letting attention cross examples changes the loss and the gradients well beyond RTOL.
+    assert abs(leaking["loss"] - ref["loss"]) > 10 * RTOL * abs(ref["loss"])
+    assert max((leaking["grads"][n] - g).norm() / g.norm() for n, g in ref["grads"].items()) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("packing_numerics")
+    write_tiny_checkpoint(directory, tiny_arch(heads=4, kv_heads=2))
+    return directory
+
+
+def test_packed_loss_and_lora_grads_equal_unpacked_tp1(cpu_parallel, checkpoint):
+    _check(packed_and_unpacked(str(checkpoint), tp=1, sp=False))
+
+
+def _worker(rank: int, checkpoint_dir: str, tp: int, sp: bool, out_prefix: str) -> None:
+    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
+
+    layout = initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=1, device=torch.device("cpu"),
+                                 seed=0)
+    try:
+        torch.save(packed_and_unpacked(checkpoint_dir, tp, sp), f"{out_prefix}.rank{rank}.pt")
+    finally:
+        destroy_parallel(layout)
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2sp"])
+def test_packed_loss_and_lora_grads_equal_unpacked_tp2(checkpoint, tmp_path, sp):
+    run_world(_worker, 2, str(checkpoint), 2, sp, str(tmp_path / "out"))
+    for rank in range(2):
+        _check(torch.load(tmp_path / f"out.rank{rank}.pt"))
