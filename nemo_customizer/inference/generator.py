@@ -16,6 +16,7 @@ import torch
 
 from nemo_customizer.config import Config
 from nemo_customizer.inference._kv_cache import BatchKVCache
+from nemo_customizer.inference.chat import ChatCompletion, ChatTemplate, chat_completion
 from nemo_customizer.inference.sampling import find_stop, next_token
 
 _REPLACEMENT = "\ufffd"  # what a decoder shows for incomplete UTF-8 bytes
@@ -46,6 +47,7 @@ class Generator:
         self.max_context = max_context  # longest prompt + completion: the model's max_position_embeddings
         self.device = device
         self._layout = None  # the parallel state from_config started, if any
+        self._chat_templates = {}  # tool_syntax override -> ChatTemplate, built on the first chat()
 
     @classmethod
     def from_config(cls, cfg: Config, adapter: Optional[str] = None) -> "Generator":
@@ -124,9 +126,39 @@ class Generator:
         on a CPU costs about as much per step as one row (a decode step is bound by reading the weights). Each row
         samples with its own generator seeded by ``seed``, so a row's result is what ``complete`` gives.
         """
+        return self._complete_ids([self.encode(prompt) for prompt in prompts], max_tokens=max_tokens,
+                                  temperature=temperature, top_p=top_p, stop=stop, seed=seed, batch_size=batch_size)
+
+    @torch.inference_mode()
+    def chat(self, messages: Sequence[dict], *, tools: Optional[Sequence[dict]] = None, max_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, stop: Optional[List[str]] = None,
+             seed: Optional[int] = None, tool_syntax: Optional[str] = None) -> ChatCompletion:
+        """The assistant's reply to OpenAI-style ``messages``, optionally offering ``tools`` (OpenAI function specs).
+
+        The conversation is rendered with the tokenizer's chat template (generation prompt appended) and completed
+        like ``complete`` does, also stopping at the template's end-of-turn token. With ``tools``, tool calls in the
+        reply are parsed into ``message["tool_calls"]`` using the syntax the template teaches (Hermes
+        ``<tool_call>`` or Llama 3 JSON; ``tool_syntax`` overrides the detection, ``"none"`` keeps them as text).
+        A template that does not render tools is an error when ``tools`` are given.
+        """
+        template = self._chat_template(tool_syntax)
+        prompt_ids = template.render(messages, tools)
+        completion, = self._complete_ids([prompt_ids], max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                         stop=stop, seed=seed, eos_ids=self.eos_ids | template.end_of_turn_ids)
+        return chat_completion(completion, tool_syntax=template.tool_syntax if tools else None)
+
+    def _chat_template(self, tool_syntax: Optional[str]) -> ChatTemplate:
+        # its probe renderings (end-of-turn token, tools support) run once per tool_syntax override
+        if tool_syntax not in self._chat_templates:
+            self._chat_templates[tool_syntax] = ChatTemplate(self.tokenizer, tool_syntax)
+        return self._chat_templates[tool_syntax]
+
+    def _complete_ids(self, encoded: Sequence[List[int]], *, max_tokens: int, temperature: float, top_p: float,
+                      stop: Optional[List[str]], seed: Optional[int], batch_size: int = 16,
+                      eos_ids: Optional[frozenset] = None) -> List[Completion]:
+        """``complete_batch`` on token ids; ``eos_ids`` (default: the model's) end a completion."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-        encoded = [self.encode(prompt) for prompt in prompts]
         for ids in encoded:
             if len(ids) > self.max_context - 1:
                 raise ValueError(
@@ -135,7 +167,7 @@ class Generator:
                     "tokens; shorten the prompt.")
         completions: List[Completion] = []
         for first in range(0, len(encoded), batch_size):
-            rows = [_Row(self, ids, max_tokens, temperature, top_p, stop, seed)
+            rows = [_Row(self, list(ids), max_tokens, temperature, top_p, stop, seed, eos_ids)
                     for ids in encoded[first:first + batch_size]]
             self._generate(rows)
             completions.extend(row.completion() for row in rows)
@@ -163,8 +195,9 @@ class _Row:
     """One prompt's generation state: sampling, and the eos / stop string / length rules."""
 
     def __init__(self, owner: Generator, prompt_ids: List[int], max_tokens: int, temperature: float, top_p: float,
-                 stop: Optional[List[str]], seed: Optional[int]):
+                 stop: Optional[List[str]], seed: Optional[int], eos_ids: Optional[frozenset] = None):
         self.owner = owner
+        self.eos_ids = owner.eos_ids if eos_ids is None else eos_ids
         self.prompt_ids = prompt_ids
         self.budget = min(max_tokens, owner.max_context - len(prompt_ids))
         self.temperature, self.top_p, self.stop = temperature, top_p, stop or []
@@ -182,7 +215,7 @@ class _Row:
             return
         token = next_token(logits, temperature=self.temperature, top_p=self.top_p, generator=self.sampler)
         self.generated.append(token)
-        if token in self.owner.eos_ids:
+        if token in self.eos_ids:
             self.done = True
             return
         if self.stop:
@@ -193,7 +226,7 @@ class _Row:
         self.done = self.stopped_at is not None or len(self.generated) == self.budget
 
     def completion(self) -> Completion:
-        ended_on_eos = self.generated[-1] in self.owner.eos_ids
+        ended_on_eos = self.generated[-1] in self.eos_ids
         text = self.owner.decode(self.generated[:-1] if ended_on_eos else self.generated)
         stopped_at = self.stopped_at
         if stopped_at is None and self.stop:

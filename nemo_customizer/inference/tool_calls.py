@@ -1,0 +1,123 @@
+"""Tool calls in generated text: which syntax a chat template teaches, and parsing it into OpenAI ``tool_calls``.
+
+Pure functions on strings, no model. Two syntaxes are known:
+
+- ``"hermes"`` (Qwen 2.5/3, Hermes, SmolLM3 ...): zero or more
+  ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks, possibly after some text.
+- ``"llama3"`` (Llama 3.1-3.3 JSON tool calling): the whole turn is ``{"name": ..., "parameters": {...}}``,
+  optionally after ``<|python_tag|>``; several calls are separated by ``;``.
+
+Text that does not parse as calls of the syntax is returned as plain content: a model's malformed call is the
+caller's to see, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from typing import Any, Dict, List, Optional, Tuple
+
+TOOL_SYNTAXES = ("hermes", "llama3")
+
+_HERMES_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+_PYTHON_TAG = "<|python_tag|>"
+
+
+def detect_tool_syntax(chat_template: Optional[str]) -> Optional[str]:
+    """The tool-call syntax ``chat_template`` teaches the model: ``"hermes"``, ``"llama3"`` or None (unknown)."""
+    if not chat_template:
+        return None
+    if "<tool_call>" in chat_template:
+        return "hermes"
+    # Llama 3.x templates tell the model 'Respond in the format {"name": function name, "parameters": ...}' and
+    # render past calls after <|python_tag|> (3.1) or as that JSON object (3.2/3.3).
+    if _PYTHON_TAG in chat_template or '"parameters"' in chat_template:
+        return "llama3"
+    return None
+
+
+def parse_tool_calls(text: str, syntax: str) -> Tuple[Optional[str], List[Dict[str, Any]]]:
+    """Split generated ``text`` into ``(content, tool_calls)`` for ``syntax`` (one of ``TOOL_SYNTAXES``).
+
+    ``tool_calls`` are OpenAI-style ``{"id": "call_…", "type": "function", "function": {"name", "arguments"}}``
+    with ``arguments`` a JSON string. Without calls (nothing parsed, or a malformed call) the result is
+    ``(text, [])``; with calls, ``content`` is the text outside them, or None when there is none.
+    """
+    if syntax == "hermes":
+        calls, rest = _hermes(text)
+    elif syntax == "llama3":
+        calls, rest = _llama3(text), ""
+    else:
+        raise ValueError(f"unknown tool-call syntax {syntax!r}; known: {', '.join(TOOL_SYNTAXES)}")
+    if not calls:
+        return text, []
+    return (rest.strip() or None), [_openai_call(name, arguments) for name, arguments in calls]
+
+
+def _hermes(text: str) -> Tuple[Optional[List[Tuple[str, str]]], str]:
+    """The calls of every ``<tool_call>`` block (None if there is none or one is malformed), and the rest."""
+    blocks = _HERMES_BLOCK.findall(text)
+    if not blocks:
+        return None, text
+    calls = [_call(_json_object(block.strip()), "arguments") for block in blocks]
+    if any(call is None for call in calls):
+        return None, text
+    return calls, _HERMES_BLOCK.sub("", text)
+
+
+def _llama3(text: str) -> Optional[List[Tuple[str, str]]]:
+    """The calls when the whole turn is ``;``-separated call objects, else None."""
+    body = text.strip()
+    if body.startswith(_PYTHON_TAG):  # present only when special tokens were not skipped while decoding
+        body = body[len(_PYTHON_TAG):]
+    decoder = json.JSONDecoder()
+    calls, at = [], 0
+    while True:
+        at = _skip_space(body, at)
+        try:
+            value, at = decoder.raw_decode(body, at)
+        except ValueError:
+            return None
+        call = _call(value, "parameters", "arguments")
+        if call is None:
+            return None
+        calls.append(call)
+        at = _skip_space(body, at)
+        if at == len(body):
+            return calls
+        if body[at] != ";":
+            return None
+        at += 1
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at].isspace():
+        at += 1
+    return at
+
+
+def _json_object(text: str) -> Optional[dict]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _call(value: Any, *argument_keys: str) -> Optional[Tuple[str, str]]:
+    """``(name, arguments as a JSON string)`` of one decoded call object, or None if it is not one."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    key = next((k for k in argument_keys if k in value), None)
+    arguments = {} if key is None else value[key]
+    if isinstance(arguments, str):  # already a JSON string (some models emit it so): keep it, never re-encode
+        return (value["name"], arguments) if isinstance(_json_object(arguments), dict) else None
+    if not isinstance(arguments, dict):
+        return None
+    return value["name"], json.dumps(arguments, ensure_ascii=False)
+
+
+def _openai_call(name: str, arguments: str) -> Dict[str, Any]:
+    return {"id": f"call_{secrets.token_hex(12)}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
