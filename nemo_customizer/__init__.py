@@ -14,7 +14,7 @@ for _message in (r".*(Apex|Transformer Engine).*not installed.*", r"full scope i
                  r".*tp_group is None.*", r"MLP requires ffn_hidden_size.*"):
     warnings.filterwarnings("ignore", message=_message)
 
-__all__ = ["ConfigError", "configs", "customize", "generate"]
+__all__ = ["ConfigError", "configs", "customize", "datasets", "generate"]
 __version__ = "0.1.0"
 
 
@@ -27,4 +27,8 @@ def __getattr__(name):
         from nemo_customizer.api import generate
 
         return generate
+    if name == "datasets":
+        import importlib
+
+        return importlib.import_module("nemo_customizer.datasets")
     raise AttributeError(f"module 'nemo_customizer' has no attribute {name!r}")

@@ -45,7 +45,10 @@ def customize(
     output_dir: Optional[str] = None,
     **overrides: Any,
 ) -> CustomizationResult:
-    """Fine-tune model config ``config`` on ``dataset`` (a JSONL file or directory) and export a LoRA adapter.
+    """Fine-tune model config ``config`` on ``dataset`` and export the result.
+
+    ``dataset`` is a JSONL file, a directory with training/validation files, or the name of a dataset stored with
+    ``nemo_customizer.datasets.upload``.
 
     ``hyperparameters`` uses NeMo Customizer's names (``epochs``, ``batch_size``, ``learning_rate``,
     ``lora={"adapter_dim": 16}``, ...); other keyword arguments override config sections
@@ -106,12 +109,14 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
     """Resolve the checkpoint, read and validate every dataset row, tokenize (no megatron, no process group)."""
     from nemo_customizer.checkpoints.resolve import load_tokenizer, resolve_model
     from nemo_customizer.data import load_dataset, tokenize_examples
+    from nemo_customizer.data.store import resolve_dataset_path
 
     hp = cfg.hyperparameters
+    dataset_path = resolve_dataset_path(cfg.dataset.path, cfg.dataset.store_dir)  # a path or a stored dataset name
     resolved = resolve_model(cfg.model, cfg.cache_dir)
     cfg = dataclasses.replace(cfg, model=resolved.config)
     tokenizer = load_tokenizer(resolved.tokenizer_dir, cfg.model.chat_template)
-    splits = load_dataset(cfg.dataset.path, cfg.dataset.val_fraction, hp.seed,
+    splits = load_dataset(dataset_path, cfg.dataset.val_fraction, hp.seed,
                           max_val_examples=cfg.dataset.max_val_examples)
     train, train_stats = tokenize_examples(splits.train, tokenizer, cfg.model.max_seq_length)
     val, val_stats = tokenize_examples(splits.val, tokenizer, cfg.model.max_seq_length)
@@ -122,7 +127,7 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
     log(f"tokenized with max_seq_length={cfg.model.max_seq_length}: training {train_stats.describe()}; "
         f"validation {val_stats.describe()}")
     for origin in (train_stats.dropped_origins + val_stats.dropped_origins)[:5]:
-        log(f"  dropped (completion longer than max_seq_length): {origin}")
+        log(f"  dropped (no trainable token fits in max_seq_length): {origin}")
     pack, warnings = hp.sequence_packing_enabled, ()
     if pack and not cfg.model.sequence_packing_supported:  # the seed's behaviour: train anyway, unpacked
         pack, warnings = False, (f"model {cfg.model.name} does not support sequence packing; "

@@ -1,8 +1,10 @@
-"""Command line: train with Hydra overrides, list model configs, generate text.
+"""Command line: train with Hydra overrides, list model configs, generate text, manage stored datasets.
 
     python -m nemo_customizer [--cfg] [OVERRIDE ...]          train (model=... dataset.path=... hyperparameters.*=...)
     python -m nemo_customizer configs [--json]                list the shipped model configs
     python -m nemo_customizer generate [options] [OVERRIDE ...]
+    python -m nemo_customizer datasets upload PATH --name NAME [--model M] [--overwrite] [OVERRIDE ...]
+    python -m nemo_customizer datasets list | show NAME | delete NAME
 
 Config mistakes print one ``error:`` line to stderr and exit with status 2. Heavy modules (torch, megatron) are
 imported only after the config is valid.
@@ -17,6 +19,7 @@ import warnings
 from typing import Callable, Sequence
 
 from .config import ConfigError, compose_config, configs, validate_config
+from .config.compose import DEFAULT_MODEL
 from .config.schema import Config
 
 PROG = "python -m nemo_customizer"
@@ -45,8 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Fine-tune a model (LoRA SFT) on a JSONL dataset. Other commands: 'configs' lists the model "
-                    "configs, 'generate' runs inference (each has --help).",
+        description="Fine-tune a model (LoRA SFT) on a JSONL dataset or a stored dataset name. Other commands: "
+                    "'configs' lists the model configs, 'generate' runs inference, 'datasets' uploads, lists, shows "
+                    "and deletes stored datasets (each has --help).",
     )
     parser.add_argument("--cfg", action="store_true", help="print the composed config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=_OVERRIDES_HELP)
@@ -72,25 +76,27 @@ def _configs(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = ("name", "max_seq_length", "tensor_parallel", "sequence_parallel", "packing", "parameters")
-    table = [header] + [
-        (r["name"], str(r["max_seq_length"]), str(r["tensor_parallel_size"]), _yes(r["use_sequence_parallel"]),
-         _yes(r["sequence_packing_supported"]), _human(r["num_parameters"]))
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _print_table(("name", "max_seq_length", "tensor_parallel", "sequence_parallel", "packing", "parameters"),
+                 [(r["name"], str(r["max_seq_length"]), str(r["tensor_parallel_size"]),
+                   _yes(r["use_sequence_parallel"]), _yes(r["sequence_packing_supported"]),
+                   _human(r["num_parameters"])) for r in rows])
     return 0
 
 
 def _generate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} generate",
-        description="Generate a completion from a base model, optionally with a trained LoRA adapter.",
+        description="Generate a completion from a base model, optionally with a trained LoRA adapter; with "
+                    "--messages, answer a chat conversation and print the assistant message as JSON.",
     )
     parser.add_argument("--adapter", metavar="DIR", help="HF PEFT adapter directory written by a customization job")
     parser.add_argument("--prompt", metavar="TEXT", help="prompt text (default: read standard input)")
+    parser.add_argument("--messages", metavar="FILE",
+                        help="chat instead of a prompt: a JSON file ('-' reads standard input) holding a list of "
+                             "OpenAI messages, or {\"messages\": [...], \"tools\": [...]}; rendered with the "
+                             "model's chat template")
+    parser.add_argument("--tool-syntax", choices=("hermes", "llama3", "none"),
+                        help="tool-call syntax to parse (default: detected from the chat template)")
     parser.add_argument("--max-tokens", type=int, default=128, metavar="N", help="new tokens to generate (128)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 means greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1.0)")
@@ -106,8 +112,31 @@ def _generate(argv: list[str]) -> int:
         raise ConfigError(f"--temperature must be 0 or more, got {args.temperature}.")
     if not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}.")
+    if args.messages is not None and args.prompt is not None:
+        raise ConfigError("pass --prompt or --messages, not both.")
     cfg = compose_config(args.overrides)
     _validate(cfg, training=False)
+    seed = cfg.hyperparameters.seed if args.seed is None else args.seed
+    if args.messages is not None:
+        try:
+            if args.messages == "-":
+                chat = json.load(sys.stdin)
+            else:
+                with open(args.messages, encoding="utf-8") as handle:
+                    chat = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--messages {args.messages}: {exc}") from exc
+        messages, tools = (chat.get("messages"), chat.get("tools")) if isinstance(chat, dict) else (chat, None)
+        if not isinstance(messages, list) or not messages:
+            raise ConfigError(f"--messages {args.messages}: expected a non-empty JSON list of messages, or "
+                              '{"messages": [...], "tools": [...]}.')
+        from .inference import generate
+
+        message = generate(config=cfg, messages=messages, tools=tools, adapter=args.adapter,
+                           max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                           stop=args.stop, seed=seed, tool_syntax=args.tool_syntax)
+        print(json.dumps(message, ensure_ascii=False))
+        return 0
     prompt = args.prompt
     if prompt is None:
         if sys.stdin.isatty():
@@ -116,10 +145,85 @@ def _generate(argv: list[str]) -> int:
     from .inference import generate
 
     text = generate(prompt, config=cfg, adapter=args.adapter, max_tokens=args.max_tokens,
-                    temperature=args.temperature, top_p=args.top_p, stop=args.stop,
-                    seed=cfg.hyperparameters.seed if args.seed is None else args.seed)
+                    temperature=args.temperature, top_p=args.top_p, stop=args.stop, seed=seed)
     print(text)
     return 0
+
+
+def _datasets(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} datasets",
+        description="Upload (validate, report, store a copy), list, show and delete datasets; a stored name works "
+                    "as dataset.path. Store: --store DIR, else $NEMO_CUSTOMIZER_DATASETS, else "
+                    "$NEMO_CUSTOMIZER_CACHE/datasets, else ~/.cache/nemo_customizer/datasets.",
+    )
+    parser.add_argument("command", choices=_DATASET_COMMANDS, help="what to do (each has --help)")
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    top = parser.parse_args(argv)
+    args = _DATASET_COMMANDS[top.command]().parse_intermixed_args(top.arguments)
+    from .data import store  # imported late: the data package pulls in torch
+
+    if top.command == "upload":
+        cfg = compose_config([f"model={args.model}", *args.overrides])
+        print(store.upload(args.path, args.name, model=cfg.model, store_dir=args.store or cfg.dataset.store_dir,
+                           overwrite=args.overwrite, cache_dir=cfg.cache_dir))
+    elif top.command == "list":
+        rows = store.list_datasets(args.store)
+        if not rows:
+            print(f"no datasets in {args.store or store.default_store_dir()}")
+        _print_table(("name", "format", "training", "validation", "created", "source"),
+                     [(d.name, d.format, str(d.training_rows), str(d.validation_rows), d.created, d.source)
+                      for d in rows])
+    elif top.command == "show":
+        print(store.dataset_report(args.name, args.store))
+    else:
+        print(f"deleted dataset {args.name!r} ({store.delete_dataset(args.name, args.store)})")
+    return 0
+
+
+def _dataset_parser(command: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{PROG} datasets {command}", description=description)
+    parser.add_argument("--store", metavar="DIR", help="dataset store directory")
+    return parser
+
+
+def _upload_parser() -> argparse.ArgumentParser:
+    parser = _dataset_parser("upload", "Validate every row of a JSONL file or directory, print a report (formats, "
+                                       "rows, token lengths, truncation at max_seq_length) and store a copy.")
+    parser.add_argument("path", metavar="PATH", help="a JSONL file or a directory with train*/validation* files")
+    parser.add_argument("--name", required=True, help="name to store it under (then: dataset.path=NAME)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL",
+                        help=f"model config whose tokenizer and max_seq_length the report uses ({DEFAULT_MODEL})")
+    parser.add_argument("--overwrite", action="store_true", help="replace a stored dataset of the same name")
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                        help="Hydra overrides for the model, such as model.checkpoint=/path model.max_seq_length=4096")
+    return parser
+
+
+def _named_parser(command: str, description: str) -> Callable[[], argparse.ArgumentParser]:
+    def build() -> argparse.ArgumentParser:
+        parser = _dataset_parser(command, description)
+        parser.add_argument("name", metavar="NAME")
+        return parser
+
+    return build
+
+
+_DATASET_COMMANDS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "upload": _upload_parser,
+    "list": lambda: _dataset_parser("list", "List the stored datasets."),
+    "show": _named_parser("show", "Print a stored dataset's upload report."),
+    "delete": _named_parser("delete", "Delete a stored dataset."),
+}
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    if not rows:
+        return
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def _validate(cfg: Config, *, training: bool) -> None:
@@ -142,4 +246,5 @@ def _human(count: int) -> str:
     return str(count)
 
 
-_COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "configs": _configs, "generate": _generate}
+_COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "configs": _configs, "generate": _generate,
+                                                    "datasets": _datasets}

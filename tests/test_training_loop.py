@@ -25,3 +25,18 @@ def test_early_stopping_ends_training_and_keeps_the_best_adapter(tmp_path):
     assert [r["step"] for r in rows if r["event"] == "validation"] == [2, 4, 6, 8]
     assert (tmp_path / "job" / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "job" / "result.json").read_text())["stopped_early"] is True
+
+
+def test_customize_trains_on_a_stored_dataset_name(tmp_path):
+    from nemo_customizer import datasets
+    from nemo_customizer.api import customize
+
+    write_tiny_model_dir(tmp_path / "model")
+    write_classification_data(tmp_path / "data", n_train=16, n_val=4)
+    model = {"checkpoint": str(tmp_path / "model"), "random_weights": False}
+    datasets.upload(tmp_path / "data", "yes-no", model="tiny-llama-test", store_dir=tmp_path / "store",
+                    model_overrides=model)
+    result = customize("tiny-llama-test", dataset={"path": "yes-no", "store_dir": str(tmp_path / "store")},
+                       output_dir=str(tmp_path / "job"), progress_bar=False,
+                       hyperparameters={"epochs": 1, "batch_size": 8, "micro_batch_size": 8}, model=model)
+    assert result.steps == 2

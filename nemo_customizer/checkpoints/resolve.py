@@ -47,7 +47,23 @@ def load_tokenizer(directory: Optional[Path], chat_template: Optional[str] = Non
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     if chat_template:
-        tokenizer.chat_template = chat_template
+        tokenizer.chat_template = read_chat_template(chat_template)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"{directory}: the tokenizer has no eos token; completions need one to end on")
     return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """``model.chat_template``: a shipped template's name (``conf/chat_templates/<name>.jinja``), a path to a Jinja
+    file, or the Jinja text itself."""
+    from nemo_customizer.config import conf_dir
+
+    shipped = conf_dir() / "chat_templates" / f"{value}.jinja"
+    if "\n" not in value and "{" not in value:
+        for candidate in (shipped, Path(value).expanduser()):
+            if candidate.is_file():
+                return candidate.read_text(encoding="utf-8")
+        names = sorted(p.stem for p in (conf_dir() / "chat_templates").glob("*.jinja"))
+        raise ConfigError(f"model.chat_template={value!r} is neither a file nor a shipped template ({', '.join(names)})"
+                          "; pass a template name, a .jinja path, or the Jinja text.")
+    return value

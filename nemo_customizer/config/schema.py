@@ -74,7 +74,8 @@ class ModelConfig:
     use_sequence_parallel: bool = False
     sequence_packing_supported: bool = True
     chat_template: Optional[str] = None
-    """Jinja chat template overriding the tokenizer's own."""
+    """Chat template overriding the tokenizer's own: a shipped name (``chatml-tools``: ChatML with Hermes-style tool
+    calls), a path to a ``.jinja`` file, or the Jinja text."""
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
 
 
@@ -126,19 +127,26 @@ class HyperparametersConfig:
     val_check_interval: Optional[int] = None
     """Also validate every N optimizer steps (validation always runs at the end of each epoch)."""
     sequence_packing_enabled: bool = False
+    """Pack training examples into bins of ``max_seq_length`` tokens (attention, positions and labels never cross an
+    example); ``batch_size`` is converted to bins so each step sees about as many tokens. Validation stays unpacked.
+    Ignored, with a warning, for a model whose ``sequence_packing_supported`` is false."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
 class DatasetConfig:
-    """Training data: a JSONL file or a directory with training*/validation* JSONL files."""
+    """Training data: a JSONL file, a directory with training*/validation* JSONL files, or a stored dataset's name."""
 
     path: str = MISSING_PATH
+    """A file or directory; when no such path exists, the name of a dataset in ``store_dir`` (``datasets upload``)."""
     val_fraction: float = 0.1
     """Fraction held out for validation when the dataset has no validation file (seeded split)."""
     max_val_examples: Optional[int] = None
     """Cap on validation rows (keeps frequent validation cheap)."""
+    store_dir: Optional[str] = None
+    """Dataset store that names in ``path`` are looked up in; default ``$NEMO_CUSTOMIZER_DATASETS``, else
+    ``$NEMO_CUSTOMIZER_CACHE/datasets``, else ~/.cache/nemo_customizer/datasets."""
 
 
 @dataclass

@@ -32,7 +32,7 @@ class MetricsLog:
 class ProgressBar:
     """``[#####.....] step 12/82 | loss 0.734 | 160 tok/s | ETA 6m12s`` redrawn in place on a terminal."""
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream=sys.stderr, width: int = 24, every: int = 1,
+    def __init__(self, total_steps: int, enabled: bool = True, stream=None, width: int = 24, every: int = 1,
                  log: bool = True):
         self.total = max(total_steps, 1)
         self.enabled = enabled
@@ -41,7 +41,7 @@ class ProgressBar:
         """Print ``message`` lines (main rank only)."""
         self.every = max(every, 1)
         """In a log file (not a terminal) print only every N-th step, and the last."""
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr  # looked up now: tests swap sys.stderr
         self.width = width
         self.start = time.perf_counter()
         self._interactive = bool(getattr(stream, "isatty", lambda: False)())
