@@ -80,7 +80,7 @@ def run(cfg: Config) -> CustomizationResult:
         final_train_loss=fit_result.final_train_loss, final_val_loss=fit_result.final_val_loss,
         steps=fit_result.steps, epochs_completed=fit_result.epochs_completed,
         stopped_early=fit_result.stopped_early, tokens_per_second=fit_result.tokens_per_second,
-        train_seconds=fit_result.train_seconds, peak_memory_gib=peak_memory_gib(),
+        train_seconds=fit_result.train_seconds, peak_memory_gib=peak_memory_gib(layout.device.type),
         trainable_parameters=trainable.trainable_parameters, total_parameters=trainable.total_parameters,
         warnings=inputs.warnings,
     )

@@ -77,10 +77,10 @@ class JobDirectory:
         self.write_atomic(RESULT_FILE, json.dumps(dataclasses.asdict(result), indent=2, default=str) + "\n")
 
 
-def peak_memory_gib() -> float:
-    """Peak resident memory of this process (CPU runs) or peak CUDA allocation (GPU runs), in GiB."""
-    import torch
+def peak_memory_gib(device_type: str) -> float:
+    """Peak CUDA allocation (``cuda`` jobs) or peak resident memory of this process (``cpu`` jobs), in GiB."""
+    if device_type == "cuda":
+        import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
