@@ -1,0 +1,129 @@
+"""Multi-GPU check: the same LoRA job at TP=1, TP=2, TP=2+SP, DP=2 and PP=2, compared step by step.
+
+    python scripts/multi_gpu_check.py --model llama-3.1-8b-instruct --out results/   # on a 2-GPU machine
+    python scripts/multi_gpu_check.py --model tiny-llama-test --device cpu          # the same flow on CPU (gloo)
+
+Writes one random-weight HF checkpoint of the model's architecture (so every layout starts from identical
+weights), a synthetic packed dataset (example lengths log-normal, mean ~600 tokens), then runs
+`torchrun -m nemo_customizer` once per layout — the user's own command line — and compares per-step train losses
+and validation loss with TP=1, plus tokens/s per GPU and peak memory. Exits non-zero on a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+LAYOUTS = {  # name: (processes, overrides)
+    "tp1": (1, []),
+    "tp2": (2, ["model.tensor_parallel_size=2"]),
+    "tp2sp": (2, ["model.tensor_parallel_size=2", "model.use_sequence_parallel=true"]),
+    "dp2": (2, []),
+    "pp2": (2, ["model.pipeline_parallel_size=2"]),
+}
+
+
+def write_checkpoint(model_name: str, directory: Path, device: str) -> None:
+    """Random weights in the model config's architecture, plus a byte-level tokenizer (any text encodes)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from _tiny import hf_config, write_tiny_tokenizer
+    from nemo_customizer.config import compose_config
+    from transformers import LlamaForCausalLM
+
+    arch = compose_config([f"model={model_name}"]).model.architecture
+    config = hf_config(arch)
+    config.head_dim = arch.head_dim or arch.hidden_size // arch.num_attention_heads
+    config.bos_token_id, config.eos_token_id = arch.bos_token_id, arch.eos_token_id
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    model.save_pretrained(directory)
+    write_tiny_tokenizer(directory)
+
+
+def write_dataset(directory: Path, rows: int, mean_chars: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta", "lambda", "zeta"]
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, n in (("training.jsonl", rows), ("validation.jsonl", max(rows // 8, 8))):
+        with open(directory / name, "w") as handle:
+            for _ in range(n):
+                length = int(min(max(rng.lognormvariate(0, 0.6) * mean_chars, 40), 6 * mean_chars))
+                prompt = " ".join(rng.choice(words) for _ in range(length // 6))
+                answer = " ".join(rng.choice(words) for _ in range(rng.randint(5, 30)))
+                handle.write(json.dumps({"prompt": prompt + "\nAnswer: ", "completion": answer}) + "\n")
+
+
+def run_layout(name: str, args, root: Path) -> dict:
+    processes, overrides = LAYOUTS[name]
+    job = root / f"job-{name}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "nemo_customizer", f"model={args.model}", f"model.checkpoint={root / 'checkpoint'}",
+               "model.random_weights=false",
+               f"model.max_seq_length={args.seq}", f"dataset.path={root / 'data'}", f"output_dir={job}",
+               f"device={args.device}", "progress_bar=false",
+               "hyperparameters.sequence_packing_enabled=true", f"hyperparameters.max_steps={args.steps}",
+               f"hyperparameters.batch_size={args.batch_size}", "hyperparameters.micro_batch_size=8",
+               "hyperparameters.learning_rate=1e-4", "hyperparameters.lora.adapter_dim=16",
+               "hyperparameters.lora.alpha=32", "hyperparameters.lora.adapter_dropout=0.0", *overrides]
+    log = root / f"{name}.log"
+    with open(log, "w") as handle:
+        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")})
+    if code:
+        return dict(layout=name, error=f"exit {code}; see {log}: " + log.read_text()[-1500:])
+    events = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if e["event"] == "train"]
+    result = json.loads((job / "result.json").read_text())
+    timed = train[2:] or train  # leave out warm-up steps
+    tokens_per_s = sum(e["tokens"] for e in timed) / sum(e["tokens"] / e["tokens_per_s"] for e in timed)
+    return dict(layout=name, gpus=processes, losses=[e["loss"] for e in train], val_loss=result["final_val_loss"],
+                tokens_per_s_per_gpu=round(tokens_per_s / processes), peak_gib=round(result["peak_memory_gib"], 1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-3.1-8b-instruct")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--layouts", default="tp1,tp2,tp2sp,dp2,pp2")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per step before packing")
+    parser.add_argument("--rows", type=int, default=800)
+    parser.add_argument("--mean-chars", type=int, default=600)
+    parser.add_argument("--rtol", type=float, default=2e-2, help="per-step loss tolerance against TP=1")
+    parser.add_argument("--out", default="multi_gpu_check")
+    args = parser.parse_args(argv)
+    root = Path(args.out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "checkpoint" / "config.json").exists():
+        write_checkpoint(args.model, root / "checkpoint", args.device)
+    write_dataset(root / "data", args.rows, args.mean_chars)
+    results = [run_layout(name, args, root) for name in args.layouts.split(",")]
+    reference = next((r for r in results if r["layout"] == "tp1" and "error" not in r), None)
+    ok = True
+    for r in results:
+        if "error" in r:
+            ok = False
+            print(f"FAIL {r['layout']}: {r['error']}")
+            continue
+        worst = max((abs(a - b) / abs(b) for a, b in zip(r["losses"], reference["losses"])), default=0.0) \
+            if reference else float("nan")
+        r["worst_rel_vs_tp1"] = worst
+        good = reference is not None and len(r["losses"]) == len(reference["losses"]) and worst <= args.rtol
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} {r['layout']:6} gpus={r['gpus']} tokens/s/GPU={r['tokens_per_s_per_gpu']:>7} "
+              f"peak={r['peak_gib']} GiB val={r['val_loss']:.4f} worst step-loss diff vs TP=1 {worst:.2e}")
+    (root / "results.json").write_text(json.dumps(results, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
