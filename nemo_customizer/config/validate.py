@@ -108,7 +108,8 @@ def validate_model(model: ModelConfig) -> None:
                               "pick a tensor parallel size that divides both head counts.")
     if arch.num_hidden_layers % model.pipeline_parallel_size:
         raise ConfigError(f"model.pipeline_parallel_size={model.pipeline_parallel_size} does not divide "
-                          f"model.architecture.num_hidden_layers={arch.num_hidden_layers}.")
+                          f"model.architecture.num_hidden_layers={arch.num_hidden_layers}; pick a pipeline parallel "
+                          "size that divides the layer count (each stage holds the same number of layers).")
     if model.use_sequence_parallel and tp == 1:
         raise ConfigError("model.use_sequence_parallel=true needs model.tensor_parallel_size > 1; set "
                           "model.use_sequence_parallel=false or raise the tensor parallel size.")

@@ -108,10 +108,12 @@ def apply_cpu_patches() -> None:
     mpu_random._CUDA_RNG_STATE_TRACKER = _make_cpu_rng_tracker_class()()
     mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
-    # RoPE (models/common/embeddings/rotary_pos_embedding.py) and DDP buffers
-    # (distributed/param_and_grad_buffer.py: device=torch.cuda.current_device()) ask for the current CUDA device.
+    # RoPE (models/common/embeddings/rotary_pos_embedding.py), DDP buffers
+    # (distributed/param_and_grad_buffer.py: device=torch.cuda.current_device()) and the pipeline's receive buffers
+    # (pipeline_parallel/p2p_communication.py:313,321) ask for the current CUDA device.
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
-    # optimizer/clip_grads.py and DDP call torch.cuda.synchronize / streams for timing and overlap.
+    # optimizer/clip_grads.py and DDP call torch.cuda.synchronize / streams for timing and overlap, and the
+    # pipeline's batched isend/irecv syncs after each exchange (pipeline_parallel/p2p_communication.py:398).
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
 
     import importlib
@@ -124,7 +126,27 @@ def apply_cpu_patches() -> None:
     from megatron.core.optimizer import optimizer as mcore_optimizer
 
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    _patch_tied_embedding_setup()
     _APPLIED = True
+
+
+def _patch_tied_embedding_setup() -> None:
+    """models/common/language_module/language_module.py:244 (``setup_embeddings_and_output_layer``) moves the
+    tied word embedding to CUDA (``weight.data = weight.data.cuda()``) before all-reducing it from the first to the
+    last pipeline stage. Run it with ``Tensor.cuda`` as the identity, so the weight stays on the CPU."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_on_cpu(self, *args, **kwargs):
+        to_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **k: tensor  # type: ignore[method-assign]
+        try:
+            return setup(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = to_cuda  # type: ignore[method-assign]
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
 
 
 def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad: bool = False):

@@ -4,6 +4,10 @@ The loss is the mean over every loss-masked token of the global batch (all micro
 not a mean of per-micro-batch means: mcore sums token losses (``calculate_per_token_loss``) and
 ``finalize_model_grads`` divides the gradients by the global token count. That holds unchanged for packed micro
 batches (``collate_packed``): the model returns one loss per masked token whichever layout the tokens came in.
+
+With pipeline parallelism the stages exchange activations of one fixed shape ``[s, b, h]`` (``s/tp`` under SP) for
+every micro batch of a step, so ``forward_backward`` first right-pads the step's micro batches to its longest one
+(``uniform_length``); the padding carries no loss, so the losses equal the unpadded ones.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -69,12 +74,42 @@ def _to_device(batch: MicroBatch, device: torch.device) -> MicroBatch:
     return moved
 
 
+def uniform_length(micro_batches: List[MicroBatch]) -> List[MicroBatch]:
+    """Right-pad every micro batch to the step's longest ``s`` (padded batches) or ``t`` (packed THD rows).
+
+    The padding is behind every real position (causal attention never looks at it) and has ``loss_mask`` 0, so the
+    loss and gradients are unchanged; padded ids are 0, any in-vocabulary id would do. A packed row gets the padding
+    as one more segment of its own in ``cu_seqlens``, as ``collate_packed`` pads for sequence parallelism.
+    """
+    length = max(b["tokens"].shape[1] for b in micro_batches)
+    return [_pad_to(b, length) for b in micro_batches]
+
+
+def _pad_to(batch: MicroBatch, length: int) -> MicroBatch:
+    extra = length - batch["tokens"].shape[1]
+    if extra == 0:
+        return batch
+    padded = dict(batch)
+    for key in ("tokens", "labels", "loss_mask"):
+        padded[key] = F.pad(batch[key], (0, extra))  # [b, s] -> [b, length]
+    if "cu_seqlens" in batch:  # packed [1, t]: positions restart for the padding segment
+        positions = torch.arange(extra, dtype=batch["position_ids"].dtype)
+        padded["cu_seqlens"] = torch.cat([batch["cu_seqlens"], batch["cu_seqlens"].new_tensor([length])])
+        padded["max_seqlen"] = torch.clamp(batch["max_seqlen"], min=extra)
+    else:
+        positions = torch.arange(batch["tokens"].shape[1], length, dtype=batch["position_ids"].dtype)
+    padded["position_ids"] = torch.cat([batch["position_ids"], positions.expand(batch["tokens"].shape[0], -1)], 1)
+    return padded
+
+
 def forward_backward(model, micro_batches: List[MicroBatch], device: torch.device, forward_only: bool):
     """mcore's schedule over this rank's micro batches (padded or packed); returns (loss sum, loss tokens), global.
 
     With ``forward_only=False`` the gradients end in the DDP buffers (``param.main_grad``), already finalized
     (DP/SP reductions, divided by the global loss-token count); the optimizer step is the caller's.
     """
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        micro_batches = uniform_length(micro_batches)
     seq_length = max(b["tokens"].shape[1] for b in micro_batches)
     outputs = get_forward_backward_func()(
         forward_step_func=_forward_step,
