@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ def write_checkpoint(model_name: str, directory: Path, device: str) -> None:
     arch = compose_config([f"model={model_name}"]).model.architecture
     config = hf_config(arch)
     config.head_dim = arch.head_dim or arch.hidden_size // arch.num_attention_heads
-    config.bos_token_id, config.eos_token_id = arch.bos_token_id, arch.eos_token_id
+    config.bos_token_id = arch.bos_token_id
+    config.eos_token_id = list(arch.eos_token_ids) if arch.eos_token_ids else arch.eos_token_id
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
@@ -64,13 +66,14 @@ def write_dataset(directory: Path, rows: int, mean_chars: int, seed: int = 0) ->
 def run_layout(name: str, args, root: Path) -> dict:
     processes, overrides = LAYOUTS[name]
     job = root / f"job-{name}"
+    shutil.rmtree(job, ignore_errors=True)  # a rerun replaces the earlier job of this layout
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "nemo_customizer", f"model={args.model}", f"model.checkpoint={root / 'checkpoint'}",
                "model.random_weights=false",
                f"model.max_seq_length={args.seq}", f"dataset.path={root / 'data'}", f"output_dir={job}",
                f"device={args.device}", "progress_bar=false",
                "hyperparameters.sequence_packing_enabled=true", f"hyperparameters.max_steps={args.steps}",
-               f"hyperparameters.batch_size={args.batch_size}", "hyperparameters.micro_batch_size=8",
+               f"hyperparameters.batch_size={args.batch_size}", f"hyperparameters.micro_batch_size={args.micro_batch_size}",
                "hyperparameters.learning_rate=1e-4", "hyperparameters.lora.adapter_dim=16",
                "hyperparameters.lora.alpha=32", "hyperparameters.lora.adapter_dropout=0.0", *overrides]
     log = root / f"{name}.log"
@@ -95,7 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layouts", default="tp1,tp2,tp2sp,dp2,pp2")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--batch-size", type=int, default=64, help="examples per step before packing")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per step before packing (a multiple of 16)")
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="rows per micro batch (validation is unpacked)")
     parser.add_argument("--rows", type=int, default=800)
     parser.add_argument("--mean-chars", type=int, default=600)
     parser.add_argument("--rtol", type=float, default=2e-2, help="per-step loss tolerance against TP=1")

@@ -33,7 +33,9 @@ def all_reduce_sum(values: List[float], group=None) -> List[float]:
     """Sum a few floats over a process group (default: the whole world)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, group=group)
     return tensor.tolist()
 
