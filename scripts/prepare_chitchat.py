@@ -22,25 +22,19 @@ Usage: python scripts/prepare_chitchat.py --output-dir data/chitchat [--train 10
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import random
 from collections.abc import Iterable, Sequence
+
+from nemo_customizer._package_data import package_file
 
 INSTALL = "pip install --no-deps chitchat-dataset"
 
 
 def find_dataset_json() -> pathlib.Path:
     """Path of `dataset.json` inside the installed `chitchat_dataset` package (which is not imported)."""
-    spec = importlib.util.find_spec("chitchat_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the Chit-Chat corpus ships in chitchat-dataset; install it with `{INSTALL}`")
-    for location in spec.submodule_search_locations:
-        path = pathlib.Path(location, "dataset.json")
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"chitchat_dataset is installed but has no dataset.json; `{INSTALL}`")
+    return package_file("chitchat_dataset", "dataset.json", INSTALL)
 
 
 def to_row(turns: Sequence[Sequence[dict]], max_turns: int) -> dict | None:

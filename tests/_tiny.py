@@ -106,3 +106,10 @@ def load_tiny_model(arch: ArchitectureConfig, directory: Path):
     model = build_gpt_model(arch, transformer_config(arch, perform_initialization=False), torch.device("cpu"))
     load_hf_checkpoint(model, arch, str(directory))
     return model
+
+
+def tiny_generator_config(directory: Path, arch: ArchitectureConfig):
+    """A CPU inference config for the tiny checkpoint in ``directory``."""
+    from nemo_customizer.config.schema import Config, ModelConfig
+
+    return Config(model=ModelConfig(checkpoint=str(directory), architecture=arch), device="cpu")

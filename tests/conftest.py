@@ -15,3 +15,13 @@ def cpu_parallel():
     layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=torch.device("cpu"), seed=0)
     yield layout
     destroy_parallel(layout)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny HF checkpoint with a byte-level tokenizer: one token per byte, no BOS, EOS appended to completions."""
+    from _tiny import write_tiny_model_dir
+
+    directory = tmp_path_factory.mktemp("model")
+    write_tiny_model_dir(directory)
+    return directory

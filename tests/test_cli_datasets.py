@@ -10,17 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from _tiny import write_classification_data, write_tiny_model_dir
+from _tiny import write_classification_data
 from nemo_customizer import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("model")
-    write_tiny_model_dir(directory)
-    return directory
 
 
 def model_overrides(model_dir: Path, max_seq_length: int = 128) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _tiny import write_classification_data, write_tiny_model_dir
+from _tiny import write_classification_data
 from nemo_customizer import datasets
 from nemo_customizer.config import config_from_kwargs
 from nemo_customizer.data import DatasetError, load_dataset
@@ -18,13 +18,6 @@ from nemo_customizer.data import store as store_module
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny HF checkpoint with a byte-level tokenizer: one token per byte, no BOS, EOS appended to completions."""
-    directory = tmp_path_factory.mktemp("model")
-    write_tiny_model_dir(directory)
-    return directory
 
 
 @pytest.fixture

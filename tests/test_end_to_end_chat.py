@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ def test_chitchat_conversations_train_packed(tmp_path):
     from nemo_customizer import customize
 
     subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_chitchat.py"), "--output-dir",
-                    str(tmp_path / "data"), "--train", "48", "--validation", "8"], check=True, capture_output=True)
+                    str(tmp_path / "data"), "--train", "48", "--validation", "8"], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})  # the script imports nemo_customizer
     result = customize("smollm2-135m-instruct", dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "job"),
                        progress_bar=False, model={"max_seq_length": 512},
                        hyperparameters={"epochs": 1, "batch_size": 16, "micro_batch_size": 8, "max_steps": 2,

@@ -5,12 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from nemo_customizer.config import Config, ModelConfig
 from nemo_customizer.inference import Completion, Generator, generate
 from nemo_customizer.inference.sampling import find_stop, next_token
 from nemo_customizer.models.gpt import forward_logits
 
-from _tiny import TINY_VOCAB, tiny_arch, write_tiny_model_dir
+from _tiny import TINY_VOCAB, tiny_arch, tiny_generator_config, write_tiny_model_dir
 
 PROMPTS = ["hello world", "The quick brown fox jumps over", "x"]
 
@@ -28,14 +27,11 @@ def tiny(tmp_path_factory):
     return directory, arch, write_tiny_model_dir(directory, arch)
 
 
-def _config(directory, arch) -> Config:
-    return Config(model=ModelConfig(checkpoint=str(directory), architecture=arch), device="cpu")
-
 
 @pytest.fixture
 def generator(tiny):
     directory, arch, _ = tiny
-    with Generator.from_config(_config(directory, arch)) as gen:
+    with Generator.from_config(tiny_generator_config(directory, arch)) as gen:
         yield gen
 
 
@@ -85,10 +81,10 @@ def test_adapter_greedy_matches_peft(tiny, tmp_path):
     trained.save_pretrained(str(tmp_path / "adapter"))
     reference = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(directory)),
                                           str(tmp_path / "adapter")).eval()
-    with Generator.from_config(_config(directory, arch), adapter=str(tmp_path / "adapter")) as gen:
+    with Generator.from_config(tiny_generator_config(directory, arch), adapter=str(tmp_path / "adapter")) as gen:
         adapted = [gen.complete(prompt, max_tokens=16).token_ids for prompt in PROMPTS[:2]]
         assert adapted == [_hf_greedy(reference, gen.encode(prompt), 16) for prompt in PROMPTS[:2]]
-    with Generator.from_config(_config(directory, arch)) as plain:
+    with Generator.from_config(tiny_generator_config(directory, arch)) as plain:
         assert plain.complete(PROMPTS[0], max_tokens=16).token_ids != adapted[0]
 
 
@@ -137,7 +133,7 @@ def test_next_token_top_p_keeps_the_nucleus():
 def test_prompt_longer_than_context_is_an_error(tmp_path):
     arch = _arch(max_positions=16)
     write_tiny_model_dir(tmp_path, arch)
-    with Generator.from_config(_config(tmp_path, arch)) as gen:
+    with Generator.from_config(tiny_generator_config(tmp_path, arch)) as gen:
         with pytest.raises(ValueError, match="prompt is 16 tokens, but the model's context is 16 tokens"):
             gen.complete("a" * 16)
         last = gen.complete("a" * 15, max_tokens=8)  # room for exactly one new token
@@ -152,4 +148,4 @@ def test_complete_batch_and_generate_match_complete(generator, tiny):
     assert generator.complete_batch(PROMPTS[:1], max_tokens=12, temperature=0.8, seed=5) == [sampled]
     generator.close()  # generate() below starts and tears down its own parallel state
     directory, arch, _ = tiny
-    assert generate(PROMPTS[0], config=_config(directory, arch), max_tokens=12) == singles[0].text
+    assert generate(PROMPTS[0], config=tiny_generator_config(directory, arch), max_tokens=12) == singles[0].text

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from nemo_customizer import cli
-from nemo_customizer.config import Config, ModelConfig
 from nemo_customizer.inference import ChatCompletion, Generator, generate
 from nemo_customizer.inference.chat import ChatTemplate
 from nemo_customizer.inference.tool_calls import detect_tool_syntax, parse_tool_calls
 
-from _tiny import TINY_VOCAB, tiny_arch, write_tiny_model_dir, write_tiny_tokenizer
+from _tiny import TINY_VOCAB, tiny_arch, tiny_generator_config, write_tiny_model_dir, write_tiny_tokenizer
 
 # ChatML with a Hermes tools section, the shape of Qwen 2.5's template.
 HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
@@ -115,14 +114,11 @@ def tokenizers(tmp_path_factory):
         ("plain", PLAIN_CHATML_TEMPLATE, CHATML_SPECIALS))}
 
 
-def _config(directory, arch) -> Config:
-    return Config(model=ModelConfig(checkpoint=str(directory), architecture=arch), device="cpu")
-
 
 @pytest.fixture
 def generator(tiny):
     directory, arch, _ = tiny
-    with Generator.from_config(_config(directory, arch)) as gen:
+    with Generator.from_config(tiny_generator_config(directory, arch)) as gen:
         yield gen
 
 
@@ -335,9 +331,9 @@ def test_generate_with_messages_returns_the_assistant_message(generator, tiny):
     expected = generator.chat(QUESTION, max_tokens=8).message
     generator.close()  # generate() below starts and tears down its own parallel state
     directory, arch, _ = tiny
-    assert generate(messages=QUESTION, config=_config(directory, arch), max_tokens=8) == expected
+    assert generate(messages=QUESTION, config=tiny_generator_config(directory, arch), max_tokens=8) == expected
     with pytest.raises(ValueError, match="either a prompt or messages"):
-        generate("hi", messages=QUESTION, config=_config(directory, arch))
+        generate("hi", messages=QUESTION, config=tiny_generator_config(directory, arch))
 
 
 # ---- the real embedded chat model ----

@@ -4,9 +4,6 @@ import json
 
 import pytest
 
-# Imported at collection: ProgressBar binds sys.stderr as a default argument, which must not be a capfd stream that a
-# previous test closed.
-import nemo_customizer.training.metrics  # noqa: F401
 from _tiny import write_classification_data, write_tiny_model_dir
 
 

