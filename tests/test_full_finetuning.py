@@ -12,14 +12,15 @@ from _tiny import write_classification_data, write_tiny_model_dir
 STEPS = 3
 
 
-def _train(rank: int, root: str, name: str, finetuning: str, tp: int) -> None:
+def _train(rank: int, root: str, name: str, finetuning: str, tp: int, sp: bool = False) -> None:
     from nemo_customizer.api import customize
 
     customize(
         "tiny-llama-test", dataset=f"{root}/data", output_dir=f"{root}/{name}", progress_bar=False,
         hyperparameters={"finetuning_type": finetuning, "epochs": 1, "batch_size": 8, "micro_batch_size": 2,
                          "learning_rate": 2e-3, "max_steps": STEPS, "lora": {"adapter_dropout": 0.0}},
-        model={"checkpoint": f"{root}/model", "random_weights": False, "tensor_parallel_size": tp},
+        model={"checkpoint": f"{root}/model", "random_weights": False, "tensor_parallel_size": tp,
+               "use_sequence_parallel": sp},
     )
 
 
@@ -57,18 +58,24 @@ def root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("finetuning", ["all_weights", "lora_merged"])
-def test_tp2_matches_single_and_export_loads_in_transformers(root, finetuning):
-    run_world(_train, 1, str(root), f"{finetuning}-single", finetuning, 1)
-    run_world(_train, 2, str(root), f"{finetuning}-tp2", finetuning, 2)
+LAYOUTS = {"tp2": (2, 2, False), "tp2sp": (2, 2, True), "dp2": (2, 1, False)}  # name: (processes, tp, sp)
+
+
+@pytest.mark.parametrize("finetuning,layout", [("all_weights", "tp2"), ("lora_merged", "tp2"),
+                                               ("all_weights", "tp2sp"), ("all_weights", "dp2")])
+def test_parallel_matches_single_and_export_loads_in_transformers(root, finetuning, layout):
+    if not (root / f"{finetuning}-single" / "result.json").exists():
+        run_world(_train, 1, str(root), f"{finetuning}-single", finetuning, 1)
+    processes, tp, sp = LAYOUTS[layout]
+    run_world(_train, processes, str(root), f"{finetuning}-{layout}", finetuning, tp, sp)
     single_train, single_val = _metrics(root / f"{finetuning}-single")
-    tp2_train, tp2_val = _metrics(root / f"{finetuning}-tp2")
+    par_train, par_val = _metrics(root / f"{finetuning}-{layout}")
     assert len(single_train) == STEPS
-    assert tp2_train == pytest.approx(single_train, abs=1e-4)
-    assert tp2_val == pytest.approx(single_val, abs=1e-4)
+    assert par_train == pytest.approx(single_train, abs=1e-4)
+    assert par_val == pytest.approx(single_val, abs=1e-4)
     assert single_train[-1] < single_train[0]
 
-    result = json.loads((root / f"{finetuning}-tp2" / "result.json").read_text())
+    result = json.loads((root / f"{finetuning}-{layout}" / "result.json").read_text())
     exported = Path(result["model_path"])
     assert (exported / "config.json").exists() and (exported / "tokenizer_config.json").exists()
     # The exported weights are the trained ones: transformers scores the validation set as training did.
