@@ -31,12 +31,10 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from nemo_customizer._cache import default_cache_dir
 from nemo_customizer.checkpoints._gguf import convert_gguf_to_hf, verify_hf_folder
 
 logger = logging.getLogger(__name__)
-
-CACHE_ENV = "NEMO_CUSTOMIZER_CACHE"
-
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedCheckpoint:
@@ -84,12 +82,6 @@ EMBEDDED_CHECKPOINTS: dict[str, EmbeddedCheckpoint] = {
 
 class EmbeddedCheckpointNotInstalled(ImportError):
     """The package that ships an embedded checkpoint is not installed."""
-
-
-def default_cache_dir() -> pathlib.Path:
-    """`$NEMO_CUSTOMIZER_CACHE`, else `~/.cache/nemo_customizer`."""
-    env = os.environ.get(CACHE_ENV)
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "nemo_customizer"
 
 
 def find_embedded_gguf(name: str) -> pathlib.Path:

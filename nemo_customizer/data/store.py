@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
+from nemo_customizer._cache import default_cache_dir
 from nemo_customizer.data._store_files import copy_rows, make_temp_dir, move_aside, publish, remove
 from nemo_customizer.data._store_report import DatasetReport, FileSummary, LengthHistogram, measure
 from nemo_customizer.data.errors import DatasetError
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from nemo_customizer.config import ModelConfig
 
 DATASETS_ENV = "NEMO_CUSTOMIZER_DATASETS"
-CACHE_ENV = "NEMO_CUSTOMIZER_CACHE"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -59,8 +59,7 @@ def default_store_dir() -> Path:
     """
     if os.environ.get(DATASETS_ENV):
         return Path(os.environ[DATASETS_ENV]).expanduser()
-    cache = os.environ.get(CACHE_ENV)
-    return (Path(cache).expanduser() if cache else Path.home() / ".cache" / "nemo_customizer") / "datasets"
+    return default_cache_dir() / "datasets"
 
 
 def check_name(name: str) -> str:
