@@ -239,7 +239,9 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def _human(count: int) -> str:
+def _human(count: int | None) -> str:
+    if count is None:
+        return "from checkpoint"
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if count >= scale:
             return f"{count / scale:.3g}{suffix}"

@@ -7,13 +7,14 @@ import pytest
 from nemo_customizer.config import compose_config, configs, num_parameters
 
 
-def test_configs_lists_the_four_models():
+def test_configs_lists_the_four_models_and_the_generic_one():
     rows = {row["name"]: row for row in configs()}
-    assert sorted(rows) == ["llama-3.1-8b-instruct", "llama-3.2-1b-instruct", "llama-3.3-70b-instruct",
+    assert sorted(rows) == ["hf-llama", "llama-3.1-8b-instruct", "llama-3.2-1b-instruct", "llama-3.3-70b-instruct",
                             "smollm2-135m-instruct"]
     assert {name: row["max_seq_length"] for name, row in rows.items()} == {
-        "llama-3.1-8b-instruct": 4096, "llama-3.2-1b-instruct": 4096, "llama-3.3-70b-instruct": 4096,
-        "smollm2-135m-instruct": 2048}
+        "hf-llama": 4096, "llama-3.1-8b-instruct": 4096, "llama-3.2-1b-instruct": 4096,
+        "llama-3.3-70b-instruct": 4096, "smollm2-135m-instruct": 2048}
+    assert rows["hf-llama"]["num_parameters"] is None  # known only from the checkpoint
     assert rows["llama-3.3-70b-instruct"]["tensor_parallel_size"] == 4
     assert rows["llama-3.3-70b-instruct"]["use_sequence_parallel"] is True
     assert all(row["sequence_packing_supported"] for row in rows.values())

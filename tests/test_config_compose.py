@@ -18,7 +18,7 @@ from nemo_customizer.config import (
 )
 from nemo_customizer.config.schema import MISSING_PATH
 
-SHIPPED = ["llama-3.1-8b-instruct", "llama-3.2-1b-instruct", "llama-3.3-70b-instruct", "smollm2-135m-instruct",
+SHIPPED = ["hf-llama", "llama-3.1-8b-instruct", "llama-3.2-1b-instruct", "llama-3.3-70b-instruct", "smollm2-135m-instruct",
            "tiny-llama-test"]
 
 

@@ -1,5 +1,7 @@
 """The training loop on a tiny model: early stopping, best checkpoint, job files."""
 
+import pytest
+
 from _tiny import write_classification_data, write_tiny_model_dir
 
 
@@ -40,3 +42,31 @@ def test_customize_trains_on_a_stored_dataset_name(tmp_path):
                        output_dir=str(tmp_path / "job"), progress_bar=False,
                        hyperparameters={"epochs": 1, "batch_size": 8, "micro_batch_size": 8}, model=model)
     assert result.steps == 2
+
+
+def test_hf_llama_takes_the_architecture_from_any_checkpoint(tmp_path):
+    """model=hf-llama trains a checkpoint whose architecture no shipped YAML describes."""
+    import dataclasses
+
+    from _tiny import tiny_arch
+
+    from nemo_customizer.api import customize
+    from nemo_customizer.config import ConfigError, compose_config, validate_config
+
+    arch = dataclasses.replace(tiny_arch(vocab=320, layers=3, hidden=96, heads=6, kv_heads=3),
+                               max_position_embeddings=512)
+    write_tiny_model_dir(tmp_path / "model", arch)
+    write_classification_data(tmp_path / "data", n_train=16, n_val=4)
+    result = customize("hf-llama", dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "job"),
+                       progress_bar=False, model={"checkpoint": str(tmp_path / "model"), "max_seq_length": 256},
+                       hyperparameters={"epochs": 1, "batch_size": 8, "micro_batch_size": 8})
+    assert result.steps == 2
+    # q (96→96) and v (96→48) adapters, r=8, in 3 layers: the checkpoint's shapes, not the YAML defaults
+    assert result.trainable_parameters == 3 * (8 * 96 + 96 * 8 + 8 * 96 + 48 * 8)
+    with pytest.raises(ConfigError, match="model hf-llama has no weights: pass model.checkpoint"):
+        validate_config(compose_config(["model=hf-llama", "dataset.path=x.jsonl"]))
+    with pytest.raises(ConfigError, match="takes its architecture from the checkpoint"):
+        validate_config(compose_config(["model=hf-llama", "model.random_weights=true", "dataset.path=x.jsonl"]))
+    with pytest.raises(ConfigError, match="max_seq_length=4096 exceeds the model's max_position_embeddings=512"):
+        customize("hf-llama", dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "job2"),
+                  model={"checkpoint": str(tmp_path / "model")})

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_customizer.config import ConfigError, ModelConfig, merge_checkpoint_architecture, model_source, read_hf_config
+from nemo_customizer.config.validate import validate_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +34,13 @@ def resolve_model(model: ModelConfig, cache_dir: Optional[str]) -> ResolvedModel
 
         checkpoint = resolve_embedded_checkpoint(where, cache_dir)
     if checkpoint is not None:
-        model = merge_checkpoint_architecture(model, read_hf_config(checkpoint / "config.json"),
-                                              source=str(checkpoint / "config.json"))
+        config_json = checkpoint / "config.json"
+        if model.architecture_from_checkpoint:
+            model = dataclasses.replace(model, architecture=read_hf_config(config_json),
+                                        architecture_from_checkpoint=False)
+            validate_model(model)  # the checks validate_config skipped, now against the real architecture
+        else:
+            model = merge_checkpoint_architecture(model, read_hf_config(config_json), source=str(config_json))
     tokenizer = Path(model.tokenizer).expanduser() if model.tokenizer else checkpoint
     return ResolvedModel(model, checkpoint, tokenizer)
 

@@ -25,7 +25,7 @@ def configs(include_test_models: bool = False) -> list[dict[str, Any]]:
             "tensor_parallel_size": model.tensor_parallel_size,
             "use_sequence_parallel": model.use_sequence_parallel,
             "sequence_packing_supported": model.sequence_packing_supported,
-            "num_parameters": num_parameters(model.architecture),
+            "num_parameters": None if model.architecture_from_checkpoint else num_parameters(model.architecture),
         }
         for model in model_configs(include_test_models)
     ]

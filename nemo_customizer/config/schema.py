@@ -77,6 +77,9 @@ class ModelConfig:
     """Chat template overriding the tokenizer's own: a shipped name (``chatml-tools``: ChatML with Hermes-style tool
     calls), a path to a ``.jinja`` file, or the Jinja text."""
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    architecture_from_checkpoint: bool = False
+    """Take the whole architecture from the checkpoint's config.json instead of checking it against this YAML
+    (``model=hf-llama``: any Llama-family checkpoint without a model YAML of its own)."""
 
 
 @dataclass

@@ -91,10 +91,15 @@ def _validate_lora(hp: HyperparametersConfig) -> None:
 
 def validate_model(model: ModelConfig) -> None:
     """Model settings: weight source, sequence length, parallelism against the architecture."""
-    model_source(model)
+    source, _ = model_source(model)
+    _at_least("model.max_seq_length", model.max_seq_length, 1)
+    if model.architecture_from_checkpoint:
+        if source != "checkpoint":
+            raise ConfigError(f"model {model.name} takes its architecture from the checkpoint: pass "
+                              "model.checkpoint=/path/to/hf_checkpoint.")
+        return  # the architecture checks run once config.json is read (checkpoints/resolve.py)
     arch = model.architecture
     validate_architecture(arch, prefix="model.architecture")
-    _at_least("model.max_seq_length", model.max_seq_length, 1)
     if model.max_seq_length > arch.max_position_embeddings:
         raise ConfigError(f"model.max_seq_length={model.max_seq_length} exceeds the model's "
                           f"max_position_embeddings={arch.max_position_embeddings}; lower model.max_seq_length.")
