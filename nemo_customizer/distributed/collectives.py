@@ -11,12 +11,8 @@ from megatron.core import parallel_state
 
 def gather_tensor_parallel(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     """Concatenate this tensor's shards from every tensor-parallel rank along ``dim`` (rank order)."""
-    size = parallel_state.get_tensor_model_parallel_world_size()
-    if size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=dim)
+    shards = gather_tensor_parallel_shards(tensor)
+    return shards[0] if len(shards) == 1 else torch.cat(shards, dim=dim)
 
 
 def gather_pipeline_objects(obj: Any) -> List[Any]:
