@@ -51,7 +51,8 @@ def model_flops_per_token(arch, kind: str, seq_lengths: list[int]) -> float:
     return k * n + attention * (3 if kind == "all_weights" else 2.5)
 
 
-def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, warmup: int) -> dict:
+def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, warmup: int,
+             profile_dir: str | None = None) -> dict:
     from nemo_customizer.config import compose_config
     from nemo_customizer.data.examples import TokenizedExample
     from nemo_customizer.data import collate
@@ -101,6 +102,9 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
             if i >= warmup:
                 times.append(time.perf_counter() - started)
         step_s = statistics.median(times)
+        if profile_dir:
+            _profile(lambda micro: train_step(ddp, optimizer, scheduler, micro, device), batches[:3],
+                     Path(profile_dir) / f"{model_name}-{mode}")
         lengths = [n for _, ls in batches[warmup:] for n in ls]
         tokens_per_step = sum(lengths) / steps
         tok_s = tokens_per_step / step_s
@@ -111,6 +115,21 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     finally:
         destroy_parallel(layout)
         torch.cuda.empty_cache()
+
+
+def _profile(step, batches, path: Path) -> None:
+    """Kernel time table (top 40 by CUDA time) and a Chrome trace of a few steps, for finding what to speed up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for micro, _ in batches:
+            step(micro)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    path.parent.joinpath(path.name + ".txt").write_text(table)  # not with_suffix: "llama-3.2-1b…" has dots
+    prof.export_chrome_trace(str(path.parent / (path.name + ".json")))
+    print(table, flush=True)
 
 
 def run_peer(model_name: str, mode: str, seq: int) -> dict:
@@ -144,6 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also profile 3 steps of ours: kernel table and Chrome trace per config in DIR")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
@@ -152,7 +173,8 @@ def main(argv=None) -> int:
     configs = SUITE if args.suite else [(args.model, args.mode)]
     rows = []
     for model_name, mode in configs:
-        runs = [lambda: run_ours(model_name, mode, args.seq, args.packed or args.suite, args.steps, args.warmup)]
+        runs = [lambda: run_ours(model_name, mode, args.seq, args.packed or args.suite, args.steps, args.warmup,
+                                 args.profile)]
         if args.peer:
             runs.append(lambda: run_peer(model_name, mode, args.seq))
         for fn in runs:

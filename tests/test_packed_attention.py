@@ -25,7 +25,12 @@ def test_packed_causal_mask_is_block_diagonal():
     assert torch.equal(mask, expected)
 
 
-def test_packed_logits_equal_unpacked(tmp_path):
+def test_packed_logits_equal_unpacked(tmp_path, monkeypatch):
+    import nemo_customizer.models.attention as attention
+
+    rotations = []
+    real_rotate = attention.rotate
+    monkeypatch.setattr(attention, "rotate", lambda *a: rotations.append(1) or real_rotate(*a))
     arch = tiny_arch(heads=4, kv_heads=2)
     write_tiny_checkpoint(tmp_path, arch)
     model = load_tiny_model(arch, tmp_path).eval()
@@ -40,6 +45,8 @@ def test_packed_logits_equal_unpacked(tmp_path):
         unpacked = torch.cat([forward_logits(model, s[None])[0] for s in sequences])
     assert packed.shape == unpacked.shape
     assert (packed - unpacked).abs().max().item() <= 1e-5
+    # RoPE of the packed batch came from the per-token table, once per layer (mcore's per-sequence path is skipped)
+    assert len(rotations) == arch.num_hidden_layers
 
 
 @pytest.mark.parametrize("cu, total", [([0, 7, 10, 21], 21), ([0, 4, 9], 12), ([0, 5], 5)])

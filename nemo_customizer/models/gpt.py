@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nemo_customizer.config.schema import ArchitectureConfig
 from nemo_customizer.models import llama
+from nemo_customizer.models.rope import PackedRotaryParams
 from nemo_customizer.models.spec import llama_block_spec
 
 # Tokens per chunk of the output projection + cross-entropy. Logits of a chunk are recomputed in backward instead
@@ -33,6 +35,21 @@ class CustomizerGPTModel(GPTModel):
     vocabulary would be wasted compute and memory. Returns the losses of those positions, flattened, in fp32.
     Without labels it behaves like GPTModel (logits ``[b, s, vocab]``).
     """
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, packed_seq_params=None, **kwargs):
+        if (packed_seq_params is not None and packed_seq_params.qkv_format == "thd" and position_ids is not None
+                and self.position_embedding_type == "rope"):
+            freqs = self.rotary_pos_emb(int(packed_seq_params.max_seqlen_q))
+            packed_seq_params = PackedRotaryParams.build(packed_seq_params, freqs, position_ids,
+                                                         self.config.params_dtype)
+        return super().forward(input_ids, position_ids, attention_mask, *args, packed_seq_params=packed_seq_params,
+                               **kwargs)
+
+    def _preprocess(self, *args, packed_seq_params=None, **kwargs):
+        out = super()._preprocess(*args, packed_seq_params=packed_seq_params, **kwargs)
+        if isinstance(packed_seq_params, PackedRotaryParams):
+            out = (out[0], None, *out[2:])  # no mcore RoPE: CoreAttention rotates with the per-token cos/sin
+        return out
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None, **kwargs):
         if labels is None or not self.post_process or loss_mask is None:
@@ -53,7 +70,21 @@ class CustomizerGPTModel(GPTModel):
 def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     hidden = copy_to_tensor_model_parallel_region(hidden)  # identity forward; all-reduce of input grads backward
     logits = torch.nn.functional.linear(hidden, weight)  # (n, vocab/tp)
+    if logits.is_cuda and parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return _compiled_cross_entropy()(logits, targets)
     return vocab_parallel_cross_entropy(logits.float().unsqueeze(1), targets.unsqueeze(1)).squeeze(1)
+
+
+def _cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_cross_entropy():
+    """fp32 cross-entropy over bf16 logits, fused: the ``[tokens, vocab]`` fp32 logits (0.5 GB per 1k tokens at a
+    128k vocabulary) and their softmax are never written to memory, forward or backward. One vocabulary shard only
+    (TP=1); sharded vocabularies use mcore's vocab-parallel cross-entropy."""
+    return torch.compile(_cross_entropy_fp32, dynamic=True)
 
 
 def masked_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -114,7 +145,8 @@ def transformer_config(
         use_cpu_initialization=device.type == "cpu",
         perform_initialization=perform_initialization,
         init_method_std=init_method_std,
-        bias_activation_fusion=False,
+        # On CUDA, mcore's SwiGLU is one torch.compile'd kernel per direction (and keeps only its input for backward).
+        bias_activation_fusion=device.type == "cuda",
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,

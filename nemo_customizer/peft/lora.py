@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.tensor_parallel import (
     set_tensor_model_parallel_attributes,
     copy_to_tensor_model_parallel_region,
@@ -68,6 +69,21 @@ class LoraModule(torch.nn.Module):
     def adapter_params(self) -> Dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if not name.startswith("base.")}
 
+    def _adapter_tp_axes(self) -> Dict[str, int]:
+        """``adapters.<name>.lora_X`` → the dim it is sharded on over TP (absent: replicated)."""
+        raise NotImplementedError
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """For ``megatron.core.dist_checkpointing``: the base as mcore shards it, adapters with their TP axis.
+
+        Without this, mcore would treat the wrapper as an unknown module and save every tensor (the TP-sharded
+        base weight and B/A shards included) as replicated, which breaks resharding (save at TP=2, load at TP=1).
+        """
+        state = self.base.sharded_state_dict(f"{prefix}base.", sharded_offsets, metadata)
+        adapters = self.adapters.state_dict(prefix="adapters.", keep_vars=True)
+        state.update(make_sharded_tensors_for_checkpoint(adapters, prefix, self._adapter_tp_axes(), sharded_offsets))
+        return state
+
 
 class ColumnParallelLoRA(LoraModule):
     """LoRA around a ColumnParallelLinear whose output is ``groups`` repeats of the given slices."""
@@ -86,25 +102,52 @@ class ColumnParallelLoRA(LoraModule):
                 pair = LoraPair(in_features, piece.width * groups, rank, weight.dtype, weight.device, a_init)
                 # B is this rank's shard: mark it so mcore's grad-norm counts every rank's part (not as a duplicate).
                 set_tensor_model_parallel_attributes(pair.lora_B, is_parallel=True, dim=0, stride=1)
+                if self.sequence_parallel:  # its gradient comes from this rank's tokens only: see forward
+                    setattr(pair.lora_A, "sequence_parallel", True)
                 self.adapters[piece.name] = pair
+
+    def _adapter_tp_axes(self) -> Dict[str, int]:
+        # B's rows are this rank's query groups (or FFN columns) of the projection, in order: concatenating the
+        # ranks' B along dim 0 gives the TP=1 B.
+        return {f"adapters.{name}.lora_B": 0 for name in self.adapters}
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)  # out: (s, b, groups * group_width) on this rank
-        if self.sequence_parallel:
-            # (s/tp, b, in) → (s, b, in); our input gradient is complete on every rank, so backward just splits.
-            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         x = self.dropout(x)
-        grouped = out.view(*out.shape[:-1], self.groups, self.group_width)
-        pieces: List[torch.Tensor] = []
+        # All adapters of the fused output in two GEMMs instead of two per adapter plus slicing and re-concatenating
+        # the whole output: A stacked over adapters, and B placed into the fused output's rows (zeros elsewhere).
+        pairs = list(self.adapters.values())
+        stacked_a = pairs[0].lora_A if len(pairs) == 1 else torch.cat([p.lora_A for p in pairs])
+        if self.sequence_parallel:
+            # x is this rank's slice of the sequence. A is replicated, so gather the rank-r product, not x: 1/256 of
+            # the traffic at hidden 4096 and r 16. Backward reduce-scatters its gradient (each rank holds the part
+            # from its B shard), and A's gradient, from this rank's tokens only, is summed over TP by
+            # finalize_model_grads (A is marked sequence_parallel).
+            hidden = gather_from_sequence_parallel_region(x @ stacked_a.t(), tensor_parallel_output_grad=True)
+        else:
+            hidden = copy_to_tensor_model_parallel_region(x @ stacked_a.t())  # (s, b, adapters * rank)
+        return _add_low_rank(out, hidden * self.scaling, self._fused_b()), bias
+
+    def _fused_b(self) -> torch.Tensor:
+        """``(groups * group_width, adapters * rank)``: adapter k's B in its projection's rows, columns k·r…(k+1)·r."""
+        rank, count = self.rank, len(self.adapters)
+        names = list(self.adapters)
+        like = self.adapters[names[0]].lora_B
+        blocks = []
         for piece in self.slices:
-            part = grouped[..., piece.offset:piece.offset + piece.width]
             if piece.name in self.adapters:
-                pair = self.adapters[piece.name]
-                hidden = copy_to_tensor_model_parallel_region(x @ pair.lora_A.t())  # (s, b, rank)
-                delta = (hidden @ pair.lora_B.t()) * self.scaling  # (s, b, groups * width)
-                part = part + delta.view(*delta.shape[:-1], self.groups, piece.width)
-            pieces.append(part)
-        return torch.cat(pieces, dim=-1).reshape(out.shape), bias
+                k = names.index(piece.name)
+                b = self.adapters[piece.name].lora_B.view(self.groups, piece.width, rank)
+                blocks.append(torch.nn.functional.pad(b, (k * rank, (count - k - 1) * rank)))
+            else:
+                blocks.append(like.new_zeros(self.groups, piece.width, count * rank))
+        return torch.cat(blocks, dim=1).reshape(self.groups * self.group_width, count * rank)
+
+
+def _add_low_rank(out: torch.Tensor, hidden: torch.Tensor, weight_b: torch.Tensor) -> torch.Tensor:
+    """``out + hidden @ weight_b.T`` as one GEMM whose epilogue adds ``out`` (no separate full-size add)."""
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), weight_b.t())
+    return flat.view(out.shape)
 
 
 class RowParallelLoRA(LoraModule):
@@ -126,6 +169,9 @@ class RowParallelLoRA(LoraModule):
             setattr(self.adapters[name].lora_B, "sequence_parallel", True)
         self.name = name
 
+    def _adapter_tp_axes(self) -> Dict[str, int]:
+        return {f"adapters.{self.name}.lora_A": 1}
+
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)
         pair = self.adapters[self.name]
@@ -134,7 +180,7 @@ class RowParallelLoRA(LoraModule):
             hidden = reduce_scatter_to_sequence_parallel_region(partial)  # (s/tp, b, rank)
         else:
             hidden = reduce_from_tensor_model_parallel_region(partial)
-        return out + (hidden @ pair.lora_B.t()) * self.scaling, bias
+        return _add_low_rank(out, hidden * self.scaling, pair.lora_B), bias
 
 
 def lora_modules(model: torch.nn.Module) -> Dict[str, LoraModule]:
