@@ -1,6 +1,6 @@
 """Datasets (prompt/completion and chat): find files, validate rows, tokenize with loss masks, batch, collate.
 
-Files: ``discovery`` (which files), ``jsonl`` (read lines), ``formats/`` (one module per row format),
+Files: ``discovery`` (which files), ``jsonl`` (read lines, strict JSON), ``formats/`` (one module per row format),
 ``loading`` (``load_dataset``), ``split`` (seeded validation hold-out), ``truncation`` (the seed's length rule),
 ``tokenization`` (``tokenize_examples``), ``batching`` (shuffle and DP sharding), ``packing`` (bins of examples
 and packed batch sizes), ``collate`` (tensors, padded or packed),

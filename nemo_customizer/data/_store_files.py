@@ -20,9 +20,9 @@ from nemo_customizer.data.jsonl import UTF8_BOM
 def copy_rows(sources: Sequence[Path], dest: Path) -> tuple[list[int], str]:
     """Write the rows of ``sources`` (in order) to ``dest``; returns the rows per source and ``dest``'s sha256.
 
-    Each row's bytes are kept exactly; only what ``read_jsonl`` ignores is normalized: a leading UTF-8 byte-order
-    mark and blank lines are dropped, and every row ends with ``\\n`` (a ``\\r\\n`` ending becomes ``\\n``). The
-    sources must already be validated, so every non-blank line is one row.
+    Each row's bytes are kept exactly; only what ``read_jsonl`` ignores is normalized: UTF-8 byte-order marks at
+    the start of a line and blank lines are dropped, and every row ends with ``\\n`` (a ``\\r\\n`` ending becomes
+    ``\\n``). The sources must already be validated, so every non-blank line is one row.
     """
     digest = hashlib.sha256()
     rows_per_source = []
@@ -30,10 +30,8 @@ def copy_rows(sources: Sequence[Path], dest: Path) -> tuple[list[int], str]:
         for source in sources:
             rows = 0
             with source.open("rb") as f:
-                for line_no, raw in enumerate(f, start=1):
-                    if line_no == 1:
-                        raw = raw.removeprefix(UTF8_BOM)
-                    row = raw.rstrip(b"\r\n")
+                for raw in f:
+                    row = raw.removeprefix(UTF8_BOM).rstrip(b"\r\n")
                     if not row.decode("utf-8").strip():
                         continue
                     out.write(row + b"\n")

@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from nemo_customizer.data.jsonl import json_type_name
+from nemo_customizer.data.jsonl import JsonValueError, json_type_name, parse_json, shown_keys, shown_value
 
 ROLES = ("system", "user", "assistant", "tool")
-MAX_SHOWN_VALUE_CHARS = 40
+MAX_SHOWN_NAMES = 8
 Message = dict[str, Any]
 
 
 def chat_row_problems(row: dict[str, Any]) -> list[str]:
     """Every problem with a chat row; empty when it is valid. Keys other than ``messages``/``tools`` are ignored."""
     if "messages" not in row:
-        keys = ", ".join(json.dumps(k) for k in row) or "none"
+        keys = shown_keys(row)
         if "prompt" in row or "completion" in row:
             return [f"row is prompt/completion data (keys found: {keys}) but this file's first row is chat data; "
                     f"a file holds one format"]
@@ -41,8 +41,9 @@ def chat_row_problems(row: dict[str, Any]) -> list[str]:
             continue
         role = message.get("role")
         if role not in ROLES:
-            shown = "missing" if "role" not in message else f"got {_shown(role)}"
+            shown = "missing" if "role" not in message else f"got {shown_value(role)}"
             problems.append(f'field "{where}.role" must be one of {", ".join(map(json.dumps, ROLES))} ({shown})')
+            seen_user = True  # whatever it was meant to be, do not also blame the order of the messages after it
             continue
         if role == "system" and i > 0:
             problems.append(f'field "{where}.role" is "system" but only the first message may be a system message')
@@ -91,7 +92,7 @@ def normalize_messages(messages: list[Message]) -> tuple[Message, ...]:
 def _normalized_call(call: dict[str, Any]) -> dict[str, Any]:
     function = dict(call["function"])
     if isinstance(function["arguments"], str):
-        function["arguments"] = json.loads(function["arguments"])
+        function["arguments"] = parse_json(function["arguments"])
     return {**call, "type": call.get("type", "function"), "function": function}
 
 
@@ -123,7 +124,7 @@ def _tool_calls_problems(calls: Any, where: str, tool_names: Optional[set[str]])
             problems.append(f'field "{at}" must be an object, got {json_type_name(call)}')
             continue
         if call.get("type", "function") != "function":
-            problems.append(f'field "{at}.type" must be "function", got {_shown(call["type"])}')
+            problems.append(f'field "{at}.type" must be "function", got {shown_value(call["type"])}')
         if "id" in call and not isinstance(call["id"], str):
             problems.append(f'field "{at}.id" must be a string, got {json_type_name(call["id"])}')
         function = call.get("function")
@@ -133,10 +134,10 @@ def _tool_calls_problems(calls: Any, where: str, tool_names: Optional[set[str]])
             continue
         name = function.get("name")
         if not isinstance(name, str) or not name:
-            problems.append(f'field "{at}.function.name" must be a non-empty string, got {_shown(name)}')
+            problems.append(f'field "{at}.function.name" must be a non-empty string, got {shown_value(name)}')
         elif tool_names is not None and name not in tool_names:
-            problems.append(f'field "{at}.function.name" is {json.dumps(name)}, which is not one of the row\'s '
-                            f'tools ({", ".join(map(json.dumps, sorted(tool_names))) or "none"})')
+            problems.append(f'field "{at}.function.name" is {shown_value(name)}, which is not one of the row\'s '
+                            f'tools ({_shown_names(tool_names) or "none"})')
         problems += _arguments_problems(function, f"{at}.function.arguments")
     return problems
 
@@ -147,9 +148,9 @@ def _arguments_problems(function: dict[str, Any], at: str) -> list[str]:
     arguments = function["arguments"]
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError as e:
-            return [f'field "{at}" is a string but not valid JSON: {e.msg} (column {e.colno})']
+            arguments = parse_json(arguments)
+        except JsonValueError as e:
+            return [f'field "{at}" is a string but not valid JSON: {str(e).removeprefix("invalid JSON: ")}']
     if not isinstance(arguments, dict):
         return [f'field "{at}" must be a JSON object (or a string holding one), got {json_type_name(arguments)}']
     return []
@@ -161,12 +162,12 @@ def _tool_message_problems(message: Message, where: str, open_call_ids: Optional
     call_id = message.get("tool_call_id")
     if call_id is not None and not isinstance(call_id, str):
         return [f'field "{where}.tool_call_id" must be a string, got {json_type_name(call_id)}']
-    ids = ", ".join(map(json.dumps, sorted(open_call_ids)))
+    ids = _shown_names(open_call_ids)
     if call_id is None and open_call_ids:
         return [f'field "{where}.tool_call_id" is missing; the tool calls it answers have ids {ids}']
     if call_id is not None and call_id not in open_call_ids:
         known = f"ids {ids}" if open_call_ids else "no ids"
-        return [f'field "{where}.tool_call_id" is {json.dumps(call_id)}, which answers no earlier tool call '
+        return [f'field "{where}.tool_call_id" is {shown_value(call_id)}, which answers no earlier tool call '
                 f'(the preceding tool calls have {known})']
     return []
 
@@ -184,14 +185,14 @@ def _tools_problems(tools: Any) -> list[str]:
             continue
         if tool.get("type") != "function":
             problems.append(f'field "{at}.type" must be "function", got '
-                            f'{"nothing" if "type" not in tool else _shown(tool["type"])}')
+                            f'{"nothing" if "type" not in tool else shown_value(tool["type"])}')
         function = tool.get("function")
         if not isinstance(function, dict):
             shown = "is missing" if "function" not in tool else f"must be an object, got {json_type_name(function)}"
             problems.append(f'field "{at}.function" {shown}')
             continue
         if not isinstance(function.get("name"), str) or not function["name"]:
-            name = _shown(function.get("name"))
+            name = shown_value(function.get("name"))
             problems.append(f'field "{at}.function.name" must be a non-empty string, got {name}')
         if "description" in function and not isinstance(function["description"], str):
             problems.append(f'field "{at}.function.description" must be a string, '
@@ -220,6 +221,6 @@ def _call_ids(calls: Any) -> set[str]:
     return {c["id"] for c in calls if isinstance(c, dict) and isinstance(c.get("id"), str)}
 
 
-def _shown(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= MAX_SHOWN_VALUE_CHARS else text[: MAX_SHOWN_VALUE_CHARS - 3] + "..."
+def _shown_names(names: set[str]) -> str:
+    shown = [shown_value(n) for n in sorted(names)[:MAX_SHOWN_NAMES]]
+    return ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > MAX_SHOWN_NAMES else "")

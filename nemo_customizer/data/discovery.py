@@ -32,11 +32,22 @@ def discover_files(path: str | Path) -> DatasetFiles:
     """
     path = Path(path)
     if not path.exists():
-        raise_one(str(path), "dataset path does not exist", "Pass a JSONL file or a directory holding train*.jsonl.")
+        what = "is a broken symbolic link (or a link loop)" if path.is_symlink() else "does not exist"
+        raise_one(str(path), f"dataset path {what}", "Pass a JSONL file or a directory holding train*.jsonl.")
     if path.is_file():
         return DatasetFiles(train=(path,), val=())
-
-    jsonl = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".jsonl")
+    if not path.is_dir():  # a pipe or a device: files are read more than once, and a pipe would block
+        raise_one(str(path), "dataset path is not a regular file or a directory",
+                  "Pass a JSONL file or a directory holding train*.jsonl.")
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as e:
+        raise_one(str(path), f"cannot list the directory: {e.strerror or e}",
+                  "Check the directory's permissions, then run again.")
+    # Every *.jsonl entry that is not a directory counts, so a broken link or an unreadable file named train.jsonl
+    # is reported by the reader instead of silently skipped. Hidden files (editor backups, macOS "._train.jsonl"
+    # resource forks) are never data.
+    jsonl = [p for p in entries if p.suffix.lower() == ".jsonl" and not p.name.startswith(".") and not p.is_dir()]
     train = tuple(p for p in jsonl if _has_prefix(p, TRAIN_PREFIXES))
     val = tuple(p for p in jsonl if _has_prefix(p, VAL_PREFIXES))
     other = tuple(p for p in jsonl if p not in train and p not in val)
@@ -46,6 +57,8 @@ def discover_files(path: str | Path) -> DatasetFiles:
         # Unambiguous: a single unnamed file next to (at most) validation files can only be the training data.
         return DatasetFiles(train=other, val=val)
     found = ", ".join(p.name for p in jsonl) or "no *.jsonl files"
+    if not jsonl and (json_files := [p.name for p in entries if p.suffix.lower() == ".json"]):
+        found += f"; JSON files {', '.join(json_files[:5])} are not read: the data must be JSON Lines (.jsonl)"
     raise_one(
         str(path),
         f"directory has no training file (found: {found})",

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from nemo_customizer.data.discovery import DatasetFiles, discover_files
 from nemo_customizer.data.errors import IssueLog, raise_one
 from nemo_customizer.data.formats import FORMATS, PROMPT_COMPLETION, DataFormat, detect_format
-from nemo_customizer.data.jsonl import JsonLine, json_type_name, read_jsonl
+from nemo_customizer.data.jsonl import JSON_LINES_HINT, JsonLine, json_type_name, read_jsonl
 from nemo_customizer.data.split import cap_rows, check_val_fraction, split_rows
 
 EMPTY_FILE_HINT = "Add rows (one JSON object per line) or remove the file."
@@ -55,8 +57,9 @@ def load_dataset(
     check_val_fraction(val_fraction)  # a config mistake: report it before reading any file
     files = discover_files(path)
     issues = IssueLog()
-    train_format, train = _read_files(files.train, issues)
-    val_format, val = _read_files(files.val, issues)
+    with _gc_paused():
+        train_format, train = _read_files(files.train, issues)
+        val_format, val = _read_files(files.val, issues)
     issues.raise_if_any()
     if val_format is not None and val_format is not train_format:
         raise_one(
@@ -77,6 +80,22 @@ def load_dataset(
         files=files,
         val_source=val_source,
     )
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while rows are parsed.
+
+    Every row adds long-lived objects, so the collector's full passes rescan an ever larger heap: about a quarter of
+    the time of loading a million rows. Parsing makes no reference cycles, so nothing is left uncollected.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _read_files(paths: tuple[Path, ...], issues: IssueLog) -> tuple[Optional[DataFormat], list[Any]]:
@@ -119,12 +138,10 @@ def _read_file(path: Path, issues: IssueLog) -> tuple[Optional[DataFormat], list
 def _parse_line(line: JsonLine, fmt: DataFormat, issues: IssueLog) -> Optional[Any]:
     """The example on ``line``, or ``None`` after recording why it is invalid."""
     if not isinstance(line.value, dict):
-        issues.add(line.location, f"row must be a JSON object, got {json_type_name(line.value)}", fmt.row_hint)
+        issues.add(line.location, f"row must be a JSON object, got {_non_object(line.value)}",
+                   JSON_LINES_HINT if _is_array_of_objects(line.value) else fmt.row_hint)
         return None
-    row_format = detect_format(line.value)
-    # The last format is the fallback that accepts anything, so only a row that positively looks like another
-    # format is a mixed file; other rows get their own format's field errors.
-    if row_format is not fmt and row_format is not FORMATS[-1]:
+    if (row_format := _other_format(line.value, fmt)) is not None:
         issues.add(line.location, f"row is {row_format.name} data but this file's first row is {fmt.name} data",
                    "Keep one format per file: split chat rows and prompt/completion rows into separate datasets.")
         return None
@@ -132,3 +149,25 @@ def _parse_line(line: JsonLine, fmt: DataFormat, issues: IssueLog) -> Optional[A
     for problem in problems:
         issues.add(line.location, problem, fmt.row_hint)
     return None if problems else fmt.build_example(line.value, line.location)
+
+
+def _other_format(row: dict[str, Any], fmt: DataFormat) -> Optional[DataFormat]:
+    """The format ``row`` positively looks like when that is not ``fmt``: the row does not belong in this file.
+
+    The last format is the fallback that accepts anything, so only a row matching another format makes a mixed file;
+    other rows get their own format's field errors. (``detect_format`` without its generator: this runs per row.)
+    """
+    for other in FORMATS[:-1]:
+        if other.matches(row):
+            return None if other is fmt else other
+    return None
+
+
+def _is_array_of_objects(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _non_object(value: Any) -> str:
+    if _is_array_of_objects(value):
+        return f"a JSON array of {len(value)} objects (the rows of a .json file?)"
+    return json_type_name(value)

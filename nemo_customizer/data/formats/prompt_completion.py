@@ -6,20 +6,19 @@ the seed's rule: drop prompt tokens from the left (see ``truncation.truncate_pro
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from nemo_customizer.data.examples import TokenizedExample
 from nemo_customizer.data.formats.base import DataFormat, Row
-from nemo_customizer.data.jsonl import json_type_name
+from nemo_customizer.data.jsonl import json_type_name, shown_keys, shown_value
 from nemo_customizer.data.truncation import TruncationStats, truncate_prompt_left
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 FIELDS = ("prompt", "completion")
-MAX_SHOWN_VALUE_CHARS = 40
+TOKENIZE_CHUNK = 8192
 
 
 @dataclass(frozen=True)
@@ -37,11 +36,11 @@ def row_problems(row: Row) -> list[str]:
     problems = []
     for name in FIELDS:
         if name not in row:
-            keys = ", ".join(json.dumps(k) for k in row) or "none"
-            problems.append(f'field "{name}" is missing (keys found: {keys})')
+            problems.append(f'field "{name}" is missing (keys found: {shown_keys(row)})')
         elif not isinstance(row[name], str):
             value = row[name]
-            problems.append(f'field "{name}" must be a string, got {json_type_name(value)} (value {_shown(value)})')
+            problems.append(f'field "{name}" must be a string, got {json_type_name(value)} '
+                            f'(value {shown_value(value)})')
         elif not row[name].strip():
             problems.append(f'field "{name}" is empty')
     return problems
@@ -64,13 +63,9 @@ def tokenize(
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; completions must end with EOS so the model learns to stop")
     bos = tokenizer.bos_token_id
-    # Batched calls let a fast tokenizer work on many rows at once.
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"] if examples else []
-    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"] if examples else []
-
     stats = TruncationStats()
     tokenized = []
-    for example, prompt_ids, completion_ids in zip(examples, prompts, completions):
+    for example, prompt_ids, completion_ids in _token_ids(examples, tokenizer):
         completion_ids = completion_ids + [eos]
         leading_bos = int(bos is not None and prompt_ids[:1] == [bos])
         result = truncate_prompt_left(prompt_ids, completion_ids, max_seq_length, num_leading_special=leading_bos)
@@ -86,9 +81,18 @@ def tokenize(
     return tokenized, stats
 
 
-def _shown(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= MAX_SHOWN_VALUE_CHARS else text[: MAX_SHOWN_VALUE_CHARS - 3] + "..."
+def _token_ids(examples: Sequence[PromptCompletion], tokenizer: PreTrainedTokenizerBase
+               ) -> Iterator[tuple[PromptCompletion, list[int], list[int]]]:
+    """``(example, prompt ids with special tokens, completion ids)`` per example.
+
+    Batched calls let a fast tokenizer work on many rows at once; chunks of ``TOKENIZE_CHUNK`` rows bound the memory
+    of the tokenizer's intermediate output (a million rows at once held gigabytes of it).
+    """
+    for start in range(0, len(examples), TOKENIZE_CHUNK):
+        chunk = examples[start:start + TOKENIZE_CHUNK]
+        prompts = tokenizer([e.prompt for e in chunk], add_special_tokens=True, return_attention_mask=False)
+        completions = tokenizer([e.completion for e in chunk], add_special_tokens=False, return_attention_mask=False)
+        yield from zip(chunk, prompts["input_ids"], completions["input_ids"])
 
 
 PROMPT_COMPLETION = DataFormat(
