@@ -2,7 +2,8 @@
 
 Each prompt is prefilled alone into megatron-core's static KV cache at positions ``0..n-1`` (only its last
 position is projected onto the vocabulary); generated tokens are then decoded one step at a time for a batch of
-prompts together (``_kv_cache.BatchKVCache``). Sampling and stop rules live in ``sampling`` and ``_Row``.
+prompts together (``continuous.ContinuousBatch``, which the OpenAI server also drives, with rows joining and leaving
+between steps). Sampling and stop rules live in ``sampling`` and ``Row``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from nemo_customizer.config import Config
-from nemo_customizer.inference._kv_cache import BatchKVCache
+from nemo_customizer.config import ArchitectureConfig, Config
 from nemo_customizer.inference.chat import ChatCompletion, ChatTemplate, chat_completion
-from nemo_customizer.inference.sampling import find_stop, next_token
+from nemo_customizer.inference.continuous import ContinuousBatch
+from nemo_customizer.inference.sampling import find_stop, next_token, stop_prefix_length
 
 _REPLACEMENT = "\ufffd"  # what a decoder shows for incomplete UTF-8 bytes
 
@@ -40,12 +41,14 @@ class Generator:
     """A model loaded once for many completions. Owns the parallel state it starts: ``close()`` (or ``with``)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, eos_ids: Sequence[int], max_context: int,
-                 device: torch.device):
+                 device: torch.device, architecture: Optional[ArchitectureConfig] = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.max_context = max_context  # longest prompt + completion: the model's max_position_embeddings
         self.device = device
+        self.architecture = architecture  # the ArchitectureConfig, needed to attach adapters later
+        self.lora = None  # a MultiLoRA once attach_adapters() was called: each row then picks its adapter
         self._layout = None  # the parallel state from_config started, if any
         self._chat_templates = {}  # tool_syntax override -> ChatTemplate, built on the first chat()
 
@@ -60,10 +63,11 @@ class Generator:
         from nemo_customizer.distributed.parallel import (destroy_parallel, initialize_parallel, params_dtype,
                                                            resolve_device)
         from nemo_customizer.models.gpt import build_model_for_job
+        from nemo_customizer.peft.export import read_lora_config
 
         resolved = resolve_model(cfg.model, cfg.cache_dir)
         tokenizer = load_tokenizer(resolved.tokenizer_dir, resolved.config.chat_template)
-        adapter_lora = _adapter_lora(adapter) if adapter is not None else None
+        adapter_lora = read_lora_config(adapter) if adapter is not None else None
         # One process holds the whole model: generation is latency-bound and small models fit one device.
         model_cfg = dataclasses.replace(resolved.config, tensor_parallel_size=1, pipeline_parallel_size=1,
                                         use_sequence_parallel=False)
@@ -84,9 +88,26 @@ class Generator:
             raise
         arch = model_cfg.architecture
         eos = _eos_ids(tokenizer, arch, resolved.checkpoint_dir)
-        generator = cls(model, tokenizer, eos_ids=eos, max_context=arch.max_position_embeddings, device=device)
+        generator = cls(model, tokenizer, eos_ids=eos, max_context=arch.max_position_embeddings, device=device,
+                        architecture=arch)
         generator._layout = layout
         return generator
+
+    def attach_adapters(self, max_rank: int):
+        """Serve many LoRA adapters from this one copy of the base weights: wraps the model's linears once and
+        returns the :class:`~nemo_customizer.peft.multi_lora.MultiLoRA` that loads adapters (rank ≤ ``max_rank``).
+
+        Afterwards each :class:`Row` names its adapter (``new_row(..., adapter=name)``; None: the base model), and
+        rows with different adapters decode in one batch.
+        """
+        from nemo_customizer.peft.multi_lora import MultiLoRA
+
+        if self.lora is not None:
+            raise ValueError("adapters are already attached to this generator")
+        if self.architecture is None:
+            raise ValueError("attach_adapters needs the model's architecture: build the Generator with from_config")
+        self.lora = MultiLoRA(self.model, self.architecture, max_rank=max_rank)
+        return self.lora
 
     def close(self) -> None:
         """Tear down the parallel state (and process group) started by ``from_config``."""
@@ -129,6 +150,12 @@ class Generator:
         return self._complete_ids([self.encode(prompt) for prompt in prompts], max_tokens=max_tokens,
                                   temperature=temperature, top_p=top_p, stop=stop, seed=seed, batch_size=batch_size)
 
+    def chat_prompt(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None,
+                    tool_syntax: Optional[str] = None) -> tuple[List[int], ChatTemplate]:
+        """Token ids of the rendered conversation (generation prompt appended) and the template that rendered it."""
+        template = self._chat_template(tool_syntax)
+        return template.render(messages, tools), template
+
     @torch.inference_mode()
     def chat(self, messages: Sequence[dict], *, tools: Optional[Sequence[dict]] = None, max_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, stop: Optional[List[str]] = None,
@@ -141,8 +168,7 @@ class Generator:
         ``<tool_call>`` or Llama 3 JSON; ``tool_syntax`` overrides the detection, ``"none"`` keeps them as text).
         A template that does not render tools is an error when ``tools`` are given.
         """
-        template = self._chat_template(tool_syntax)
-        prompt_ids = template.render(messages, tools)
+        prompt_ids, template = self.chat_prompt(messages, tools, tool_syntax)
         completion, = self._complete_ids([prompt_ids], max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                          stop=stop, seed=seed, eos_ids=self.eos_ids | template.end_of_turn_ids)
         return chat_completion(completion, tool_syntax=template.tool_syntax if tools else None)
@@ -157,48 +183,56 @@ class Generator:
                       stop: Optional[List[str]], seed: Optional[int], batch_size: int = 16,
                       eos_ids: Optional[frozenset] = None) -> List[Completion]:
         """``complete_batch`` on token ids; ``eos_ids`` (default: the model's) end a completion."""
+        rows = [self.new_row(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
+                             eos_ids=eos_ids) for ids in encoded]  # checks every prompt before any work
+        for first in range(0, len(rows), batch_size):
+            batch = ContinuousBatch(self, max_rows=batch_size)
+            for row in rows[first:first + batch_size]:
+                batch.add(row)
+            while batch.active:
+                batch.step()
+        return [row.completion() for row in rows]
+
+    def new_row(self, prompt_ids: Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                stop: Optional[List[str]] = None, seed: Optional[int] = None, eos_ids: Optional[frozenset] = None,
+                adapter: Optional[str] = None) -> "Row":
+        """The generation state of one prompt, for a :class:`~nemo_customizer.inference.continuous.ContinuousBatch`.
+
+        Raises ValueError for an empty prompt or one that leaves no room in the model's context, a ``max_tokens``
+        below 1, or an ``adapter`` that is not loaded (see ``attach_adapters``).
+        """
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-        for ids in encoded:
-            if len(ids) > self.max_context - 1:
-                raise ValueError(
-                    f"the prompt is {len(ids)} tokens, but the model's context is {self.max_context} tokens "
-                    f"(max_position_embeddings), which leaves room for a prompt of at most {self.max_context - 1} "
-                    "tokens; shorten the prompt.")
-        completions: List[Completion] = []
-        for first in range(0, len(encoded), batch_size):
-            rows = [_Row(self, list(ids), max_tokens, temperature, top_p, stop, seed, eos_ids)
-                    for ids in encoded[first:first + batch_size]]
-            self._generate(rows)
-            completions.extend(row.completion() for row in rows)
-        return completions
-
-    def _generate(self, rows: List["_Row"]) -> None:
-        # the last token of the longest row is never fed back, hence budget - 1 cache slots for generated tokens
-        cache = BatchKVCache(self.model, [row.prompt_ids for row in rows], max(row.budget for row in rows) - 1,
-                             self.device)
-        logits = cache.first_logits  # (b, vocab)
-        while True:
-            # sample on the CPU in fp32: the per-row torch.Generator is a CPU generator, bf16 logits lose ties
-            for row, row_logits in zip(rows, logits.float().cpu()):
-                row.push(row_logits)
-            if all(row.done for row in rows):
-                return
-            logits = cache.decode([row.generated[-1] for row in rows])  # finished rows idle along
+        if not prompt_ids:
+            raise ValueError("the prompt is empty (no tokens); it needs at least one token to continue from")
+        if len(prompt_ids) > self.max_context - 1:
+            raise ValueError(
+                f"the prompt is {len(prompt_ids)} tokens, but the model's context is {self.max_context} tokens "
+                f"(max_position_embeddings), which leaves room for a prompt of at most {self.max_context - 1} "
+                "tokens; shorten the prompt.")
+        if adapter is not None and (self.lora is None or adapter not in self.lora.adapters):
+            raise ValueError(f"adapter {adapter!r} is not loaded in this generator")
+        return Row(self, list(prompt_ids), max_tokens, temperature, top_p, stop, seed, eos_ids, adapter)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of generated tokens, special tokens skipped (as OpenAI-compatible servers return it)."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
-class _Row:
-    """One prompt's generation state: sampling, and the eos / stop string / length rules."""
+class Row:
+    """One prompt's generation state: sampling, and the eos / stop string / length rules.
+
+    Written by the thread that runs the model (``push``); other threads may read it and ``cancel`` it. ``done`` is
+    set last, so a reader that sees it finished sees the whole result.
+    """
 
     def __init__(self, owner: Generator, prompt_ids: List[int], max_tokens: int, temperature: float, top_p: float,
-                 stop: Optional[List[str]], seed: Optional[int], eos_ids: Optional[frozenset] = None):
+                 stop: Optional[List[str]], seed: Optional[int], eos_ids: Optional[frozenset] = None,
+                 adapter: Optional[str] = None):
         self.owner = owner
         self.eos_ids = owner.eos_ids if eos_ids is None else eos_ids
         self.prompt_ids = prompt_ids
+        self.adapter = adapter  # the MultiLoRA adapter this row decodes with; None: the base model
         self.budget = min(max_tokens, owner.max_context - len(prompt_ids))
         self.temperature, self.top_p, self.stop = temperature, top_p, stop or []
         self.sampler = None
@@ -207,7 +241,13 @@ class _Row:
             self.sampler.manual_seed(seed) if seed is not None else self.sampler.seed()
         self.generated: List[int] = []
         self.stopped_at: Optional[int] = None
+        self.cancelled = False
         self.done = False
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the batch drops the row at its next step."""
+        self.cancelled = True
+        self.done = True
 
     def push(self, logits: torch.Tensor) -> None:
         """Choose the next token from ``logits`` (vocab,) unless finished, and apply the stop rules."""
@@ -223,10 +263,19 @@ class _Row:
             # only on the settled text, which later tokens cannot change.
             settled = self.owner.decode(self.generated).rstrip(_REPLACEMENT)
             self.stopped_at = find_stop(settled, self.stop)
-        self.done = self.stopped_at is not None or len(self.generated) == self.budget
+        # `cancelled` keeps a cancel() from another thread during this push from being overwritten
+        self.done = self.cancelled or self.stopped_at is not None or len(self.generated) == self.budget
+
+    def visible_text(self) -> str:
+        """The text so far that more tokens cannot change: settled characters before any stop string, holding back
+        a tail that may still grow into one (what a stream may send). Once done, the final text."""
+        if self.done:
+            return self.completion().text
+        settled = self.owner.decode(self.generated).rstrip(_REPLACEMENT)
+        return settled[:len(settled) - stop_prefix_length(settled, self.stop)]
 
     def completion(self) -> Completion:
-        ended_on_eos = self.generated[-1] in self.eos_ids
+        ended_on_eos = bool(self.generated) and self.generated[-1] in self.eos_ids
         text = self.owner.decode(self.generated[:-1] if ended_on_eos else self.generated)
         stopped_at = self.stopped_at
         if stopped_at is None and self.stop:
@@ -234,23 +283,6 @@ class _Row:
         return Completion(text=text if stopped_at is None else text[:stopped_at], token_ids=list(self.generated),
                           finish_reason="stop" if ended_on_eos or stopped_at is not None else "length",
                           prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated))
-
-
-def _adapter_lora(directory: str):
-    """The LoraConfig an HF PEFT adapter was trained with (dropout 0: inference)."""
-    from nemo_customizer.config import LoraConfig
-    from nemo_customizer.peft.export import read_adapter_config
-
-    config = read_adapter_config(directory)
-    targets = config.get("target_modules")
-    if not isinstance(targets, list) or not targets:
-        raise ValueError(f"{directory}: adapter_config.json target_modules must be a list of module names "
-                         f"(got {targets!r}); regex targets are not supported")
-    for flag in ("use_dora", "use_rslora"):
-        if config.get(flag):
-            raise ValueError(f"{directory}: adapter_config.json has {flag}=true, which is not supported")
-    return LoraConfig(adapter_dim=int(config["r"]), alpha=float(config["lora_alpha"]), adapter_dropout=0.0,
-                      target_modules=list(targets))
 
 
 def _eos_ids(tokenizer, arch, checkpoint_dir: Optional[Path]) -> List[int]:

@@ -37,3 +37,15 @@ def find_stop(text: str, stops: Sequence[str]) -> Optional[int]:
     """Index where the earliest stop string starts in ``text``, or None (the completion is cut there)."""
     found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(found) if found else None
+
+
+def stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that is the start of a stop string: text a stream must hold back,
+    since the next tokens may complete the stop string (and the completion is cut before it)."""
+    longest = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:length]):
+                longest = length
+                break
+    return longest

@@ -111,6 +111,24 @@ def read_adapter_config(directory: str | Path) -> dict:
     return config
 
 
+def read_lora_config(directory: str | Path) -> LoraConfig:
+    """The LoraConfig an HF PEFT adapter was trained with (dropout 0: inference); raises ValueError for adapter
+    settings we cannot apply (regex or per-layer targets, DoRA, rsLoRA, per-module ranks)."""
+    config = read_adapter_config(directory)
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise ValueError(f"{directory}: adapter_config.json target_modules must be a list of module names "
+                         f"(got {targets!r}); regex targets are not supported")
+    for flag in ("use_dora", "use_rslora"):
+        if config.get(flag):
+            raise ValueError(f"{directory}: adapter_config.json has {flag}=true, which is not supported")
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
+        if config.get(key):
+            raise ValueError(f"{directory}: adapter_config.json sets {key}, which is not supported")
+    return LoraConfig(adapter_dim=int(config["r"]), alpha=float(config["lora_alpha"]), adapter_dropout=0.0,
+                      target_modules=list(targets))
+
+
 @torch.no_grad()
 def load_peft_adapter(model: torch.nn.Module, directory: str | Path) -> None:
     """Copy an HF PEFT adapter's weights into the model's (already attached) LoRA modules, sharding for TP."""
