@@ -9,7 +9,11 @@ from typing import Any, Mapping, Optional
 
 from nemo_customizer.config import Config, check_batch_layout, config_from_kwargs, validate_config
 from nemo_customizer.config.validate import check_parallel_layout
-from nemo_customizer.jobs import JobDirectory, peak_memory_gib
+from nemo_customizer.jobs import JobDirectory, check_output_dir, peak_memory_gib
+from nemo_customizer.training.signals import StopSignals
+from nemo_customizer.training.status import CANCELLED, COMPLETED, JobCancelled, JobStatus
+
+__all__ = ["CustomizationResult", "JobCancelled", "customize", "generate", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,8 @@ class CustomizationResult:
     trainable_parameters: int
     total_parameters: int
     warnings: tuple = ()
+    status: str = COMPLETED
+    """``completed``, or ``cancelled`` for the partial result a ``JobCancelled`` carries."""
 
 
 def customize(
@@ -53,6 +59,9 @@ def customize(
     ``hyperparameters`` uses NeMo Customizer's names (``epochs``, ``batch_size``, ``learning_rate``,
     ``lora={"adapter_dim": 16}``, ...); other keyword arguments override config sections
     (``model={"checkpoint": "/ckpt"}``, ``device="cpu"``). Unknown keys raise ``ConfigError``.
+
+    SIGTERM or SIGINT (Ctrl-C) during the job finishes the current step, saves, marks the job ``cancelled`` and
+    raises ``JobCancelled`` (its ``result`` is the partial result). Progress is in ``<output_dir>/status.json``.
     """
     cfg = config_from_kwargs(config=config, dataset=dataset, hyperparameters=hyperparameters,
                              output_dir=output_dir, **overrides)
@@ -65,31 +74,51 @@ def run(cfg: Config) -> CustomizationResult:
     # The launcher (torchrun) says how many processes there are: check the parallel layout before any work.
     check_parallel_layout(cfg.model, cfg.hyperparameters, int(os.environ.get("WORLD_SIZE", "1")),
                           int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None)
+    _check_device_features(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0  # the launcher's rank; torch.distributed is not up yet
     log = _Log(enabled=is_main)
+    if is_main:  # an unusable output_dir fails now, not after the data is read and tokenized
+        check_output_dir(cfg.output_dir, cfg)
     inputs = _load_inputs(cfg, log)  # every user-input error surfaces here, before a model exists
     cfg = inputs.cfg
     job = JobDirectory.create(cfg.output_dir, cfg, is_main=is_main)
-    fit_result, trainable, layout = _train(cfg, inputs, job, log)
-    kind = cfg.hyperparameters.finetuning_type
-    result = CustomizationResult(
-        job_dir=str(job.path), metrics_path=str(job.metrics_path),
-        adapter_path=str(job.adapter_path) if kind != "all_weights" else "",
-        model_path=str(job.model_path) if kind != "lora" else "",
-        best_epoch=fit_result.best_epoch, best_step=fit_result.best_step, best_val_loss=fit_result.best_val_loss,
-        final_train_loss=fit_result.final_train_loss, final_val_loss=fit_result.final_val_loss,
-        steps=fit_result.steps, epochs_completed=fit_result.epochs_completed,
-        stopped_early=fit_result.stopped_early, tokens_per_second=fit_result.tokens_per_second,
-        train_seconds=fit_result.train_seconds, peak_memory_gib=peak_memory_gib(layout.device.type),
-        trainable_parameters=trainable.trainable_parameters, total_parameters=trainable.total_parameters,
-        warnings=inputs.warnings,
-    )
-    if layout.is_main:
-        job.write_result(result)
-        log(f"done: {result.steps} steps in {result.train_seconds:.0f}s, {result.tokens_per_second:,.0f} tokens/s, "
-            f"best val_loss {result.best_val_loss:.4f} (step {result.best_step}); "
-            f"saved: {result.adapter_path or result.model_path}")
+    status = JobStatus(job if is_main else None, write_every=cfg.log_interval)  # status.json: created
+    # From here on an exception marks the job failed (cancelled for JobCancelled / KeyboardInterrupt), and a stop
+    # signal during model loading already counts.
+    with status.tracking(), StopSignals() as stop:
+        fit_result, trainable, layout = _train(cfg, inputs, job, log, status, stop)
+        kind = cfg.hyperparameters.finetuning_type
+        result = CustomizationResult(
+            job_dir=str(job.path), metrics_path=str(job.metrics_path),
+            adapter_path=str(job.adapter_path) if kind != "all_weights" else "",
+            model_path=str(job.model_path) if kind != "lora" else "",
+            best_epoch=fit_result.best_epoch, best_step=fit_result.best_step, best_val_loss=fit_result.best_val_loss,
+            final_train_loss=fit_result.final_train_loss, final_val_loss=fit_result.final_val_loss,
+            steps=fit_result.steps, epochs_completed=fit_result.epochs_completed,
+            stopped_early=fit_result.stopped_early, tokens_per_second=fit_result.tokens_per_second,
+            train_seconds=fit_result.train_seconds, peak_memory_gib=peak_memory_gib(layout.device.type),
+            trainable_parameters=trainable.trainable_parameters, total_parameters=trainable.total_parameters,
+            warnings=inputs.warnings, status=CANCELLED if fit_result.stopped_by_signal else COMPLETED,
+        )
+        if fit_result.stopped_by_signal:
+            raise JobCancelled(fit_result.stopped_by_signal, fit_result.steps, result)
+        if layout.is_main:
+            job.write_result(result)
+            log(f"done: {result.steps} steps in {result.train_seconds:.0f}s, {result.tokens_per_second:,.0f} "
+                f"tokens/s, best val_loss {result.best_val_loss:.4f} (step {result.best_step}); "
+                f"saved: {result.adapter_path or result.model_path}")
+        status.completed()
     return result
+
+
+def _check_device_features(cfg: Config) -> None:
+    """Settings the chosen device cannot run, refused before any data is read."""
+    from nemo_customizer.config import ConfigError
+    from nemo_customizer.distributed.parallel import resolve_device
+
+    if cfg.hyperparameters.use_distributed_optimizer and resolve_device(cfg.device).type != "cuda":
+        raise ConfigError("hyperparameters.use_distributed_optimizer=true needs CUDA GPUs (Megatron's distributed "
+                          "optimizer shards fp32 state over GPUs); set it to false for a CPU run.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +137,7 @@ class _Inputs:
 def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
     """Resolve the checkpoint, read and validate every dataset row, tokenize (no megatron, no process group)."""
     from nemo_customizer.checkpoints.resolve import load_tokenizer, resolve_model
-    from nemo_customizer.data import load_dataset, tokenize_examples
+    from nemo_customizer.data import DatasetError, load_dataset, tokenize_examples
     from nemo_customizer.data.store import resolve_dataset_path
 
     hp = cfg.hyperparameters
@@ -121,8 +150,8 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
     train, train_stats = tokenize_examples(splits.train, tokenizer, cfg.model.max_seq_length)
     val, val_stats = tokenize_examples(splits.val, tokenizer, cfg.model.max_seq_length)
     if len(train) < hp.batch_size:
-        raise ValueError(f"{cfg.dataset.path}: {len(train)} usable training rows is fewer than "
-                         f"hyperparameters.batch_size={hp.batch_size}; add data or lower the batch size.")
+        raise DatasetError(f"{cfg.dataset.path}: {len(train)} usable training rows is fewer than "
+                           f"hyperparameters.batch_size={hp.batch_size}; add data or lower the batch size.")
     log(splits.describe())
     log(f"tokenized with max_seq_length={cfg.model.max_seq_length}: training {train_stats.describe()}; "
         f"validation {val_stats.describe()}")
@@ -136,7 +165,7 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
     return _Inputs(cfg, resolved, tokenizer, train, val, pack, warnings)
 
 
-def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log"):
+def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status: JobStatus, stop: StopSignals):
     """Start the parallel state, build the model (+ LoRA), train; returns (fit result, trainable summary, layout)."""
     from nemo_customizer.distributed.parallel import (destroy_parallel, initialize_parallel, params_dtype,
                                                        resolve_device)
@@ -145,6 +174,7 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log"):
     from nemo_customizer.training.loop import TrainingJob, fit, planned_steps
     from nemo_customizer.training.metrics import MetricsLog, ProgressBar
     from nemo_customizer.training.optim import build_optimizer, build_scheduler
+    from nemo_customizer.training.plots import JobPlots
     from nemo_customizer.training.wrap import wrap_for_training
 
     hp = cfg.hyperparameters
@@ -152,7 +182,9 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log"):
     dtype = params_dtype(cfg.precision, device)
     layout = initialize_parallel(tensor_parallel_size=cfg.model.tensor_parallel_size,
                                  pipeline_parallel_size=cfg.model.pipeline_parallel_size, device=device, seed=hp.seed)
-    metrics = MetricsLog(job.metrics_path if layout.is_main else None)
+    plots = JobPlots(job if layout.is_main else None, status.series_points, log)  # loss.png, TensorBoard
+    metrics = MetricsLog(job.metrics_path if layout.is_main else None,
+                         listeners=(status.record, plots.record) if layout.is_main else ())
     try:
         check_batch_layout(hp.batch_size, hp.micro_batch_size, layout.data_parallel_size)
         pad_multiple = layout.tensor_parallel_size if cfg.model.use_sequence_parallel else 1
@@ -163,7 +195,7 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log"):
         trainable = prepare_trainable(model, cfg)
         log(f"model {cfg.model.name} on {device.type} ({dtype}), TP={layout.tensor_parallel_size} "
             f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {trainable}")
-        ddp = wrap_for_training(model, tconfig)
+        ddp = wrap_for_training(model, tconfig, distributed_optimizer=hp.use_distributed_optimizer)
         optimizer = build_optimizer([ddp], hp, dtype)
         total_steps = planned_steps(len(inputs.train), hp, packing)
         scheduler = build_scheduler(optimizer, hp, total_steps)
@@ -173,17 +205,38 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log"):
         log(f"training {total_steps} steps: epochs={hp.epochs}, {batches}, learning_rate={hp.learning_rate}")
         progress = ProgressBar(total_steps, enabled=layout.is_main and cfg.progress_bar, every=cfg.log_interval,
                                log=layout.is_main)
+        save_checkpoint, resume = _checkpoints(cfg, job, model, optimizer, scheduler, layout, metrics, log)
         fit_result = fit(TrainingJob(
             model=ddp, optimizer=optimizer, scheduler=scheduler, train_examples=inputs.train,
             val_examples=inputs.val, hyperparameters=hp, layout=layout, pad_id=_pad_id(inputs.tokenizer),
-            pad_to_multiple_of=pad_multiple, metrics=metrics, progress=progress, packing=packing,
+            pad_to_multiple_of=pad_multiple, metrics=metrics, progress=progress, packing=packing, status=status,
+            stop=stop, save_checkpoint=save_checkpoint, resume=resume,
             save_best=best_checkpoint_saver(model, cfg, job, source_dir=inputs.resolved.checkpoint_dir,
                                             tokenizer=inputs.tokenizer),
         ))
     finally:
         metrics.close()
+        plots.close()
         destroy_parallel(layout)
     return fit_result, trainable, layout
+
+
+def _checkpoints(cfg: Config, job: JobDirectory, model, optimizer, scheduler, layout, metrics, log):
+    """The resumable-checkpoint callback (None when ``checkpoint.enabled`` is false) and, when the job directory
+    holds a checkpoint, the position restored from it (weights, optimizer, schedule and RNG are loaded here)."""
+    from nemo_customizer.training.checkpointing import Checkpointer
+
+    hp = cfg.hyperparameters
+    checkpointer = Checkpointer(job.checkpoints_path, model, optimizer, scheduler, layout,
+                                trainable_only=hp.finetuning_type != "all_weights",
+                                distributed_optimizer=hp.use_distributed_optimizer, keep_last=cfg.checkpoint.keep_last)
+    latest = job.latest_checkpoint()
+    resume = None
+    if latest is not None:
+        log(f"resuming from {latest}")
+        resume = checkpointer.load(latest)
+    metrics.rewind(resume.steps if resume else 0)  # records after the checkpoint are trained (and logged) again
+    return (checkpointer.save if cfg.checkpoint.enabled else None), resume
 
 
 def _packing_plan(cfg: Config, train: list, dp_size: int, pad_multiple: int, log: "_Log", metrics):

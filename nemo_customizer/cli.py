@@ -3,22 +3,27 @@
     python -m nemo_customizer [--cfg] [OVERRIDE ...]          train (model=... dataset.path=... hyperparameters.*=...)
     python -m nemo_customizer configs [--json]                list the shipped model configs
     python -m nemo_customizer generate [options] [OVERRIDE ...]
+    python -m nemo_customizer serve [OVERRIDE ...]            OpenAI-compatible server (model=... adapters_dir=...)
     python -m nemo_customizer datasets upload PATH --name NAME [--model M] [--overwrite] [OVERRIDE ...]
     python -m nemo_customizer datasets list | show NAME | delete NAME
+    python -m nemo_customizer status JOB_DIR [--json]        a job's state and progress (its status.json)
+    python -m nemo_customizer export JOB_DIR [--output DIR] [OVERRIDE ...]   a checkpoint as HF adapter/model files
 
-Config mistakes print one ``error:`` line to stderr and exit with status 2. Heavy modules (torch, megatron) are
+Config mistakes print one ``error:`` line to stderr and exit with status 2. A training job stopped by SIGINT or
+SIGTERM (it finishes its step and saves first) exits with 130 or 143, the shell's codes for those signals. Heavy modules (torch, megatron) are
 imported only after the config is valid.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
 from typing import Callable, Sequence
 
-from .config import ConfigError, compose_config, configs, validate_config
+from .config import ConfigError, compose_config, configs, validate_config, validate_serving
 from .config.compose import DEFAULT_MODEL
 from .config.schema import Config
 
@@ -49,8 +54,9 @@ def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Fine-tune a model (LoRA SFT) on a JSONL dataset or a stored dataset name. Other commands: "
-                    "'configs' lists the model configs, 'generate' runs inference, 'datasets' uploads, lists, shows "
-                    "and deletes stored datasets (each has --help).",
+                    "'configs' lists the model configs, 'generate' runs inference, 'serve' runs an OpenAI-compatible "
+                    "server, 'datasets' uploads, lists, shows and deletes stored datasets, 'status' shows a job's "
+                    "progress (each has --help).",
     )
     parser.add_argument("--cfg", action="store_true", help="print the composed config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=_OVERRIDES_HELP)
@@ -63,8 +69,14 @@ def _train(argv: list[str]) -> int:
         return 0
     _validate(cfg, training=True)
     from .api import run
+    from .training.status import JobCancelled
 
-    print(repr(run(cfg)))
+    try:
+        result = run(cfg)
+    except JobCancelled as cancelled:
+        print(f"{cancelled} (status: {cfg.output_dir}/status.json)", file=sys.stderr)
+        return cancelled.exit_code
+    print(repr(result))
     return 0
 
 
@@ -147,6 +159,76 @@ def _generate(argv: list[str]) -> int:
     text = generate(prompt, config=cfg, adapter=args.adapter, max_tokens=args.max_tokens,
                     temperature=args.temperature, top_p=args.top_p, stop=args.stop, seed=seed)
     print(text)
+    return 0
+
+
+def _status(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} status",
+        description="Show a job's state (created, running, completed, failed, cancelled), progress, elapsed time, "
+                    "best checkpoint, latest training loss and failure reason, from its status.json.",
+    )
+    parser.add_argument("job_dir", metavar="JOB_DIR", help="the job's output_dir")
+    parser.add_argument("--json", action="store_true", help="print status.json itself (with the metric series)")
+    args = parser.parse_args(argv)
+    from .training.status import describe_status, read_status
+
+    try:
+        status = read_status(args.job_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    print(json.dumps(status, indent=2) if args.json else describe_status(status, args.job_dir))
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} export",
+        description="Write a job's resumable checkpoint (default: its latest) as HF files: adapter/ (HF PEFT) "
+                    "and/or model/ (HF checkpoint), at the parallel layout of this run. A checkpoint saved at "
+                    "TP=2 exports in one process; under torchrun pass model.tensor_parallel_size=N.",
+    )
+    parser.add_argument("job_dir", metavar="JOB_DIR", help="the job's output_dir")
+    parser.add_argument("--output", default=None, help="where to write (default: JOB_DIR/export-<checkpoint>)")
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint directory other than the latest")
+    parser.add_argument("overrides", nargs="*", help="changes to the job's config, e.g. model.tensor_parallel_size=1")
+    args = parser.parse_intermixed_args(argv)  # overrides may come after the options
+    from .export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.job_dir, args.output, checkpoint=args.checkpoint, overrides=args.overrides)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(out)
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    from .config.schema import ServingConfig
+
+    # `adapters_dir=x` is short for `serving.adapters_dir=x` (unless a top-level key has that name)
+    top_level = {f.name for f in dataclasses.fields(Config)}
+    fields = [f.name for f in dataclasses.fields(ServingConfig) if f.name not in top_level]
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} serve",
+        description="Serve a base model and its LoRA adapters over an OpenAI-compatible API (/v1/models, "
+                    "/v1/completions, /v1/chat/completions) with continuous batching; needs the [serve] extra. "
+                    f"Server settings may be given without their 'serving.' prefix: {', '.join(fields)}.",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                        help="Hydra overrides such as model=smollm2-135m-instruct adapters_dir=outputs/ port=8000 "
+                             "(= serving.adapters_dir=..., serving.port=...)")
+    args = parser.parse_intermixed_args(argv)
+    overrides = [f"serving.{item}" if item.split("=", 1)[0] in fields else item for item in args.overrides]
+    cfg = compose_config(overrides)
+    _validate(cfg, training=False)
+    validate_serving(cfg.serving)
+    try:
+        from .serving import serve
+    except ImportError as exc:
+        raise ConfigError(f"the server needs FastAPI and uvicorn ({exc}); install them with "
+                          "pip install 'nemo_customizer[serve]' (or pip install fastapi uvicorn).") from None
+    serve(cfg)
     return 0
 
 
@@ -249,4 +331,5 @@ def _human(count: int | None) -> str:
 
 
 _COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "configs": _configs, "generate": _generate,
-                                                    "datasets": _datasets}
+                                                    "datasets": _datasets, "status": _status, "serve": _serve,
+                                                    "export": _export}

@@ -9,16 +9,75 @@ import resource
 import shutil
 import tempfile
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from nemo_customizer.config import Config
+from nemo_customizer.config import Config, ConfigError, num_parameters
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_CHECKPOINT_FILE = "latest"
+"""In ``checkpoints/``: the name of the last complete checkpoint."""
+
+# Settings a resumed job may change: where and how it runs, not what it computes.
+RESUMABLE_CHANGES = (
+    "output_dir", "device", "progress_bar", "log_interval", "cache_dir", "dataset.store_dir", "checkpoint.keep_last",
+    "model.tensor_parallel_size", "model.pipeline_parallel_size", "model.use_sequence_parallel",
+    "hyperparameters.micro_batch_size",
+)
+
+
+MIN_FREE_BYTES = 256 * 2**20
+"""Free disk space every job needs in output_dir (config, metrics, plots, an adapter), beyond exported models."""
+
+
+class OutputDirError(ConfigError):
+    """``output_dir`` cannot hold the job: too little free disk space, or a path that cannot be resolved.
+
+    (A file in its place or on its path raises ``FileExistsError``, an unwritable one ``PermissionError``.)
+    """
+
+
+def check_output_dir(output_dir: str, cfg: Optional[Config] = None) -> None:
+    """Refuse an ``output_dir`` the job could not write to, creating nothing.
+
+    ``api.run`` calls it before any data is read or model built, and ``JobDirectory.create`` again just before it
+    makes the directory: a file in its place or on its path, no write permission where the directory is (or would
+    be created), or less free disk space than ``required_free_bytes(cfg)``.
+    """
+    try:
+        path = Path(output_dir).expanduser().resolve()
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symbolic link loop (Python 3.11)
+        raise OutputDirError(f"output_dir={output_dir} cannot be resolved ({err}); choose another path.") from None
+    existing = path  # the directory itself, or the nearest ancestor that exists: where mkdir will create it
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"has a file on its path ({existing})"
+        raise FileExistsError(f"output_dir={output_dir} {where}; choose a directory path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise PermissionError(f"output_dir={output_dir} {what}; choose a directory you can write to.")
+    need, free = required_free_bytes(cfg), shutil.disk_usage(existing).free
+    if free < need:
+        raise OutputDirError(f"output_dir={output_dir}: its disk has {_gib(free)} free, the job needs at least "
+                             f"{_gib(need)}; free space or choose an output_dir on another disk.")
+
+
+def required_free_bytes(cfg: Optional[Config]) -> int:
+    """``MIN_FREE_BYTES``, plus the exported model at 2 bytes per parameter for ``lora_merged``/``all_weights``."""
+    if cfg is None or cfg.hyperparameters.finetuning_type == "lora" or cfg.model.architecture_from_checkpoint:
+        return MIN_FREE_BYTES  # (hf-llama's architecture is known only once the checkpoint is resolved)
+    return MIN_FREE_BYTES + 2 * num_parameters(cfg.model.architecture)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,20 +97,47 @@ class JobDirectory:
         if path.exists() and not path.is_dir():
             raise FileExistsError(f"output_dir={output_dir} is a file; choose a directory path.")
         if path.is_dir() and any(path.iterdir()):
-            raise FileExistsError(f"output_dir={output_dir} is not empty (it holds an earlier job); choose a new "
-                                  "output_dir or delete it.")
+            cls(path)._check_resumable(output_dir, cfg)
+        check_output_dir(output_dir, cfg)
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         try:
             probe.write_text("ok")
             probe.unlink()
         except OSError as err:
+            if created:  # leave nothing behind for a job that never started
+                shutil.rmtree(path, ignore_errors=True)
             raise PermissionError(f"output_dir={output_dir} is not writable: {err}") from err
-        if shutil.disk_usage(path).free < 256 * 2**20:
-            raise OSError(f"output_dir={output_dir}: less than 256 MiB free on its disk; free space first.")
         job = cls(path)
         job.write_atomic(CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return job
+
+    def _check_resumable(self, output_dir: str, cfg: Config) -> None:
+        """A non-empty output_dir is accepted only as an unfinished job with the same settings (resume)."""
+        if (self.path / RESULT_FILE).exists():
+            raise FileExistsError(f"output_dir={output_dir} holds a finished job ({RESULT_FILE}); choose a new "
+                                  "output_dir or delete it.")
+        if not (self.path / CONFIG_FILE).is_file():
+            raise FileExistsError(f"output_dir={output_dir} is not empty and holds no job ({CONFIG_FILE} is "
+                                  "missing); choose a new output_dir or empty it.")
+        changed = config_changes(OmegaConf.load(self.path / CONFIG_FILE), cfg)
+        if changed:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed[:5])
+            raise FileExistsError(f"output_dir={output_dir} holds an unfinished job with other settings ({listed}); "
+                                  "run with the same settings to resume it, or choose a new output_dir.")
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        """The last complete resumable checkpoint, or None (a new job, or one stopped before its first)."""
+        pointer = self.path / CHECKPOINTS_DIR / LATEST_CHECKPOINT_FILE
+        if not pointer.is_file():
+            return None
+        found = self.path / CHECKPOINTS_DIR / pointer.read_text().strip()
+        return found if found.is_dir() else None
+
+    @property
+    def checkpoints_path(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
 
     @property
     def metrics_path(self) -> Path:
@@ -67,14 +153,34 @@ class JobDirectory:
         """The exported HF model of a merged-LoRA or full fine-tuning job."""
         return self.path / MODEL_DIR
 
-    def write_atomic(self, name: str, text: str) -> None:
+    def write_atomic(self, name: str, data: str | bytes) -> None:
+        """Write ``name`` whole: a temporary file renamed over it, so readers see the old or the new file."""
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with (os.fdopen(fd, "wb") if isinstance(data, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as handle:
+            handle.write(data)
         os.replace(tmp, self.path / name)
 
     def write_result(self, result) -> None:
         self.write_atomic(RESULT_FILE, json.dumps(dataclasses.asdict(result), indent=2, default=str) + "\n")
+
+
+def config_changes(saved, cfg: Config) -> List[Tuple[str, object, object]]:
+    """``(key, saved value, new value)`` for every setting that differs, except ``RESUMABLE_CHANGES``."""
+    old = _flatten(OmegaConf.to_container(saved, resolve=True))
+    new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    keys = sorted(set(old) | set(new))
+    return [(k, old.get(k), new.get(k)) for k in keys
+            if old.get(k) != new.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat: dict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def peak_memory_gib(device_type: str) -> float:

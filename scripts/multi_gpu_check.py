@@ -1,7 +1,10 @@
-"""Multi-GPU check: the same LoRA job at TP=1, TP=2, TP=2+SP, DP=2 and PP=2, compared step by step.
+"""Multi-GPU check: the same job at TP=1, TP=2, TP=2+SP, DP=2 and PP=2, compared step by step.
 
     python scripts/multi_gpu_check.py --model llama-3.1-8b-instruct --out results/   # on a 2-GPU machine
     python scripts/multi_gpu_check.py --model tiny-llama-test --device cpu          # the same flow on CPU (gloo)
+    python scripts/multi_gpu_check.py --model llama-3.2-1b-instruct --finetuning all_weights \
+        --layouts tp1,dp2,dp2-distopt                                               # full SFT, distributed optimizer
+    python scripts/multi_gpu_check.py --peft-check results/job-tp2                  # adapter in peft vs ours
 
 Writes one random-weight HF checkpoint of the model's architecture (so every layout starts from identical
 weights), a synthetic packed dataset (example lengths log-normal, mean ~600 tokens), then runs
@@ -26,6 +29,7 @@ LAYOUTS = {  # name: (processes, overrides)
     "tp2sp": (2, ["model.tensor_parallel_size=2", "model.use_sequence_parallel=true"]),
     "dp2": (2, []),
     "pp2": (2, ["model.pipeline_parallel_size=2"]),
+    "dp2-distopt": (2, ["hyperparameters.use_distributed_optimizer=true"]),
 }
 
 
@@ -74,7 +78,9 @@ def run_layout(name: str, args, root: Path) -> dict:
                f"device={args.device}", "progress_bar=false",
                "hyperparameters.sequence_packing_enabled=true", f"hyperparameters.max_steps={args.steps}",
                f"hyperparameters.batch_size={args.batch_size}", f"hyperparameters.micro_batch_size={args.micro_batch_size}",
-               "hyperparameters.learning_rate=1e-4", "hyperparameters.lora.adapter_dim=16",
+               f"hyperparameters.finetuning_type={args.finetuning}",
+               f"hyperparameters.learning_rate={1e-5 if args.finetuning == 'all_weights' else 1e-4}",
+               "hyperparameters.lora.adapter_dim=16",
                "hyperparameters.lora.alpha=32", "hyperparameters.lora.adapter_dropout=0.0", *overrides]
     log = root / f"{name}.log"
     with open(log, "w") as handle:
@@ -91,6 +97,42 @@ def run_layout(name: str, args, root: Path) -> dict:
                 tokens_per_s_per_gpu=round(tokens_per_s / processes), peak_gib=round(result["peak_memory_gib"], 1))
 
 
+def check_peft(job: Path, device: str = "cuda", tokens: int = 512) -> dict:
+    """The job's exported adapter in ``transformers`` + ``peft`` against our model with the same adapter (TP=1,
+    fp32 on one device): relative difference of the logits on random tokens."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nemo_customizer.config import config_from_file
+    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
+    from nemo_customizer.models.gpt import build_model_for_job, forward_logits
+    from nemo_customizer.peft.apply import apply_lora
+    from nemo_customizer.peft.export import load_peft_adapter, read_lora_config
+
+    cfg = config_from_file(job / "config.yaml", ["model.tensor_parallel_size=1", "model.use_sequence_parallel=false",
+                                                 "model.pipeline_parallel_size=1"])
+    device = torch.device(device)
+    ids = torch.randint(0, cfg.model.architecture.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=device, seed=0)
+    try:
+        model, _ = build_model_for_job(cfg.model, cfg.model.checkpoint, device=device, params_dtype=torch.float32)
+        apply_lora(model, cfg.model.architecture, read_lora_config(job / "adapter"), seed=0)
+        load_peft_adapter(model, job / "adapter")
+        with torch.no_grad():
+            ours = forward_logits(model.eval(), ids.to(device)).float().cpu()
+        del model
+    finally:
+        destroy_parallel(layout)
+    torch.cuda.empty_cache()
+    reference = AutoModelForCausalLM.from_pretrained(cfg.model.checkpoint, torch_dtype=torch.float32).to(device)
+    reference = PeftModel.from_pretrained(reference, str(job / "adapter")).eval()
+    with torch.no_grad():
+        theirs = reference(ids.to(device)).logits.float().cpu()
+    rel = ((ours - theirs).norm() / theirs.norm()).item()
+    return dict(check=f"{job.name}: adapter in peft vs ours, fp32 logits of {tokens} tokens", rel=rel, ok=rel <= 1e-3)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3.1-8b-instruct")
@@ -104,7 +146,14 @@ def main(argv=None) -> int:
     parser.add_argument("--mean-chars", type=int, default=600)
     parser.add_argument("--rtol", type=float, default=2e-2, help="per-step loss tolerance against TP=1")
     parser.add_argument("--out", default="multi_gpu_check")
+    parser.add_argument("--finetuning", default="lora", choices=["lora", "all_weights"])
+    parser.add_argument("--peft-check", default=None, metavar="JOB_DIR",
+                        help="only compare that LoRA job's exported adapter in peft with ours, then exit")
     args = parser.parse_args(argv)
+    if args.peft_check:
+        result = check_peft(Path(args.peft_check).resolve(), args.device)
+        print(json.dumps(result))
+        return 0 if result["ok"] else 1
     root = Path(args.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "checkpoint" / "config.json").exists():

@@ -105,6 +105,20 @@ def config_from_kwargs(
     return compose_config([f"model={config}", *overrides_from_dict(fields)])
 
 
+def config_from_file(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """A job's saved ``config.yaml`` (fully resolved) with ``key=value`` overrides applied on top."""
+    overrides = list(overrides)
+    _check_overrides(overrides)
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path),
+                               OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.to_object(node)
+    except Exception as exc:
+        raise _translate(exc) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
 def overrides_from_dict(values: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Flatten nested ``values`` into Hydra override strings: ``{"a": {"b": 1}}`` → ``["a.b=1"]``."""
     out: list[str] = []

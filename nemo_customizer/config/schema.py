@@ -133,6 +133,9 @@ class HyperparametersConfig:
     """Pack training examples into bins of ``max_seq_length`` tokens (attention, positions and labels never cross an
     example); ``batch_size`` is converted to bins so each step sees about as many tokens. Validation stays unpacked.
     Ignored, with a warning, for a model whose ``sequence_packing_supported`` is false."""
+    use_distributed_optimizer: bool = False
+    """Shard the optimizer state (fp32 master weights and Adam moments) over data-parallel ranks with Megatron's
+    distributed optimizer: for full fine-tuning at DP > 1. Needs CUDA (NCCL) when DP > 1."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
@@ -153,12 +156,58 @@ class DatasetConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Resumable checkpoints in ``<output_dir>/checkpoints`` (``megatron.core.dist_checkpointing``), written at
+    each validation and when the job is cancelled. Running a job again with the same ``output_dir`` resumes from
+    the last one, also at another parallel layout."""
+
+    enabled: bool = True
+    keep_last: int = 1
+    """How many checkpoints to keep (the newest)."""
+
+
+@dataclass
+class ServingConfig:
+    """The OpenAI-compatible server (``python -m nemo_customizer serve``): one base model plus LoRA adapters."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; the loopback default keeps the server private to this machine. ``0.0.0.0`` exposes it
+    (then set an ``api_key``)."""
+    port: int = 8000
+    api_key: Optional[str] = None
+    """Key clients must send as ``Authorization: Bearer KEY``; default ``$NEMO_CUSTOMIZER_API_KEY``; unset: none."""
+    model_name: Optional[str] = None
+    """Name the base model is served under (``"model"`` in requests); default ``model.name``. Adapters are served
+    as ``MODEL_NAME@ADAPTER`` (or just ``ADAPTER``)."""
+    adapters_dir: Optional[str] = None
+    """Directory of adapters: each ``NAME/adapter_config.json`` (an HF PEFT adapter) or ``NAME/adapter/`` (a
+    customization job's output directory) is served as ``NAME``; directories dropped in later are found too."""
+    preload_adapters: bool = False
+    """Load every adapter in ``adapters_dir`` at start instead of on its first request."""
+    allow_runtime_adapters: bool = True
+    """Accept ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's endpoints)."""
+    max_lora_rank: int = 64
+    """Highest adapter rank r the server loads."""
+    max_tokens: int = 4096
+    """Upper limit on a request's ``max_tokens`` (a larger value is a 400 error); also the default for chat."""
+    max_request_bytes: int = 1048576
+    """Largest request body accepted (413 above it)."""
+    max_choices: int = 64
+    """Upper limit on the completions one request asks for: ``n`` times the number of prompts."""
+    max_batch_size: int = 16
+    """Sequences decoded together; further requests wait for a free row (continuous batching)."""
+    log_level: str = "info"
+    """uvicorn's log level: critical, error, warning, info, debug, trace."""
+
+
+@dataclass
 class Config:
     """A whole customization job."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     hyperparameters: HyperparametersConfig = field(default_factory=HyperparametersConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "outputs/job"
     """Job directory: resolved config, metrics.jsonl, adapter."""
     device: str = "auto"
@@ -168,5 +217,8 @@ class Config:
     cache_dir: Optional[str] = None
     """Where embedded checkpoints are converted; default ``$NEMO_CUSTOMIZER_CACHE`` or ~/.cache/nemo_customizer."""
     log_interval: int = 1
-    """Print a progress line every N steps when stderr is not a terminal (metrics.jsonl records every step)."""
+    """Print a progress line every N steps when stderr is not a terminal (metrics.jsonl records every step); also
+    how often status.json is rewritten (and at most ~1% of the job's time)."""
     progress_bar: bool = True
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    """The inference server's settings (``serve``)."""

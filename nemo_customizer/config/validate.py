@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 
 from .errors import ConfigError, ConfigWarning
-from .schema import MISSING_PATH, ArchitectureConfig, Config, HyperparametersConfig, ModelConfig
+from .schema import MISSING_PATH, ArchitectureConfig, Config, HyperparametersConfig, ModelConfig, ServingConfig
 
 HF_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MEGATRON_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -19,6 +19,7 @@ FINETUNING_TYPES = ("lora", "lora_merged", "all_weights")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 RECOMMENDED_BATCH_MULTIPLE = 16
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def validate_config(cfg: Config, *, training: bool = True) -> None:
@@ -37,6 +38,20 @@ def validate_config(cfg: Config, *, training: bool = True) -> None:
     if cfg.dataset.max_val_examples is not None:
         _at_least("dataset.max_val_examples", cfg.dataset.max_val_examples, 1)
     validate_hyperparameters(cfg.hyperparameters, cfg.model)
+    _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
+
+
+def validate_serving(serving: ServingConfig) -> None:
+    """The server's settings (``serve``): a usable port, positive limits, a known log level."""
+    if not 1 <= serving.port <= 65535:
+        raise ConfigError(f"serving.port must be in 1..65535, got {serving.port}.")
+    if serving.model_name is not None and ("@" in serving.model_name or not serving.model_name.strip()):
+        raise ConfigError(f"serving.model_name={serving.model_name!r} must be non-empty and must not contain '@' "
+                          "(it separates the base model from an adapter name).")
+    for key in ("max_lora_rank", "max_tokens", "max_choices", "max_batch_size"):
+        _at_least(f"serving.{key}", getattr(serving, key), 1)
+    _at_least("serving.max_request_bytes", serving.max_request_bytes, 1024)
+    _one_of("serving.log_level", serving.log_level, LOG_LEVELS)
 
 
 def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> None:

@@ -6,22 +6,41 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 
 class MetricsLog:
-    """Appends one JSON object per event to ``metrics.jsonl`` (flushed each line, so a crash loses nothing)."""
+    """Appends one JSON object per event to ``metrics.jsonl`` (flushed each line, so a crash loses nothing).
 
-    def __init__(self, path: Optional[Path]):
+    ``listeners`` (main rank: the job status, plots) get every record too, after it is written.
+    """
+
+    def __init__(self, path: Optional[Path], listeners: Sequence[Callable[[dict], None]] = ()):
         self.path = path
         self._file = open(path, "a", encoding="utf-8") if path is not None else None
+        self.listeners = tuple(listeners)
 
     def write(self, **record) -> None:
-        if self._file is None:
+        if self._file is None and not self.listeners:
             return
         record.setdefault("time", round(time.time(), 3))
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        for listener in self.listeners:
+            listener(record)
+
+    def rewind(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (a job resumed from that step's checkpoint trains them again)."""
+        if self._file is None:
+            return
+        self._file.close()
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.rewind")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
         if self._file is not None:

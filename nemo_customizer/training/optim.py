@@ -12,7 +12,8 @@ from nemo_customizer.config.schema import HyperparametersConfig
 
 
 def build_optimizer(model_chunks: List[torch.nn.Module], hp: HyperparametersConfig, params_dtype: torch.dtype):
-    """Only parameters with ``requires_grad`` (the adapters, for LoRA) get optimizer state."""
+    """Only parameters with ``requires_grad`` (the adapters, for LoRA) get optimizer state; with
+    ``hp.use_distributed_optimizer`` it is sharded over the data-parallel ranks."""
     config = OptimizerConfig(
         optimizer="adam",
         lr=hp.learning_rate,
@@ -23,7 +24,7 @@ def build_optimizer(model_chunks: List[torch.nn.Module], hp: HyperparametersConf
         clip_grad=hp.clip_grad,
         bf16=params_dtype == torch.bfloat16,
         params_dtype=params_dtype,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=hp.use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, model_chunks, use_gloo_process_groups=False)
 

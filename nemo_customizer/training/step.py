@@ -8,16 +8,20 @@ batches (``collate_packed``): the model returns one loss per masked token whiche
 With pipeline parallelism the stages exchange activations of one fixed shape ``[s, b, h]`` (``s/tp`` under SP) for
 every micro batch of a step, so ``forward_backward`` first right-pads the step's micro batches to its longest one
 (``uniform_length``); the padding carries no loss, so the losses equal the unpadded ones.
+
+A step whose loss or gradient norm is NaN/inf raises ``NonFiniteStep`` before the optimizer touches the weights.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.optimizer import optimizer as mcore_optimizer
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -37,6 +41,15 @@ class StepResult:
     grad_norm: float
     learning_rate: float
     skipped: bool
+    """mcore skipped the update (fp16 loss scaling found inf/nan gradients and lowered the scale)."""
+
+
+class NonFiniteStep(FloatingPointError):
+    """The step's loss or gradient norm is NaN or infinite; the optimizer update was not applied.
+
+    Every rank raises it at the same step: the loss is summed over the data-parallel and pipeline ranks, and the
+    gradient norm is taken after the data-parallel reduction and summed over the model-parallel ranks.
+    """
 
 
 def _loss_func(token_losses: torch.Tensor):
@@ -138,23 +151,51 @@ def _real_tokens(micro_batches: Iterable[MicroBatch]) -> int:
 
 
 def train_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], device: torch.device) -> StepResult:
-    """Forward/backward over this rank's micro batches, gradient reduction, clipping, optimizer and LR step."""
+    """Forward/backward over this rank's micro batches, gradient reduction, clipping, optimizer and LR step.
+
+    Raises ``NonFiniteStep`` (weights and optimizer state untouched) when the loss or gradient norm is not finite.
+    """
     model.train()
     model.zero_grad_buffer()
     optimizer.zero_grad()
     loss_sum, loss_tokens = forward_backward(model, micro_batches, device, forward_only=False)
-    update_ok, grad_norm, _ = optimizer.step()
+    loss = loss_sum / max(loss_tokens, 1)
+    if not math.isfinite(loss):
+        raise NonFiniteStep(f"training loss is {loss}")
+    update_ok, grad_norm = _optimizer_step(optimizer)
     learning_rate = optimizer.param_groups[0]["lr"]
     if update_ok:
         scheduler.step(increment=1)
     return StepResult(
-        loss=loss_sum / max(loss_tokens, 1),
+        loss=loss,
         loss_tokens=loss_tokens,
         real_tokens=_real_tokens(micro_batches),
-        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        grad_norm=grad_norm,
         learning_rate=learning_rate,
         skipped=not update_ok,
     )
+
+
+def _optimizer_step(optimizer) -> Tuple[bool, float]:
+    """mcore's ``optimizer.step()`` in its three parts, with a check before the update; returns (applied, norm).
+
+    mcore checks gradients for inf/nan only under fp16 loss scaling (``prepare_grads``' found_inf: it skips the
+    update). With bf16/fp32 it would clip by a NaN norm and write NaN into every trained weight, so here a
+    non-finite norm raises ``NonFiniteStep`` first. The norm is computed once, as ``step()`` does, and also when
+    ``clip_grad`` is 0 (``step()`` then skips it): the loop logs it and the check needs it.
+    """
+    if optimizer.prepare_grads():  # fp16 loss scaling found inf/nan: skip this update, as mcore's step() does
+        return False, math.nan
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        raise NonFiniteStep(f"gradient norm is {grad_norm}")
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):  # ChainedOptimizer.step clips each part
+        params = part.get_parameters()
+        if part.config.clip_grad > 0.0 and params:
+            # Looked up on the module at call time: the CPU patches replace it there.
+            mcore_optimizer.clip_grad_by_total_norm_fp32(
+                params, part.config.clip_grad, grad_norm, part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return optimizer.step_with_ready_grads(), grad_norm
 
 
 @torch.no_grad()

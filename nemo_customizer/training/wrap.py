@@ -8,8 +8,12 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-def wrap_for_training(model: torch.nn.Module, config: TransformerConfig) -> DistributedDataParallel:
+def wrap_for_training(model: torch.nn.Module, config: TransformerConfig, *,
+                      distributed_optimizer: bool = False) -> DistributedDataParallel:
     """bf16 (Float16Module) when the config says so, then mcore DDP with fp32 gradient buffers.
+
+    ``distributed_optimizer``: gradients are reduce-scattered so each data-parallel rank keeps only its shard of
+    the optimizer state (must match ``build_optimizer``).
 
     Only trainable parameters get gradient buffers, so a LoRA job keeps no gradient memory for the frozen base.
     Also wires mcore's schedule hooks: gradient finalization (DP all-reduce, SP norm grads, per-token scaling)
@@ -20,7 +24,7 @@ def wrap_for_training(model: torch.nn.Module, config: TransformerConfig) -> Dist
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                 use_distributed_optimizer=False),
+                                                 use_distributed_optimizer=distributed_optimizer),
         module=model,
     )
     config.finalize_model_grads_func = finalize_model_grads

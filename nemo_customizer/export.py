@@ -1,0 +1,72 @@
+"""Export a job's resumable checkpoint as HF files, at any parallel layout.
+
+A job trained at TP=2 (or PP=2) writes ``checkpoints/step_…`` with global tensor shapes. ``export_checkpoint``
+builds the model at the layout it is run with (one process: TP=1), loads the checkpoint's trainable weights into
+it and writes what the job's finetuning type exports: ``adapter/`` (HF PEFT) and/or ``model/`` (HF checkpoint).
+Useful for a job that was stopped before it finished, or to export the latest weights instead of the best ones.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from nemo_customizer.config import config_from_file, validate_config
+from nemo_customizer.config.validate import check_parallel_layout
+from nemo_customizer.jobs import CONFIG_FILE, JobDirectory
+
+
+def export_checkpoint(job_dir: str, output_dir: Optional[str] = None, *, checkpoint: Optional[str] = None,
+                      overrides: Sequence[str] = ()) -> Path:
+    """Write the HF export of ``checkpoint`` (default: the job's latest) into ``output_dir``.
+
+    ``output_dir`` defaults to ``<job_dir>/export-<checkpoint name>``. ``overrides`` change the saved config
+    (``model.tensor_parallel_size=1``; launch with torchrun for a layout of several processes). Returns the
+    output directory.
+    """
+    job = JobDirectory(Path(job_dir).expanduser().resolve())
+    if not (job.path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{job_dir} is not a job directory ({CONFIG_FILE} is missing).")
+    source = Path(checkpoint) if checkpoint else job.latest_checkpoint()
+    if source is None or not source.is_dir():
+        raise FileNotFoundError(f"{job_dir} has no checkpoint to export "
+                                f"({checkpoint or job.checkpoints_path / 'latest'} not found).")
+    cfg = config_from_file(job.path / CONFIG_FILE, overrides)
+    validate_config(cfg, training=False)
+    check_parallel_layout(cfg.model, cfg.hyperparameters, int(os.environ.get("WORLD_SIZE", "1")))
+    out = Path(output_dir).expanduser().resolve() if output_dir else job.path / f"export-{source.name}"
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose another output directory.")
+    _export(cfg, source, JobDirectory(out))
+    return out
+
+
+def _export(cfg, source: Path, out: JobDirectory) -> None:
+    import torch
+
+    from nemo_customizer.checkpoints.resolve import load_tokenizer, resolve_model
+    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel, params_dtype, resolve_device
+    from nemo_customizer.models.gpt import build_model_for_job
+    from nemo_customizer.training.checkpointing import Checkpointer
+    from nemo_customizer.training.finetuning import best_checkpoint_saver, prepare_trainable
+
+    resolved = resolve_model(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(resolved.tokenizer_dir, cfg.model.chat_template)
+    device = resolve_device(cfg.device)
+    layout = initialize_parallel(tensor_parallel_size=cfg.model.tensor_parallel_size,
+                                 pipeline_parallel_size=cfg.model.pipeline_parallel_size, device=device,
+                                 seed=cfg.hyperparameters.seed)
+    try:
+        model, _ = build_model_for_job(cfg.model, resolved.checkpoint_dir, device=device,
+                                       params_dtype=params_dtype(cfg.precision, device))
+        prepare_trainable(model, cfg)
+        trainable_only = cfg.hyperparameters.finetuning_type != "all_weights"
+        checkpointer = Checkpointer(source.parent, model, None, None, layout, trainable_only=trainable_only)
+        checkpointer.load(source, weights_only=True)
+        if layout.is_main:
+            out.path.mkdir(parents=True, exist_ok=True)
+        torch.distributed.barrier()
+        best_checkpoint_saver(model, cfg, out, source_dir=resolved.checkpoint_dir, tokenizer=tokenizer)()
+    finally:
+        destroy_parallel(layout)

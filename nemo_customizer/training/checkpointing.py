@@ -1,0 +1,156 @@
+"""Resumable training checkpoints with ``megatron.core.dist_checkpointing``.
+
+A checkpoint holds what training changes: the trainable weights (only the adapters for LoRA; the frozen base is
+re-read from the HF checkpoint), the optimizer state, the learning-rate schedule, every rank's RNG states and the
+loop's position (steps, epoch, early-stopping state). Tensors are saved with their global shapes and
+tensor/pipeline-parallel offsets, so a job saved at TP=2 loads at TP=1 (or PP=2, or another DP size).
+
+On disk (``<job_dir>/checkpoints/``)::
+
+    step_00000040/     one dist_checkpointing directory per saved step
+    latest             the name of the last complete checkpoint, replaced atomically
+
+A checkpoint is written to ``.tmp-step_…`` and renamed when every rank has finished, then ``latest`` is replaced:
+an interrupted save leaves the previous checkpoint and ``latest`` untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+from nemo_customizer.distributed.parallel import ParallelLayout
+from nemo_customizer.jobs import LATEST_CHECKPOINT_FILE
+from nemo_customizer.training.position import LoopPosition
+
+_DISTRIBUTED_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}  # any DP size can load it
+
+
+class Checkpointer:
+    """Saves and loads resumable checkpoints of one job (collective: every rank calls ``save``/``load``)."""
+
+    def __init__(self, root: Path, model: torch.nn.Module, optimizer, scheduler, layout: ParallelLayout, *,
+                 trainable_only: bool, distributed_optimizer: bool = False, keep_last: int = 1):
+        self.root = root
+        """The job's ``checkpoints/`` directory."""
+        self.model = model
+        """The bare model (not the DDP / Float16Module wrappers): its parameters are the optimizer's."""
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.layout = layout
+        self.trainable_only = trainable_only
+        self.distributed_optimizer = distributed_optimizer
+        self.keep_last = max(keep_last, 1)
+
+    # --- what is saved -------------------------------------------------------------------------------------------
+
+    def _model_state(self) -> dict:
+        state = self.model.sharded_state_dict()
+        if self.trainable_only:  # LoRA: the frozen base comes from the HF checkpoint, not from here
+            state = {k: v for k, v in state.items() if isinstance(v, ShardedTensor) and v.data.requires_grad}
+        return state
+
+    def _sharded_state(self, *, is_loading: bool) -> dict:
+        model_state = self._model_state()
+        optimizer_kwargs = {"metadata": _DISTRIBUTED_OPTIMIZER_FORMAT} if self.distributed_optimizer else {}
+        layout = self.layout
+        return {
+            "model": model_state,
+            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading, **optimizer_kwargs),
+            # One object per rank; only a run with the same world size restores them (see ``load``).
+            "rng": ShardedObject("rng", _rng_state(), (layout.world_size,), (layout.rank,), replica_id=0),
+        }
+
+    # --- save ------------------------------------------------------------------------------------------------------
+
+    def save(self, position: LoopPosition) -> Path:
+        """Write a checkpoint of the current weights, optimizer, schedule, RNG and ``position``."""
+        name = f"step_{position.steps:08d}"
+        final, tmp = self.root / name, self.root / f".tmp-{name}"
+        if self.layout.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+            tmp.mkdir()
+        dist.barrier()
+        state = self._sharded_state(is_loading=False)
+        state["scheduler"] = self.scheduler.state_dict()
+        state["position"] = asdict(position)
+        state["world_size"] = self.layout.world_size
+        dist_checkpointing.save(state, str(tmp))
+        dist.barrier()  # every rank's shards are on disk
+        if self.layout.is_main:
+            if final.exists():  # the same step saved again (a resumed job reached it anew)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.root / LATEST_CHECKPOINT_FILE, name + "\n")
+            self._prune(keep=final)
+        dist.barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        for old in done[:-self.keep_last]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # --- load ------------------------------------------------------------------------------------------------------
+
+    def load(self, path: Path, *, weights_only: bool = False) -> LoopPosition:
+        """Restore the trainable weights (and unless ``weights_only``, optimizer, schedule and RNG) from ``path``.
+
+        RNG states are restored only when the world size is the one that saved them; another layout resumes
+        with the same weights and data order but fresh dropout masks.
+        """
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        if weights_only:
+            state = {"model": self._model_state()}
+        else:
+            state = self._sharded_state(is_loading=True)
+            if common.get("world_size") != self.layout.world_size:
+                state.pop("rng")
+        loaded = dist_checkpointing.load(state, str(path))
+        _, unexpected = self.model.load_state_dict(loaded["model"], strict=False)
+        if unexpected:
+            raise RuntimeError(f"{path}: checkpoint tensors {unexpected[:3]} do not exist in this model")
+        if not weights_only:
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            self.scheduler.load_state_dict(common["scheduler"])
+            if "rng" in loaded:
+                _set_rng_state(loaded["rng"])
+        return LoopPosition(**common["position"])
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,149 @@
+"""Resumable checkpoints: a killed job resumes to the same result; a TP=2 checkpoint resumes and exports at TP=1."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _multiproc import run_world
+from _tiny import write_classification_data, write_tiny_model_dir
+
+STEPS = 8  # 48 rows / batch 8 = 6 steps per epoch: the kill (after step 4's checkpoint) is mid-epoch 0
+KILL_AT_SAVE = 3  # the third checkpoint save (step 6) is killed after its shards are written, before the rename
+
+
+def _settings(root: str, name: str, finetuning: str, tp: int, dropout: float = 0.1) -> dict:
+    return dict(
+        config="tiny-llama-test", dataset=f"{root}/data", output_dir=f"{root}/{name}", device="cpu",
+        progress_bar=False,
+        hyperparameters={"finetuning_type": finetuning, "epochs": 2, "batch_size": 8, "micro_batch_size": 2,
+                         "learning_rate": 3e-3, "max_steps": STEPS, "val_check_interval": 2,
+                         "lora": {"adapter_dropout": dropout, "target_modules": ["q_proj", "v_proj", "down_proj"]}},
+        model={"checkpoint": f"{root}/model", "random_weights": False, "tensor_parallel_size": tp},
+    )
+
+
+def _train(rank: int, root: str, name: str, finetuning: str, tp: int, kill_at_save: int = 0,
+           dropout: float = 0.1) -> None:
+    from nemo_customizer.api import customize
+
+    if kill_at_save:  # SIGKILL this process in the middle of a checkpoint save, as a pre-emption would
+        from megatron.core import dist_checkpointing
+
+        real_save, calls = dist_checkpointing.save, []
+
+        def save_then_die(*args, **kwargs):
+            real_save(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == kill_at_save:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        dist_checkpointing.save = save_then_die
+    customize(**_settings(root, name, finetuning, tp, dropout))
+
+
+def _export(rank: int, job: str, out: str, tp: int) -> None:
+    from nemo_customizer.export import export_checkpoint
+
+    export_checkpoint(job, out, overrides=[f"model.tensor_parallel_size={tp}"])
+
+
+def _train_losses(job: Path) -> dict:
+    rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["event"] == "train"]
+    assert steps == sorted(set(steps)), "each step is logged once, also after a resume"
+    return {r["step"]: r["loss"] for r in rows if r["event"] == "train"}
+
+
+def _weights(job: Path, finetuning: str) -> dict:
+    return load_file(str(job / ("adapter/adapter_model.safetensors" if finetuning == "lora" else
+                                "model/model.safetensors")))
+
+
+def _kill_then_resume(root: Path, name: str, finetuning: str, tp_before: int, tp_after: int) -> Path:
+    with pytest.raises(Exception):  # the spawned processes die by SIGKILL
+        run_world(_train, tp_before, str(root), name, finetuning, tp_before, KILL_AT_SAVE)
+    job = root / name
+    checkpoints = job / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000004"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step_00000006", "latest", "step_00000004"]
+    assert not (job / "result.json").exists()
+    run_world(_train, tp_after, str(root), name, finetuning, tp_after)
+    return job
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    write_tiny_model_dir(root / "model")
+    write_classification_data(root / "data", n_train=48, n_val=8)
+    return root
+
+
+@pytest.mark.parametrize("finetuning", ["lora", "all_weights"])
+def test_killed_job_resumes_to_the_same_losses_and_weights(root, finetuning):
+    run_world(_train, 1, str(root), f"{finetuning}-ref", finetuning, 1)
+    reference = root / f"{finetuning}-ref"
+    job = _kill_then_resume(root, f"{finetuning}-killed", finetuning, 1, 1)
+
+    expected, actual = _train_losses(reference), _train_losses(job)
+    assert list(actual) == list(range(1, STEPS + 1))
+    assert actual == pytest.approx(expected, abs=1e-6, rel=0)
+    assert expected[STEPS] < expected[1]  # it trained
+    ref_weights, weights = _weights(reference, finetuning), _weights(job, finetuning)
+    assert weights.keys() == ref_weights.keys()
+    for key in ref_weights:
+        assert torch.equal(weights[key], ref_weights[key]) or \
+            (weights[key] - ref_weights[key]).abs().max().item() <= 1e-6, key
+    # the interrupted save was cleaned up; only the newest checkpoint is kept
+    assert sorted(p.name for p in (job / "checkpoints").iterdir()) == ["latest", f"step_{STEPS:08d}"]
+    assert json.loads((job / "status.json").read_text())["status"] == "completed"
+    result = json.loads((job / "result.json").read_text())
+    assert result["steps"] == STEPS
+
+
+def test_tensor_parallel_checkpoint_exports_and_resumes_at_tp1(root):
+    # no dropout: its masks come from each rank's RNG, which a run at another layout cannot restore
+    run_world(_train, 1, str(root), "tp1-ref", "lora", 1, 0, 0.0)
+    with pytest.raises(Exception):
+        run_world(_train, 2, str(root), "tp2-killed", "lora", 2, KILL_AT_SAVE, 0.0)
+    job = root / "tp2-killed"
+
+    # the TP=2 checkpoint of step 4 exports the same adapter at TP=1 and TP=2
+    # (at TP=1 with the command line a user would type)
+    subprocess.run([sys.executable, "-m", "nemo_customizer", "export", str(job), "--output", str(root / "export-tp1"),
+                    "model.tensor_parallel_size=1"], check=True, cwd=Path(__file__).resolve().parents[1],
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run_world(_export, 2, str(job), str(root / "export-tp2"), 2)
+    at_tp1 = load_file(str(root / "export-tp1/adapter/adapter_model.safetensors"))
+    at_tp2 = load_file(str(root / "export-tp2/adapter/adapter_model.safetensors"))
+    assert at_tp1.keys() == at_tp2.keys() and at_tp1
+    for key in at_tp1:
+        assert (at_tp1[key] - at_tp2[key]).abs().max().item() <= 1e-6, key
+
+    # resumed at TP=1, it continues like a TP=1 run
+    run_world(_train, 1, str(root), "tp2-killed", "lora", 1, 0, 0.0)
+    expected, actual = _train_losses(root / "tp1-ref"), _train_losses(job)
+    assert list(actual) == list(range(1, STEPS + 1))
+    assert actual == pytest.approx(expected, abs=1e-4, rel=0)
+
+
+def test_a_job_resumes_only_with_the_same_settings(root):
+    from nemo_customizer.api import customize
+
+    if not (root / "lora-ref/result.json").exists():
+        run_world(_train, 1, str(root), "lora-ref", "lora", 1)
+    with pytest.raises(FileExistsError, match="finished job"):
+        customize(**_settings(str(root), "lora-ref", "lora", 1))
+    (root / "unfinished").mkdir()
+    (root / "unfinished/config.yaml").write_text((root / "lora-ref/config.yaml").read_text())
+    settings = _settings(str(root), "unfinished", "lora", 1)
+    settings["hyperparameters"]["learning_rate"] = 1e-3
+    with pytest.raises(FileExistsError, match=r"hyperparameters.learning_rate: 0.003 -> 0.001"):
+        customize(**settings)
