@@ -49,6 +49,7 @@ def customize(
     dataset: Optional[str] = None,
     hyperparameters: Optional[Mapping[str, Any]] = None,
     output_dir: Optional[str] = None,
+    num_gpus: Optional[int] = None,
     **overrides: Any,
 ) -> CustomizationResult:
     """Fine-tune model config ``config`` on ``dataset`` and export the result.
@@ -60,12 +61,38 @@ def customize(
     ``lora={"adapter_dim": 16}``, ...); other keyword arguments override config sections
     (``model={"checkpoint": "/ckpt"}``, ``device="cpu"``). Unknown keys raise ``ConfigError``.
 
+    ``num_gpus=N`` (N > 1) starts N worker processes on this machine itself, one per GPU (or, with
+    ``device="cpu"``, N gloo processes), as ``torchrun --nproc-per-node N`` would; the parallel layout comes from
+    ``model={"tensor_parallel_size": ..., "pipeline_parallel_size": ...}`` and the rest is data parallel. Under a
+    launcher (``WORLD_SIZE`` set) it is ignored.
+
     SIGTERM or SIGINT (Ctrl-C) during the job finishes the current step, saves, marks the job ``cancelled`` and
     raises ``JobCancelled`` (its ``result`` is the partial result). Progress is in ``<output_dir>/status.json``.
     """
     cfg = config_from_kwargs(config=config, dataset=dataset, hyperparameters=hyperparameters,
                              output_dir=output_dir, **overrides)
+    if num_gpus is not None and num_gpus > 1 and "WORLD_SIZE" not in os.environ:
+        return _run_spawned(cfg, num_gpus)
     return run(cfg)
+
+
+def _run_spawned(cfg: Config, workers: int) -> CustomizationResult:
+    """``run(cfg)`` in ``workers`` local processes; what can be checked here is checked before any is started."""
+    from nemo_customizer.config import ConfigError
+    from nemo_customizer.distributed.launch import run_local_workers
+    from nemo_customizer.distributed.parallel import resolve_device
+
+    validate_config(cfg)
+    check_parallel_layout(cfg.model, cfg.hyperparameters, workers, workers)
+    _check_device_features(cfg)
+    if resolve_device(cfg.device).type == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < workers:
+            raise ConfigError(f"num_gpus={workers} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                              "lower num_gpus (or use device='cpu' for CPU processes).")
+    check_output_dir(cfg.output_dir, cfg)
+    return run_local_workers(run, workers, cfg)
 
 
 def run(cfg: Config) -> CustomizationResult:

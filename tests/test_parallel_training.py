@@ -93,3 +93,41 @@ def test_adapter_loads_into_tensor_parallel_model(reference):
     tp1, tp2 = torch.load(root / "logits_tp1.pt"), torch.load(root / "logits_tp2.pt")
     assert tp1.shape == tp2.shape == (2, 24, 320)
     assert (tp1 - tp2).abs().max().item() <= 1e-4
+
+
+def _settings(root, name: str, tp: int) -> dict:
+    return dict(
+        config="tiny-llama-test", dataset=f"{root}/data", output_dir=f"{root}/{name}", device="cpu", progress_bar=False,
+        hyperparameters={"epochs": 1, "batch_size": 8, "micro_batch_size": 2, "learning_rate": 5e-3,
+                         "max_steps": STEPS, "lora": {"adapter_dropout": 0.0, "target_modules": ["q_proj", "v_proj",
+                                                                                                 "o_proj", "down_proj",
+                                                                                                 "gate_proj"]}},
+        model={"checkpoint": f"{root}/model", "random_weights": False, "tensor_parallel_size": tp},
+    )
+
+
+def test_customize_with_num_gpus_spawns_the_workers_itself(reference):
+    """customize(num_gpus=2) from one Python process equals torchrun with 2 processes (here: TP=2 on CPU)."""
+    from nemo_customizer.api import customize
+
+    root, expected = reference
+    result = customize(**_settings(root, "spawned-tp2", 2), num_gpus=2)
+    assert result.steps == STEPS and result.job_dir == str(root / "spawned-tp2")
+    assert _losses(root / "spawned-tp2") == pytest.approx(expected, abs=1e-4)
+
+
+def test_num_gpus_errors_come_back_to_the_caller(reference):
+    from nemo_customizer.api import customize
+    from nemo_customizer.config import ConfigError
+    from nemo_customizer.data import DatasetError
+
+    root, _ = reference
+    with pytest.raises(ConfigError, match="3 processes cannot be split"):  # checked before any process starts
+        customize(**_settings(root, "bad-layout", 2), num_gpus=3)
+    assert not (root / "bad-layout").exists()
+    (root / "tiny-data").mkdir()
+    (root / "tiny-data/training.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    settings = _settings(root, "bad-data", 1)
+    settings["dataset"] = str(root / "tiny-data")
+    with pytest.raises(DatasetError, match="fewer than"):  # raised in a worker, re-raised here as itself
+        customize(**settings, num_gpus=2)

@@ -54,7 +54,8 @@ def params_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -70,7 +71,7 @@ def _init_process_group(device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(0)
-    store = dist.TCPStore("127.0.0.1", _free_port(), world_size=1, is_master=True)
+    store = dist.TCPStore("127.0.0.1", free_port(), world_size=1, is_master=True)
     dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
 
 
