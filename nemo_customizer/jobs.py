@@ -155,13 +155,28 @@ class JobDirectory:
 
     def write_atomic(self, name: str, data: str | bytes) -> None:
         """Write ``name`` whole: a temporary file renamed over it, so readers see the old or the new file."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)
-        with (os.fdopen(fd, "wb") if isinstance(data, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as handle:
-            handle.write(data)
-        os.replace(tmp, self.path / name)
+        write_file_atomic(self.path / name, data)
 
     def write_result(self, result) -> None:
         self.write_atomic(RESULT_FILE, json.dumps(dataclasses.asdict(result), indent=2, default=str) + "\n")
+
+
+def write_file_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``path`` whole (temporary file in the same directory, flushed to disk, renamed over it), with the
+    permissions a plain ``open()`` would give (``mkstemp`` makes 0600, unreadable to the rest of a team)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    with (os.fdopen(fd, "wb") if isinstance(data, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def config_changes(saved, cfg: Config) -> List[Tuple[str, object, object]]:

@@ -363,3 +363,17 @@ def test_without_matplotlib_the_job_logs_once_and_draws_nothing(tmp_path, monkey
     plots.close()
     assert not (tmp_path / "loss.png").exists()
     assert len(logged) == 1 and "matplotlib is not installed" in logged[0]
+
+
+def test_job_files_are_written_with_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the files must still be readable like any other file."""
+    from nemo_customizer.jobs import JobDirectory
+
+    old = os.umask(0o022)
+    try:
+        JobDirectory(tmp_path).write_atomic("status.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "status.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "status.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temporary file left behind

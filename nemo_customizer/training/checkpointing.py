@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from nemo_customizer.distributed.parallel import ParallelLayout
-from nemo_customizer.jobs import LATEST_CHECKPOINT_FILE
+from nemo_customizer.jobs import LATEST_CHECKPOINT_FILE, write_file_atomic
 from nemo_customizer.training.position import LoopPosition
 
 _DISTRIBUTED_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}  # any DP size can load it
@@ -91,7 +90,7 @@ class Checkpointer:
             if final.exists():  # the same step saved again (a resumed job reached it anew)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(self.root / LATEST_CHECKPOINT_FILE, name + "\n")
+            write_file_atomic(self.root / LATEST_CHECKPOINT_FILE, name + "\n")
             self._prune(keep=final)
         dist.barrier()
         return final
@@ -145,12 +144,3 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
