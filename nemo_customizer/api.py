@@ -275,7 +275,9 @@ def _packing_plan(cfg: Config, train: list, dp_size: int, pad_multiple: int, log
                         micro_batch_size=hp.micro_batch_size, dp_size=dp_size, seed=hp.seed,
                         pad_to_multiple_of=pad_multiple)
     if plan.steps_per_epoch == 0:
-        raise ValueError(f"{cfg.dataset.path}: {len(train)} training rows pack into {len(plan.bins)} bins, fewer than "
+        from nemo_customizer.data import DatasetError
+
+        raise DatasetError(f"{cfg.dataset.path}: {len(train)} training rows pack into {len(plan.bins)} bins, fewer than "
                          f"one packed batch of {plan.global_batch_size} bins; add data or disable packing.")
     log(plan.describe())
     metrics.write(event="packing", packing_factor=plan.packing_factor, bins=len(plan.bins),

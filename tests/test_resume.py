@@ -147,3 +147,19 @@ def test_a_job_resumes_only_with_the_same_settings(root):
     settings["hyperparameters"]["learning_rate"] = 1e-3
     with pytest.raises(FileExistsError, match=r"hyperparameters.learning_rate: 0.003 -> 0.001"):
         customize(**settings)
+
+
+def test_a_script_without_a_main_guard_saves_checkpoints(root, tmp_path):
+    """mcore's checkpoint writer would start a spawn-context Manager, which re-runs an unguarded __main__ script."""
+    settings = _settings(str(root), "unguarded", "lora", 1)
+    settings["hyperparameters"]["max_steps"] = 2
+    script = tmp_path / "train.py"
+    script.write_text(f"from nemo_customizer import customize\nresult = customize(**{settings!r})\n"
+                      "print('steps', result.steps)\n")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "steps 2" in done.stdout
+    assert (root / "unguarded/checkpoints/latest").read_text().strip() == "step_00000002"
