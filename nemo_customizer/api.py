@@ -64,7 +64,8 @@ def customize(
     ``num_gpus=N`` (N > 1) starts N worker processes on this machine itself, one per GPU (or, with
     ``device="cpu"``, N gloo processes), as ``torchrun --nproc-per-node N`` would; the parallel layout comes from
     ``model={"tensor_parallel_size": ..., "pipeline_parallel_size": ...}`` and the rest is data parallel. Under a
-    launcher (``WORLD_SIZE`` set) it is ignored.
+    launcher (``WORLD_SIZE`` set) it is ignored. The workers are spawned interpreters that import the caller's
+    ``__main__``: in a script, call ``customize`` under ``if __name__ == "__main__":``.
 
     SIGTERM or SIGINT (Ctrl-C) during the job finishes the current step, saves, marks the job ``cancelled`` and
     raises ``JobCancelled`` (its ``result`` is the partial result). Progress is in ``<output_dir>/status.json``.
