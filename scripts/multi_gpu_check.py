@@ -21,6 +21,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 LAYOUTS = {  # name: (processes, overrides)
@@ -83,6 +84,7 @@ def run_layout(name: str, args, root: Path) -> dict:
                "hyperparameters.lora.adapter_dim=16",
                "hyperparameters.lora.alpha=32", "hyperparameters.lora.adapter_dropout=0.0", *overrides]
     log = root / f"{name}.log"
+    started = time.monotonic()
     with open(log, "w") as handle:
         code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT,
                                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")})
@@ -94,7 +96,8 @@ def run_layout(name: str, args, root: Path) -> dict:
     timed = train[2:] or train  # leave out warm-up steps
     tokens_per_s = sum(e["tokens"] for e in timed) / sum(e["tokens"] / e["tokens_per_s"] for e in timed)
     return dict(layout=name, gpus=processes, losses=[e["loss"] for e in train], val_loss=result["final_val_loss"],
-                tokens_per_s_per_gpu=round(tokens_per_s / processes), peak_gib=round(result["peak_memory_gib"], 1))
+                tokens_per_s_per_gpu=round(tokens_per_s / processes), peak_gib=round(result["peak_memory_gib"], 1),
+                seconds=time.monotonic() - started)
 
 
 def check_peft(job: Path, device: str = "cuda", tokens: int = 512) -> dict:
@@ -159,24 +162,26 @@ def main(argv=None) -> int:
     if not (root / "checkpoint" / "config.json").exists():
         write_checkpoint(args.model, root / "checkpoint", args.device)
     write_dataset(root / "data", args.rows, args.mean_chars)
-    results = [run_layout(name, args, root) for name in args.layouts.split(",")]
-    reference = next((r for r in results if r["layout"] == "tp1" and "error" not in r), None)
-    ok = True
-    for r in results:
+    # Each layout is reported (and results.json rewritten) as soon as it ends: a run cut short by a time limit
+    # keeps what it measured. The first layout is the reference (list tp1 first).
+    results, reference, ok = [], None, True
+    for name in args.layouts.split(","):
+        r = run_layout(name, args, root)
+        results.append(r)
         if "error" in r:
             ok = False
-            print(f"FAIL {r['layout']}: {r['error']}")
-            continue
-        worst = max((abs(a - b) / abs(b) for a, b in zip(r["losses"], reference["losses"])), default=0.0) \
-            if reference else float("nan")
-        r["worst_rel_vs_tp1"] = worst
-        good = reference is not None and len(r["losses"]) == len(reference["losses"]) and worst <= args.rtol
-        ok &= good
-        print(f"{'ok  ' if good else 'FAIL'} {r['layout']:6} gpus={r['gpus']} tokens/s/GPU={r['tokens_per_s_per_gpu']:>7} "
-              f"peak={r['peak_gib']} GiB val={r['val_loss']:.4f} worst step-loss diff vs TP=1 {worst:.2e}")
-    (root / "results.json").write_text(json.dumps(results, indent=2))
+            print(f"FAIL {r['layout']}: {r['error']}", flush=True)
+        else:
+            reference = reference or r
+            worst = max((abs(a - b) / abs(b) for a, b in zip(r["losses"], reference["losses"])), default=0.0)
+            r["worst_rel_vs_reference"] = worst
+            good = len(r["losses"]) == len(reference["losses"]) and worst <= args.rtol
+            ok &= good
+            print(f"{'ok  ' if good else 'FAIL'} {r['layout']:11} gpus={r['gpus']} "
+                  f"tokens/s/GPU={r['tokens_per_s_per_gpu']:>7} peak={r['peak_gib']} GiB val={r['val_loss']:.4f} "
+                  f"seconds={r['seconds']:.0f} worst step-loss diff vs {reference['layout']} {worst:.2e}", flush=True)
+        (root / "results.json").write_text(json.dumps(results, indent=2))
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
