@@ -131,3 +131,20 @@ def test_num_gpus_errors_come_back_to_the_caller(reference):
     settings["dataset"] = str(root / "tiny-data")
     with pytest.raises(DatasetError, match="fewer than"):  # raised in a worker, re-raised here as itself
         customize(**settings, num_gpus=2)
+
+
+def test_too_few_packed_bins_for_the_data_parallel_ranks_is_a_dataset_error(reference):
+    """16 short rows pack into one bin; two data-parallel ranks need at least two per step."""
+    from nemo_customizer.api import customize
+    from nemo_customizer.data import DatasetError
+
+    root, _ = reference
+    (root / "short-data").mkdir()
+    (root / "short-data/training.jsonl").write_text(''.join(
+        f'{{"prompt": "p{i}", "completion": "c"}}\n' for i in range(16)))
+    settings = _settings(root, "few-bins", 1)
+    settings["dataset"] = {"path": str(root / "short-data"), "val_fraction": 0.0}
+    settings["hyperparameters"].update(batch_size=16, sequence_packing_enabled=True)
+    settings["model"]["max_seq_length"] = 1024
+    with pytest.raises(DatasetError, match="fewer than one packed batch of 2 bins"):
+        customize(**settings, num_gpus=2)
