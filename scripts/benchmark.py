@@ -52,7 +52,7 @@ def model_flops_per_token(arch, kind: str, seq_lengths: list[int]) -> float:
 
 
 def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, warmup: int,
-             profile_dir: str | None = None) -> dict:
+             profile_dir: str | None = None, bins_per_micro_batch: int = 1) -> dict:
     from nemo_customizer.config import compose_config
     from nemo_customizer.data.examples import TokenizedExample
     from nemo_customizer.data import collate
@@ -81,15 +81,18 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         vocab = cfg.model.architecture.vocab_size
         gen = torch.Generator().manual_seed(0)
 
-        def batch(step: int):
-            lengths = example_lengths(seq, seed=step) if packed else [seq]
-            examples = [TokenizedExample(torch.randint(0, vocab, (n + 1,), generator=gen).tolist(), [1] * (n + 1))
-                        for n in lengths]
-            if packed:
-                from nemo_customizer.data import collate_packed
+        def examples_of(lengths):
+            return [TokenizedExample(torch.randint(0, vocab, (n + 1,), generator=gen).tolist(), [1] * (n + 1))
+                    for n in lengths]
 
-                return [collate_packed([examples], pad_id=0)], lengths
-            return [collate(examples, pad_id=0)], lengths
+        def batch(step: int):
+            if not packed:
+                return [collate(examples_of([seq]), pad_id=0)], [seq]
+            from nemo_customizer.data import collate_packed
+
+            # bins_per_micro_batch bins of `seq` tokens in one forward (one THD row): fewer launches per token
+            bins = [example_lengths(seq, seed=step if k == 0 else step * 1000 + k) for k in range(bins_per_micro_batch)]
+            return [collate_packed([examples_of(b) for b in bins], pad_id=0)], [n for b in bins for n in b]
 
         batches = [batch(i) for i in range(steps + warmup)]
         torch.cuda.reset_peak_memory_stats()
@@ -109,7 +112,8 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         tokens_per_step = sum(lengths) / steps
         tok_s = tokens_per_step / step_s
         tflops = tok_s * model_flops_per_token(cfg.model.architecture, kind, lengths) / 1e12
-        return dict(impl="nemo_customizer", model=model_name, mode=mode, seq=seq, packed=packed, tok_s=round(tok_s),
+        return dict(impl="nemo_customizer", model=model_name, mode=mode, seq=seq, packed=packed,
+                    bins_per_micro_batch=bins_per_micro_batch if packed else None, tok_s=round(tok_s),
                     tflops=round(tflops), mfu=round(tflops / PEAK_TFLOPS, 3),
                     peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1), step_ms=round(step_s * 1000, 1))
     finally:
@@ -163,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="append JSON lines here")
+    parser.add_argument("--bins-per-micro-batch", type=int, default=1,
+                        help="packed: this many SEQ-token bins per forward (the step is one micro batch)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also profile 3 steps of ours: kernel table and Chrome trace per config in DIR")
     args = parser.parse_args(argv)
@@ -174,7 +180,7 @@ def main(argv=None) -> int:
     rows = []
     for model_name, mode in configs:
         runs = [lambda: run_ours(model_name, mode, args.seq, args.packed or args.suite, args.steps, args.warmup,
-                                 args.profile)]
+                                 args.profile, args.bins_per_micro_batch)]
         if args.peer:
             runs.append(lambda: run_peer(model_name, mode, args.seq))
         for fn in runs:
