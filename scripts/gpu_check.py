@@ -90,14 +90,14 @@ def check_packed(root: Path) -> list[dict]:
 
 def check_kernels() -> list[dict]:
     """GPU-only kernels against their CPU/eager reference on the same inputs."""
-    from nemo_customizer.models.norm import _compiled_rms_norm, rms_norm
+    from nemo_customizer.models.norm import fused_rms_norm, rms_norm
 
     gen = torch.Generator().manual_seed(0)
     results = []
     for tokens in (4096, 1531):  # two shapes: the compiled graph is dynamic, not specialized to the first
         x = torch.randn(tokens, 2048, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
         w = (torch.rand(2048, generator=gen) + 0.5).cuda().to(torch.bfloat16).requires_grad_()
-        fused = _compiled_rms_norm()(x, w, 1e-5)
+        fused = fused_rms_norm.compiled()(x, w, 1e-5)
         fused.float().square().sum().backward()
         grads = x.grad.clone(), w.grad.clone()
         x.grad = w.grad = None
@@ -108,16 +108,16 @@ def check_kernels() -> list[dict]:
                     ((grads[1] - w.grad).abs().max() / w.grad.abs().max()).item())
         results.append(dict(check=f"compiled RMSNorm vs eager, bf16, {tokens} tokens (fwd, d_x, d_w)",
                             worst_rel=worst, ok=worst <= 2e-2))
-    from nemo_customizer.models.gpt import _compiled_cross_entropy
-    from nemo_customizer.models.rope import _compiled_rotate, _rotate
+    from nemo_customizer.models.gpt import _cross_entropy_fp32, _fused_cross_entropy
+    from nemo_customizer.models.rope import _fused_rotate, _rotate
 
     for tokens in (1024, 700):
         logits = (torch.randn(tokens, 128256, generator=gen) * 3).cuda().to(torch.bfloat16).requires_grad_()
         targets = torch.randint(0, 128256, (tokens,), generator=gen).cuda()
-        fused = _compiled_cross_entropy()(logits, targets)
+        fused = _fused_cross_entropy.compiled()(logits, targets)
         fused.sum().backward()
         fused_grad, logits.grad = logits.grad.clone(), None
-        reference = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")  # eager fp32
+        reference = _cross_entropy_fp32(logits, targets)  # eager
         reference.sum().backward()
         worst = max(((fused - reference).abs().max() / reference.abs().max()).item(),
                     ((fused_grad.float() - logits.grad.float()).abs().max() / logits.grad.float().abs().max()).item())
@@ -127,7 +127,7 @@ def check_kernels() -> list[dict]:
     k = torch.randn(3000, 8, 64, generator=gen).cuda().to(torch.bfloat16)
     angles = torch.rand(3000, 1, 64, generator=gen).cuda() * 6.28
     cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
-    fused, eager = _compiled_rotate()(q, k, cos, sin), _rotate(q, k, cos, sin)
+    fused, eager = _fused_rotate.compiled()(q, k, cos, sin), _rotate(q, k, cos, sin)
     worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(fused, eager))
     results.append(dict(check="compiled RoPE vs eager, bf16", worst_rel=worst, ok=worst <= 2e-2))
     return results

@@ -46,7 +46,8 @@ def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _expand_kv(tensor: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[t, kv_heads, d]`` → ``[t, heads, d]``: query head h reads key/value head ``h // (heads / kv_heads)``."""
+    """Heads on dim 1 (``[t, kv_heads, d]`` or ``[b, kv_heads, s, d]``) → ``heads`` of them: query head h reads
+    key/value head ``h // (heads / kv_heads)``."""
     return tensor.repeat_interleave(heads // tensor.shape[1], dim=1)
 
 
@@ -101,7 +102,7 @@ class CoreAttention(MegatronModule):
         k = key.permute(1, 2, 0, 3)  # (b, kv_heads, sk, head_dim)
         v = value.permute(1, 2, 0, 3)
         if q.is_cuda and k.shape[1] != heads:  # CUDA SDPA's fused kernels take no GQA; see _packed
-            k, v = k.repeat_interleave(heads // k.shape[1], dim=1), v.repeat_interleave(heads // v.shape[1], dim=1)
+            k, v = _expand_kv(k, heads), _expand_kv(v, heads)
         # mcore's attention_mask is True where attention is NOT allowed (e.g. left padding of batched prompts),
         # broadcastable to (b, heads, sq, sk).
         allowed = None if attention_mask is None else ~attention_mask

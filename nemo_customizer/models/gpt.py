@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -19,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nemo_customizer.config.schema import ArchitectureConfig
 from nemo_customizer.models import llama
+from nemo_customizer.models.fused import fused_on_cuda
 from nemo_customizer.models.rope import PackedRotaryParams
 from nemo_customizer.models.spec import llama_block_spec
 
@@ -71,7 +71,7 @@ def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Ten
     hidden = copy_to_tensor_model_parallel_region(hidden)  # identity forward; all-reduce of input grads backward
     logits = torch.nn.functional.linear(hidden, weight)  # (n, vocab/tp)
     if logits.is_cuda and parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return _compiled_cross_entropy()(logits, targets)
+        return _fused_cross_entropy(logits, targets)
     return vocab_parallel_cross_entropy(logits.float().unsqueeze(1), targets.unsqueeze(1)).squeeze(1)
 
 
@@ -79,12 +79,10 @@ def _cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_cross_entropy():
-    """fp32 cross-entropy over bf16 logits, fused: the ``[tokens, vocab]`` fp32 logits (0.5 GB per 1k tokens at a
-    128k vocabulary) and their softmax are never written to memory, forward or backward. One vocabulary shard only
-    (TP=1); sharded vocabularies use mcore's vocab-parallel cross-entropy."""
-    return torch.compile(_cross_entropy_fp32, dynamic=True)
+# fp32 cross-entropy over bf16 logits, fused: the [tokens, vocab] fp32 logits (0.5 GB per 1k tokens at a 128k
+# vocabulary) and their softmax are never written to memory, forward or backward. One vocabulary shard only (TP=1);
+# sharded vocabularies use mcore's vocab-parallel cross-entropy.
+_fused_cross_entropy = fused_on_cuda(_cross_entropy_fp32)
 
 
 def masked_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

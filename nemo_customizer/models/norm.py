@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_customizer.models.fused import fused_on_cuda
 
 
 class RMSNorm(torch.nn.Module):
@@ -23,9 +23,7 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.is_cuda:
-            return _compiled_rms_norm()(hidden_states, self.weight, self.eps)
-        return rms_norm(hidden_states, self.weight, self.eps)
+        return fused_rms_norm(hidden_states, self.weight, self.eps)
 
 
 def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,10 +34,4 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> t
     return weight * hidden.to(input_dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_rms_norm():
-    """``rms_norm`` as one fused kernel per direction on CUDA (eager it is ~6 kernels and fp32 temporaries).
-
-    ``dynamic=True``: packed micro batches have a different token count every step; one graph serves them all.
-    """
-    return torch.compile(rms_norm, dynamic=True)
+fused_rms_norm = fused_on_cuda(rms_norm)  # eager it is ~6 kernels and fp32 temporaries

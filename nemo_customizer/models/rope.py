@@ -9,12 +9,13 @@ attention rotates query and key with them: no split, no host sync, one fused ker
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
+
+from nemo_customizer.models.fused import fused_on_cuda
 
 
 @dataclass
@@ -37,9 +38,7 @@ def rotate(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch
            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """RoPE (``transformers``' non-interleaved rotate-half form) on ``[t, heads, head_dim]`` query and key."""
     cos, sin = cos.to(query.dtype), sin.to(query.dtype)  # a model cast after it was built keeps its old params_dtype
-    if query.is_cuda:
-        return _compiled_rotate()(query, key, cos, sin)
-    return _rotate(query, key, cos, sin)
+    return _fused_rotate(query, key, cos, sin)
 
 
 def _rotate(query, key, cos, sin):
@@ -51,6 +50,4 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_rotate():
-    return torch.compile(_rotate, dynamic=True)  # token counts differ every packed step
+_fused_rotate = fused_on_cuda(_rotate)
