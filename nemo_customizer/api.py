@@ -83,30 +83,24 @@ def _run_spawned(cfg: Config, workers: int) -> CustomizationResult:
     from nemo_customizer.distributed.launch import run_local_workers
     from nemo_customizer.distributed.parallel import resolve_device
 
-    validate_config(cfg)
-    check_parallel_layout(cfg.model, cfg.hyperparameters, workers, workers)
-    _check_device_features(cfg)
+    _check_before_work(cfg, world_size=workers, local_world_size=workers, is_main=True)
     if resolve_device(cfg.device).type == "cuda":
         import torch
 
         if torch.cuda.device_count() < workers:
             raise ConfigError(f"num_gpus={workers} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
                               "lower num_gpus (or use device='cpu' for CPU processes).")
-    check_output_dir(cfg.output_dir, cfg)
     return run_local_workers(run, workers, cfg)
 
 
 def run(cfg: Config) -> CustomizationResult:
     """Run one customization job described by a composed config."""
-    validate_config(cfg)
-    # The launcher (torchrun) says how many processes there are: check the parallel layout before any work.
-    check_parallel_layout(cfg.model, cfg.hyperparameters, int(os.environ.get("WORLD_SIZE", "1")),
-                          int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None)
-    _check_device_features(cfg)
     is_main = int(os.environ.get("RANK", "0")) == 0  # the launcher's rank; torch.distributed is not up yet
+    # The launcher (torchrun) says how many processes there are.
+    _check_before_work(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                       local_world_size=int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ
+                       else None, is_main=is_main)
     log = _Log(enabled=is_main)
-    if is_main:  # an unusable output_dir fails now, not after the data is read and tokenized
-        check_output_dir(cfg.output_dir, cfg)
     inputs = _load_inputs(cfg, log)  # every user-input error surfaces here, before a model exists
     cfg = inputs.cfg
     job = JobDirectory.create(cfg.output_dir, cfg, is_main=is_main)
@@ -139,14 +133,19 @@ def run(cfg: Config) -> CustomizationResult:
     return result
 
 
-def _check_device_features(cfg: Config) -> None:
-    """Settings the chosen device cannot run, refused before any data is read."""
+def _check_before_work(cfg: Config, *, world_size: int, local_world_size: Optional[int], is_main: bool) -> None:
+    """Every check that needs no data and no model: config values, the parallel layout of ``world_size``
+    processes, what the device can run, and (main process) an output_dir the job can write to."""
     from nemo_customizer.config import ConfigError
     from nemo_customizer.distributed.parallel import resolve_device
 
+    validate_config(cfg)
+    check_parallel_layout(cfg.model, cfg.hyperparameters, world_size, local_world_size)
     if cfg.hyperparameters.use_distributed_optimizer and resolve_device(cfg.device).type != "cuda":
         raise ConfigError("hyperparameters.use_distributed_optimizer=true needs CUDA GPUs (Megatron's distributed "
                           "optimizer shards fp32 state over GPUs); set it to false for a CPU run.")
+    if is_main:  # an unusable output_dir fails now, not after the data is read and tokenized
+        check_output_dir(cfg.output_dir, cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +255,6 @@ def _checkpoints(cfg: Config, job: JobDirectory, model, optimizer, scheduler, la
 
     hp = cfg.hyperparameters
     checkpointer = Checkpointer(job.checkpoints_path, model, optimizer, scheduler, layout,
-                                trainable_only=hp.finetuning_type != "all_weights",
                                 distributed_optimizer=hp.use_distributed_optimizer, keep_last=cfg.checkpoint.keep_last)
     latest = job.latest_checkpoint()
     resume = None

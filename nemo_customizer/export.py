@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from nemo_customizer.config import config_from_file, validate_config
 from nemo_customizer.config.validate import check_parallel_layout
-from nemo_customizer.jobs import CONFIG_FILE, JobDirectory
+from nemo_customizer.jobs import CONFIG_FILE, LATEST_CHECKPOINT_FILE, JobDirectory
 
 
 def export_checkpoint(job_dir: str, output_dir: Optional[str] = None, *, checkpoint: Optional[str] = None,
@@ -31,7 +31,7 @@ def export_checkpoint(job_dir: str, output_dir: Optional[str] = None, *, checkpo
     source = Path(checkpoint) if checkpoint else job.latest_checkpoint()
     if source is None or not source.is_dir():
         raise FileNotFoundError(f"{job_dir} has no checkpoint to export "
-                                f"({checkpoint or job.checkpoints_path / 'latest'} not found).")
+                                f"({checkpoint or job.checkpoints_path / LATEST_CHECKPOINT_FILE} not found).")
     cfg = config_from_file(job.path / CONFIG_FILE, overrides)
     validate_config(cfg, training=False)
     check_parallel_layout(cfg.model, cfg.hyperparameters, int(os.environ.get("WORLD_SIZE", "1")))
@@ -61,9 +61,7 @@ def _export(cfg, source: Path, out: JobDirectory) -> None:
         model, _ = build_model_for_job(cfg.model, resolved.checkpoint_dir, device=device,
                                        params_dtype=params_dtype(cfg.precision, device))
         prepare_trainable(model, cfg)
-        trainable_only = cfg.hyperparameters.finetuning_type != "all_weights"
-        checkpointer = Checkpointer(source.parent, model, None, None, layout, trainable_only=trainable_only)
-        checkpointer.load(source, weights_only=True)
+        Checkpointer(source.parent, model, None, None, layout).load(source, weights_only=True)
         if layout.is_main:
             out.path.mkdir(parents=True, exist_ok=True)
         torch.distributed.barrier()

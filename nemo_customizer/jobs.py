@@ -86,7 +86,8 @@ class JobDirectory:
 
     @classmethod
     def create(cls, output_dir: str, cfg: Config, *, is_main: bool = True) -> "JobDirectory":
-        """Make the job directory (refusing one that already holds a job) and write the resolved config.
+        """Make the job directory and write the resolved config. A directory that already holds a job is accepted
+        only to resume it (unfinished, same settings).
 
         Only the main process (global rank 0; known from the launcher's RANK before torch.distributed starts)
         creates and checks it; the other ranks just point at it.
@@ -94,11 +95,9 @@ class JobDirectory:
         path = Path(output_dir).expanduser().resolve()
         if not is_main:
             return cls(path)
-        if path.exists() and not path.is_dir():
-            raise FileExistsError(f"output_dir={output_dir} is a file; choose a directory path.")
+        check_output_dir(output_dir, cfg)  # a file in its place, no write permission, no free space
         if path.is_dir() and any(path.iterdir()):
             cls(path)._check_resumable(output_dir, cfg)
-        check_output_dir(output_dir, cfg)
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -129,10 +128,10 @@ class JobDirectory:
 
     def latest_checkpoint(self) -> Optional[Path]:
         """The last complete resumable checkpoint, or None (a new job, or one stopped before its first)."""
-        pointer = self.path / CHECKPOINTS_DIR / LATEST_CHECKPOINT_FILE
+        pointer = self.checkpoints_path / LATEST_CHECKPOINT_FILE
         if not pointer.is_file():
             return None
-        found = self.path / CHECKPOINTS_DIR / pointer.read_text().strip()
+        found = self.checkpoints_path / pointer.read_text().strip()
         return found if found.is_dir() else None
 
     @property

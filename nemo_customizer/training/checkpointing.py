@@ -40,7 +40,7 @@ class Checkpointer:
     """Saves and loads resumable checkpoints of one job (collective: every rank calls ``save``/``load``)."""
 
     def __init__(self, root: Path, model: torch.nn.Module, optimizer, scheduler, layout: ParallelLayout, *,
-                 trainable_only: bool, distributed_optimizer: bool = False, keep_last: int = 1):
+                 distributed_optimizer: bool = False, keep_last: int = 1):
         self.root = root
         """The job's ``checkpoints/`` directory."""
         self.model = model
@@ -48,7 +48,8 @@ class Checkpointer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.layout = layout
-        self.trainable_only = trainable_only
+        self.trainable_only = not all(p.requires_grad for p in model.parameters())
+        """A frozen base (LoRA) is re-read from the HF checkpoint: only the trained tensors are saved."""
         self.distributed_optimizer = distributed_optimizer
         self.keep_last = max(keep_last, 1)
 
@@ -56,7 +57,7 @@ class Checkpointer:
 
     def _model_state(self) -> dict:
         state = self.model.sharded_state_dict()
-        if self.trainable_only:  # LoRA: the frozen base comes from the HF checkpoint, not from here
+        if self.trainable_only:
             state = {k: v for k, v in state.items() if isinstance(v, ShardedTensor) and v.data.requires_grad}
         return state
 
