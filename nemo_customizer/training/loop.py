@@ -7,7 +7,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -163,11 +163,17 @@ class _Counters:
     seconds: float = 0.0
 
 
-def _position(job: TrainingJob, result: FitResult, stopper: EarlyStopping, counters: _Counters) -> LoopPosition:
+def _data_order(job: TrainingJob) -> Tuple[int, int]:
+    """``(steps per epoch, examples or packed bins per step)``: a resumed job must have the same."""
     hp = job.hyperparameters
+    return (_steps_per_epoch(len(job.train_examples), hp, job.packing),
+            job.packing.global_batch_size if job.packing else hp.batch_size)
+
+
+def _position(job: TrainingJob, result: FitResult, stopper: EarlyStopping, counters: _Counters) -> LoopPosition:
+    steps_per_epoch, global_batch_size = _data_order(job)
     return LoopPosition(
-        steps=result.steps, steps_per_epoch=_steps_per_epoch(len(job.train_examples), hp, job.packing),
-        global_batch_size=job.packing.global_batch_size if job.packing else hp.batch_size,
+        steps=result.steps, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size,
         epochs_completed=result.epochs_completed, last_validated_step=result.last_validated_step,
         best_val_loss=_finite_or_none(result.best_val_loss), best_epoch=result.best_epoch, best_step=result.best_step,
         final_train_loss=_finite_or_none(result.final_train_loss),
@@ -180,12 +186,12 @@ def _position(job: TrainingJob, result: FitResult, stopper: EarlyStopping, count
 def _restore(job: TrainingJob, result: FitResult, stopper: EarlyStopping, counters: _Counters) -> None:
     """Continue from ``job.resume``: same step, early-stopping state and totals as when it was saved."""
     start = job.resume
-    expected = _position(job, result, stopper, counters)
-    if (start.steps_per_epoch, start.global_batch_size) != (expected.steps_per_epoch, expected.global_batch_size):
+    steps_per_epoch, global_batch_size = _data_order(job)
+    if (start.steps_per_epoch, start.global_batch_size) != (steps_per_epoch, global_batch_size):
         raise ValueError(
             f"the checkpoint to resume was written with {start.steps_per_epoch} steps per epoch of "
-            f"{start.global_batch_size} (examples or packed bins); this run has {expected.steps_per_epoch} of "
-            f"{expected.global_batch_size}. Resume with the same dataset, batch and packing settings, or start "
+            f"{start.global_batch_size} (examples or packed bins); this run has {steps_per_epoch} of "
+            f"{global_batch_size}. Resume with the same dataset, batch and packing settings, or start "
             "a new output_dir.")
     result.steps = start.steps
     result.epochs_completed = max(start.epochs_completed, start.steps // start.steps_per_epoch)
@@ -236,11 +242,11 @@ def _fit(job: TrainingJob) -> FitResult:
                 if stopper.should_stop:
                     break
         else:
-            # End of a full epoch: validate (unless the interval just did at this very step).
-            if result.steps > result.last_validated_step:
-                result.epochs_completed = epoch + 1  # saved with the checkpoint that follows
-                _validate(job, result, stopper, epoch, result.steps, counters)
+            # End of a full epoch: validate (unless the interval just did at this very step). Counted first, so
+            # the validation's checkpoint records the finished epoch.
             result.epochs_completed = epoch + 1
+            if result.steps > result.last_validated_step:
+                _validate(job, result, stopper, epoch, result.steps, counters)
         if stopper.should_stop:
             result.stopped_early = True
             job.progress.message(f"early stopping: no val_loss improvement > {stopper.min_delta} in "
