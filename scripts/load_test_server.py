@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import threading
@@ -35,12 +34,6 @@ PROMPTS = [
     "The three laws of motion are",
     "Q: What is 12 times 12?\nA:",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write_adapters(directory: Path, count: int, arch) -> list[str]:
@@ -77,6 +70,7 @@ def _start_server(args, adapters_dir: str | None):
     import uvicorn
 
     from nemo_customizer.config import compose_config
+    from nemo_customizer.distributed.parallel import free_port
     from nemo_customizer.serving.app import create_app
     from nemo_customizer.serving.service import build_service
 
@@ -84,7 +78,7 @@ def _start_server(args, adapters_dir: str | None):
     if adapters_dir:
         overrides += [f"serving.adapters_dir={adapters_dir}", "serving.preload_adapters=true"]
     service = build_service(compose_config(overrides))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

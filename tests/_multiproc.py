@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from nemo_customizer.distributed.parallel import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args):
@@ -22,4 +17,4 @@ def _entry(rank: int, world_size: int, port: int, fn, args):
 
 def run_world(fn, world_size: int, *args) -> None:
     """``fn(rank, *args)`` in ``world_size`` spawned processes; raises if any process fails."""
-    mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 import nemo_customizer
 from nemo_customizer import cli
 from nemo_customizer.config import ConfigError, compose_config
+from nemo_customizer.distributed.parallel import free_port
 from nemo_customizer.models.llama import HF_MODULE_PREFIX
 from nemo_customizer.peft.export import peft_adapter_config
 from nemo_customizer.config import LoraConfig
@@ -98,12 +98,6 @@ def expected(files):
     return results
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(files, expected):
     """(service, base URL) of a live server; ``expected`` runs first: generate() sets up its own parallel state."""
@@ -116,7 +110,7 @@ def server(files, expected):
         "serving.max_tokens=128", "serving.max_request_bytes=65536", f"serving.api_key={KEY}",
         "serving.max_batch_size=8", "serving.log_level=warning"])
     service = build_service(cfg)
-    port = _free_port()
+    port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
