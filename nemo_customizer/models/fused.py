@@ -13,16 +13,29 @@ def fused_on_cuda(fn: Callable) -> Callable:
 
     Eager, a chain like RMSNorm or RoPE is several kernels with temporaries in memory; compiled it is one kernel per
     direction. Compiled on first CUDA use (CPU runs never pay for it), with ``dynamic=True``: packed micro batches
-    have a different token count every step, and one graph serves them all. ``.compiled()`` returns the compiled
+    have a different token count every step, and one graph serves them all.
+
+    Positional arguments are tensors; keyword arguments are constants baked into the compiled graph (one graph per
+    distinct set of values). A Python float passed positionally would become a graph input, and with dynamic shapes
+    dynamo turns it into a 0-d tensor that the graph reads back with ``.item()``: a host sync inside every call
+    (seen on an H200 as two stalls per layer from RMSNorm's ``eps``). ``.compiled(**constants)`` returns the compiled
     function itself (``scripts/gpu_check.py`` compares it with ``fn``).
     """
     @functools.lru_cache(maxsize=None)
-    def compiled() -> Callable:
-        return torch.compile(fn, dynamic=True)
+    def compiled_for(constants: tuple) -> Callable:
+        values = dict(constants)
+
+        def bound(*tensors):  # a closure, not functools.partial: dynamo's first frame must not take the constants
+            return fn(*tensors, **values)
+
+        return torch.compile(bound, dynamic=True)
+
+    def compiled(**constants) -> Callable:
+        return compiled_for(tuple(sorted(constants.items())))
 
     @functools.wraps(fn)
-    def call(*args):
-        return compiled()(*args) if args[0].is_cuda else fn(*args)
+    def call(*tensors, **constants):
+        return compiled(**constants)(*tensors) if tensors[0].is_cuda else fn(*tensors, **constants)
 
     call.compiled = compiled
     return call

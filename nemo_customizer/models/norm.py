@@ -23,7 +23,7 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return fused_rms_norm(hidden_states, self.weight, self.eps)
+        return fused_rms_norm(hidden_states, self.weight, eps=self.eps)
 
 
 def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
