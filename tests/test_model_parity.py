@@ -43,6 +43,17 @@ def test_masked_loss_equals_full_cross_entropy(tmp_path):
                                              reduction="none").reshape(2, 16)
     assert losses.shape == (int(mask.sum()),)
     torch.testing.assert_close(losses.sum(), (full * mask).sum(), rtol=1e-5, atol=1e-5)
+    # One loss per masked position, in the (s, b) order of mcore's hidden states
+    torch.testing.assert_close(losses, full.t()[mask.t() > 0], rtol=1e-5, atol=1e-5)
+
+
+def test_loss_positions_index_the_flattened_sequence_major_layout():
+    from nemo_customizer.models.gpt import loss_positions
+
+    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 1, 0]])  # (b=2, s=4)
+    index = loss_positions(mask, torch.device("cpu"))
+    assert index.tolist() == [1, 2, 4, 5]  # (s, b) flattened: s*2 + b
+    assert index.dtype == torch.int64
 
 
 def test_chunked_loss_matches_unchunked(monkeypatch):

@@ -59,12 +59,28 @@ class CustomizerGPTModel(GPTModel):
             # (s/tp, b, h) → (s, b, h). Backward only splits: the reduction over vocab shards happens once, in
             # copy_to_tensor_model_parallel_region below.
             hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
-        select = loss_mask.transpose(0, 1) > 0  # (s, b)
-        hidden = hidden_states[select]  # (n, h)
-        targets = labels.transpose(0, 1)[select]  # (n,)
+        index = loss_positions(loss_mask, hidden_states.device)  # (n,) into the flattened (s, b)
+        hidden = hidden_states.flatten(0, 1).index_select(0, index)  # (n, h)
+        targets = labels.transpose(0, 1).flatten().index_select(0, index)  # (n,)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else \
             self.output_layer.weight
         return masked_token_losses(hidden, targets, weight)
+
+
+def loss_positions(loss_mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Positions with ``loss_mask > 0`` in the flattened ``(s, b)`` layout, as an index tensor on ``device``.
+
+    How many positions carry loss decides the shape of everything after, so selecting them from a mask on the GPU
+    (``hidden[mask]``) reads the count back: a host sync per micro batch in forward and again in backward, each
+    draining the queue of launched kernels. The training step therefore keeps ``loss_mask`` on the host; the
+    positions are found there and copied over without waiting (pinned memory, non-blocking).
+    """
+    index = (loss_mask.transpose(0, 1) > 0).flatten().nonzero().squeeze(1)
+    if index.device == device:
+        return index
+    if device.type == "cuda" and index.device.type == "cpu":
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)
 
 
 def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,8 @@ class NonFiniteStep(FloatingPointError):
 def _loss_func(token_losses: torch.Tensor):
     """mcore's 3-tuple contract: (summed loss to backprop, token count, values to report)."""
     total = token_losses.sum()
-    count = torch.tensor(token_losses.numel(), dtype=torch.int, device=token_losses.device)
+    # torch.full, not torch.tensor: a value copied from the host would make the host wait mid-step.
+    count = torch.full((), token_losses.numel(), dtype=torch.int, device=token_losses.device)
     report = torch.stack([total.detach().double(), count.double()])
     return total, count, {"loss_sum_and_tokens": report}
 
@@ -76,15 +77,27 @@ def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqPar
                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
 
+# Stay on the host: ``loss_mask`` (the model finds the loss positions from it without a device sync, see
+# ``models.gpt.loss_positions``), ``cu_seqlens`` and ``max_seqlen`` (moved into ``PackedSeqParams`` below).
+_HOST_SIDE = ("loss_mask", "cu_seqlens", "max_seqlen")
+
+
 def _to_device(batch: MicroBatch, device: torch.device) -> MicroBatch:
     """Move a collated batch to ``device``; a packed one (``collate_packed``) gets its ``PackedSeqParams``."""
     # Read the host-side int before the copy: mcore sizes RoPE tables with it, and a device scalar would sync.
     max_seqlen = int(batch["max_seqlen"]) if "max_seqlen" in batch else None
-    moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
-             if k not in ("cu_seqlens", "max_seqlen")}
+    moved = {k: (_upload(v, device) if isinstance(v, torch.Tensor) and k not in _HOST_SIDE else v)
+             for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
     if max_seqlen is not None:
-        moved["packed_seq_params"] = packed_seq_params(batch["cu_seqlens"].to(device, non_blocking=True), max_seqlen)
+        moved["packed_seq_params"] = packed_seq_params(_upload(batch["cu_seqlens"], device), max_seqlen)
     return moved
+
+
+def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # From pageable memory a "non-blocking" copy may still wait for the stream; from pinned memory it does not.
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def uniform_length(micro_batches: List[MicroBatch]) -> List[MicroBatch]:
