@@ -3,17 +3,24 @@
     python scripts/benchmark.py --model llama-3.2-1b-instruct --mode lora-qv --seq 4096 --packed
     python scripts/benchmark.py --suite            # the issue's table: 1B/8B LoRA q,v and all-linear, 1B full
     python scripts/benchmark.py --suite --peer     # ... and transformers+peft on the same configs
+    python scripts/benchmark.py --suite --peer --model llama-3.1-8b-instruct   # the suite's rows of one model
+    torchrun --nproc-per-node 2 scripts/benchmark.py --model llama-3.1-8b-instruct --mode lora-qv --packed \
+        --tp 2 --sp                                # tensor (+ sequence) parallel: tokens/s per GPU
 
 Random weights (no downloads), bf16. Packed mode fills each 4096-token micro batch with examples whose lengths
 follow a realistic distribution (mean ~600 tokens), boundary-respecting attention. Reports real tokens/s per GPU,
 model TFLOP/s (4·N per token for LoRA, 6·N for full SFT, + causal attention over the real lengths), MFU against
 989 TFLOP/s, peak memory and the card. Warm-up steps excluded; median of timed steps; CUDA-synchronized.
+After timing, one more step runs under CUDA's sync debug mode and the row reports how many times it made the host
+wait for the GPU (``host_syncs``) and where: each wait stops the CPU from queueing kernels ahead of the GPU.
+``TORCHDYNAMO_DISABLE=1`` runs every compiled region (RMSNorm, RoPE, SwiGLU, cross-entropy) eagerly, for an A/B.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -52,7 +59,7 @@ def model_flops_per_token(arch, kind: str, seq_lengths: list[int]) -> float:
 
 
 def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, warmup: int,
-             profile_dir: str | None = None, bins_per_micro_batch: int = 1) -> dict:
+             profile_dir: str | None = None, bins_per_micro_batch: int = 1, tp: int = 1, sp: bool = False) -> dict:
     from nemo_customizer.config import compose_config
     from nemo_customizer.data.examples import TokenizedExample
     from nemo_customizer.data import collate
@@ -66,12 +73,13 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     kind, targets = MODES[mode]
     overrides = [f"model={model_name}", "model.random_weights=true", f"hyperparameters.finetuning_type={kind}",
                  "hyperparameters.lora.adapter_dim=16", "hyperparameters.lora.alpha=32",
-                 "hyperparameters.lora.adapter_dropout=0.0", f"model.max_seq_length={seq}"]
+                 "hyperparameters.lora.adapter_dropout=0.0", f"model.max_seq_length={seq}",
+                 f"model.tensor_parallel_size={tp}", f"model.use_sequence_parallel={str(sp).lower()}"]
     if targets:
         overrides.append(f"hyperparameters.lora.target_modules=[{','.join(targets)}]")
     cfg = compose_config(overrides)
     device = torch.device("cuda")
-    layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=device, seed=0)
+    layout = initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=1, device=device, seed=0)
     try:
         model, tconfig = build_model_for_job(cfg.model, None, device=device, params_dtype=torch.bfloat16)
         prepare_trainable(model, cfg)
@@ -92,7 +100,8 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
 
             # bins_per_micro_batch bins of `seq` tokens in one forward (one THD row): fewer launches per token
             bins = [example_lengths(seq, seed=step if k == 0 else step * 1000 + k) for k in range(bins_per_micro_batch)]
-            return [collate_packed([examples_of(b) for b in bins], pad_id=0)], [n for b in bins for n in b]
+            row = collate_packed([examples_of(b) for b in bins], pad_id=0, pad_to_multiple_of=tp if sp else 1)
+            return [row], [n for b in bins for n in b]
 
         batches = [batch(i) for i in range(steps + warmup)]
         torch.cuda.reset_peak_memory_stats()
@@ -105,20 +114,42 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
             if i >= warmup:
                 times.append(time.perf_counter() - started)
         step_s = statistics.median(times)
+        syncs = _host_syncs(lambda: train_step(ddp, optimizer, scheduler, batches[-1][0], device))
         if profile_dir:
             _profile(lambda micro: train_step(ddp, optimizer, scheduler, micro, device), batches[:3],
-                     Path(profile_dir) / f"{model_name}-{mode}")
+                     Path(profile_dir) / (f"{model_name}-{mode}" + (f"-tp{tp}" if tp > 1 else "")))
         lengths = [n for _, ls in batches[warmup:] for n in ls]
         tokens_per_step = sum(lengths) / steps
-        tok_s = tokens_per_step / step_s
+        tok_s = tokens_per_step / step_s / tp  # per GPU: the TP ranks share every token
         tflops = tok_s * model_flops_per_token(cfg.model.architecture, kind, lengths) / 1e12
-        return dict(impl="nemo_customizer", model=model_name, mode=mode, seq=seq, packed=packed,
+        return dict(impl="nemo_customizer", model=model_name, mode=mode, seq=seq, packed=packed, tp=tp, sp=sp,
                     bins_per_micro_batch=bins_per_micro_batch if packed else None, tok_s=round(tok_s),
                     tflops=round(tflops), mfu=round(tflops / PEAK_TFLOPS, 3),
-                    peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1), step_ms=round(step_s * 1000, 1))
+                    peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1), step_ms=round(step_s * 1000, 1),
+                    host_syncs=syncs, compiled=not os.environ.get("TORCHDYNAMO_DISABLE"))
     finally:
         destroy_parallel(layout)
         torch.cuda.empty_cache()
+
+
+def _host_syncs(step) -> dict:
+    """Run ``step`` once under CUDA's sync debug mode: how often it waited for the GPU, by Python call site."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            site = f"{Path(w.filename).name}:{w.lineno}"
+            sites[site] = sites.get(site, 0) + 1
+    return dict(total=sum(sites.values()), sites=dict(sorted(sites.items(), key=lambda kv: -kv[1])[:8]))
 
 
 def _profile(step, batches, path: Path) -> None:
@@ -130,13 +161,16 @@ def _profile(step, batches, path: Path) -> None:
         for micro, _ in batches:
             step(micro)
         torch.cuda.synchronize()
+    if int(os.environ.get("RANK", "0")):
+        return  # every rank runs the steps (they meet in collectives); the first one writes
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
     path.parent.joinpath(path.name + ".txt").write_text(table)  # not with_suffix: "llama-3.2-1b…" has dots
     prof.export_chrome_trace(str(path.parent / (path.name + ".json")))
     print(table, flush=True)
 
 
-def run_peer(model_name: str, mode: str, seq: int) -> dict:
+def run_peer(model_name: str, mode: str, seq: int, rows: int = 1) -> dict:
+    """transformers + peft on ``rows`` dense ``seq``-token sequences per step (rows = our bins per micro batch)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import importlib.util
 
@@ -147,8 +181,8 @@ def run_peer(model_name: str, mode: str, seq: int) -> dict:
     spec.loader.exec_module(peer)
     name = {"llama-3.2-1b-instruct": "llama-3.2-1b", "llama-3.1-8b-instruct": "llama-3.1-8b"}[model_name]
     kind, targets = MODES[mode]
-    r = peer.run(name, targets, seq=seq, full=kind == "all_weights")
-    return dict(impl="hf+peft", model=model_name, mode=mode, seq=seq, packed=False, **{
+    r = peer.run(name, targets, seq=seq, mbs=rows, full=kind == "all_weights")
+    return dict(impl="hf+peft", model=model_name, mode=mode, seq=seq, packed=False, rows=rows, **{
         k: r[k] for k in ("tok_s", "tflops", "mfu", "peak_gb", "step_ms")})
 
 
@@ -158,7 +192,7 @@ SUITE = [("llama-3.2-1b-instruct", "lora-qv"), ("llama-3.2-1b-instruct", "lora-a
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-3.2-1b-instruct")
+    parser.add_argument("--model", default=None, help="default llama-3.2-1b-instruct; with --suite, only its rows")
     parser.add_argument("--mode", choices=sorted(MODES), default="lora-qv")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--packed", action="store_true", help="pack variable-length examples (mean ~600 tokens)")
@@ -168,21 +202,41 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--bins-per-micro-batch", type=int, default=1,
-                        help="packed: this many SEQ-token bins per forward (the step is one micro batch)")
+                        help="packed: this many SEQ-token bins per forward (the step is one micro batch); "
+                             "the peer then gets as many dense SEQ-token rows per step")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also profile 3 steps of ours: kernel table and Chrome trace per config in DIR")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch with torchrun, one process "
+                                                          "per GPU); tokens/s is per GPU")
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism (with --tp > 1)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
-    configs = SUITE if args.suite else [(args.model, args.mode)]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tp:
+        print(f"error: --tp {args.tp} needs {args.tp} processes (torchrun --nproc-per-node {args.tp}), got {world}",
+              file=sys.stderr)
+        return 2
+    if args.tp > 1 and args.peer:
+        print("error: the peer runs on one GPU; leave out --peer with --tp", file=sys.stderr)
+        return 2
+    if args.sp and args.tp == 1:
+        print("error: --sp needs --tp > 1", file=sys.stderr)
+        return 2
+    leader = int(os.environ.get("RANK", "0")) == 0
+    if leader:
+        print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    if args.suite:
+        configs = [(m, mode) for m, mode in SUITE if args.model in (None, m)]
+    else:
+        configs = [(args.model or "llama-3.2-1b-instruct", args.mode)]
     rows = []
     for model_name, mode in configs:
         runs = [lambda: run_ours(model_name, mode, args.seq, args.packed or args.suite, args.steps, args.warmup,
-                                 args.profile, args.bins_per_micro_batch)]
+                                 args.profile, args.bins_per_micro_batch, args.tp, args.sp)]
         if args.peer:
-            runs.append(lambda: run_peer(model_name, mode, args.seq))
+            runs.append(lambda: run_peer(model_name, mode, args.seq, args.bins_per_micro_batch))
         for fn in runs:
             try:
                 row = fn()
@@ -190,6 +244,8 @@ def main(argv=None) -> int:
                 row = dict(model=model_name, mode=mode, error=f"OOM: {err}"[:200])
             row["card"] = torch.cuda.get_device_name()
             rows.append(row)
+            if not leader:
+                continue
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as handle:
