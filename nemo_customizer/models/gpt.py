@@ -75,12 +75,17 @@ def loss_positions(loss_mask: torch.Tensor, device: torch.device) -> torch.Tenso
     draining the queue of launched kernels. The training step therefore keeps ``loss_mask`` on the host; the
     positions are found there and copied over without waiting (pinned memory, non-blocking).
     """
-    index = (loss_mask.transpose(0, 1) > 0).flatten().nonzero().squeeze(1)
-    if index.device == device:
-        return index
-    if device.type == "cuda" and index.device.type == "cpu":
-        index = index.pin_memory()
-    return index.to(device, non_blocking=True)
+    return upload((loss_mask.transpose(0, 1) > 0).flatten().nonzero().squeeze(1), device)
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait for the GPU's queue.
+
+    From pageable host memory a "non-blocking" copy may still wait for the stream; from pinned memory it does not.
+    """
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from nemo_customizer.distributed.collectives import all_reduce_sum
+from nemo_customizer.models.gpt import upload
 
 MicroBatch = Dict[str, torch.Tensor]
 
@@ -77,27 +78,19 @@ def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqPar
                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
 
-# Stay on the host: ``loss_mask`` (the model finds the loss positions from it without a device sync, see
-# ``models.gpt.loss_positions``), ``cu_seqlens`` and ``max_seqlen`` (moved into ``PackedSeqParams`` below).
-_HOST_SIDE = ("loss_mask", "cu_seqlens", "max_seqlen")
-
-
 def _to_device(batch: MicroBatch, device: torch.device) -> MicroBatch:
-    """Move a collated batch to ``device``; a packed one (``collate_packed``) gets its ``PackedSeqParams``."""
+    """Move a collated batch to ``device``; a packed one (``collate_packed``) gets its ``PackedSeqParams``.
+
+    ``loss_mask`` stays on the host: the model finds the loss positions from it without a device sync
+    (``models.gpt.loss_positions``).
+    """
     # Read the host-side int before the copy: mcore sizes RoPE tables with it, and a device scalar would sync.
     max_seqlen = int(batch["max_seqlen"]) if "max_seqlen" in batch else None
-    moved = {k: (_upload(v, device) if isinstance(v, torch.Tensor) and k not in _HOST_SIDE else v)
+    moved = {k: (upload(v, device) if isinstance(v, torch.Tensor) and k != "loss_mask" else v)
              for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}
     if max_seqlen is not None:
-        moved["packed_seq_params"] = packed_seq_params(_upload(batch["cu_seqlens"], device), max_seqlen)
+        moved["packed_seq_params"] = packed_seq_params(upload(batch["cu_seqlens"], device), max_seqlen)
     return moved
-
-
-def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # From pageable memory a "non-blocking" copy may still wait for the stream; from pinned memory it does not.
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def uniform_length(micro_batches: List[MicroBatch]) -> List[MicroBatch]:
