@@ -5,6 +5,8 @@
     python scripts/multi_gpu_check.py --model llama-3.2-1b-instruct --finetuning all_weights \
         --layouts tp1,dp2,dp2-distopt                                               # full SFT, distributed optimizer
     python scripts/multi_gpu_check.py --peft-check results/job-tp2                  # adapter in peft vs ours
+    python scripts/multi_gpu_check.py --model llama-3.2-1b-instruct --finetuning all_weights \
+        --layouts dp2-distopt,dp2-distopt-resume                                    # SIGTERM at step 3, resume
 
 Writes one random-weight HF checkpoint of the model's architecture (so every layout starts from identical
 weights), a synthetic packed dataset (example lengths log-normal, mean ~600 tokens), then runs
@@ -19,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +35,9 @@ LAYOUTS = {  # name: (processes, overrides)
     "pp2": (2, ["model.pipeline_parallel_size=2"]),
     "dp2-distopt": (2, ["hyperparameters.use_distributed_optimizer=true"]),
 }
+# name: (layout it repeats, step after which the job gets SIGTERM). The job checkpoints and exits; the same command
+# then resumes it, and the per-step losses must equal an uninterrupted run of that layout.
+RESUMED = {"dp2-distopt-resume": ("dp2-distopt", 3), "tp2sp-resume": ("tp2sp", 3)}
 
 
 def write_checkpoint(model_name: str, directory: Path, device: str) -> None:
@@ -69,7 +75,8 @@ def write_dataset(directory: Path, rows: int, mean_chars: int, seed: int = 0) ->
 
 
 def run_layout(name: str, args, root: Path) -> dict:
-    processes, overrides = LAYOUTS[name]
+    base, interrupt_after = RESUMED.get(name, (name, None))
+    processes, overrides = LAYOUTS[base]
     job = root / f"job-{name}"
     shutil.rmtree(job, ignore_errors=True)  # a rerun replaces the earlier job of this layout
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
@@ -85,9 +92,17 @@ def run_layout(name: str, args, root: Path) -> dict:
                "hyperparameters.lora.alpha=32", "hyperparameters.lora.adapter_dropout=0.0", *overrides]
     log = root / f"{name}.log"
     started = time.monotonic()
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
     with open(log, "w") as handle:
-        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT,
-                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")})
+        if interrupt_after is not None:
+            # SIGTERM: every rank finishes its step, checkpoints and marks the job cancelled (torchrun itself then
+            # exits non-zero with its own SignalException, so the job's status is what tells).
+            _run_until_step(command, env, handle, job / "metrics.jsonl", interrupt_after)
+            state = json.loads((job / "status.json").read_text())
+            if state["status"] != "cancelled":
+                return dict(layout=name, error=f"interrupted run ended {state['status']!r}, not 'cancelled'; see "
+                                               f"{log}: " + log.read_text()[-1500:])
+        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     if code:
         return dict(layout=name, error=f"exit {code}; see {log}: " + log.read_text()[-1500:])
     events = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
@@ -98,6 +113,18 @@ def run_layout(name: str, args, root: Path) -> dict:
     return dict(layout=name, gpus=processes, losses=[e["loss"] for e in train], val_loss=result["final_val_loss"],
                 tokens_per_s_per_gpu=round(tokens_per_s / processes), peak_gib=round(result["peak_memory_gib"], 1),
                 seconds=time.monotonic() - started)
+
+
+def _run_until_step(command: list, env: dict, log, metrics: Path, step: int) -> int:
+    """Start ``command``; once its metrics show training ``step``, send SIGTERM (as a scheduler would) and wait."""
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    while process.poll() is None:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if any(json.loads(line).get("event") == "train" and json.loads(line)["step"] >= step for line in lines):
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.5)
+    return process.wait()
 
 
 def check_peft(job: Path, device: str = "cuda", tokens: int = 512) -> dict:
