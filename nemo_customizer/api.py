@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 from nemo_customizer.config import Config, check_batch_layout, config_from_kwargs, validate_config
 from nemo_customizer.config.validate import check_parallel_layout
 from nemo_customizer.jobs import JobDirectory, check_output_dir, peak_memory_gib
-from nemo_customizer.training.signals import StopSignals
+from nemo_customizer.training.signals import CANCEL_FILE, StopSignals
 from nemo_customizer.training.status import CANCELLED, COMPLETED, JobCancelled, JobStatus
 
 __all__ = ["CustomizationResult", "JobCancelled", "customize", "generate", "run"]
@@ -107,7 +107,7 @@ def run(cfg: Config) -> CustomizationResult:
     status = JobStatus(job if is_main else None, write_every=cfg.log_interval)  # status.json: created
     # From here on an exception marks the job failed (cancelled for JobCancelled / KeyboardInterrupt), and a stop
     # signal during model loading already counts.
-    with status.tracking(), StopSignals() as stop:
+    with status.tracking(), StopSignals(job.path / CANCEL_FILE if is_main else None) as stop:
         fit_result, trainable, layout = _train(cfg, inputs, job, log, status, stop)
         kind = cfg.hyperparameters.finetuning_type
         result = CustomizationResult(
@@ -123,7 +123,7 @@ def run(cfg: Config) -> CustomizationResult:
             warnings=inputs.warnings, status=CANCELLED if fit_result.stopped_by_signal else COMPLETED,
         )
         if fit_result.stopped_by_signal:
-            raise JobCancelled(fit_result.stopped_by_signal, fit_result.steps, result)
+            raise JobCancelled(fit_result.stopped_by_signal, fit_result.steps, result, fit_result.stop_reason)
         if layout.is_main:
             job.write_result(result)
             log(f"done: {result.steps} steps in {result.train_seconds:.0f}s, {result.tokens_per_second:,.0f} "

@@ -7,10 +7,12 @@
     python -m nemo_customizer datasets upload PATH --name NAME [--model M] [--overwrite] [OVERRIDE ...]
     python -m nemo_customizer datasets list | show NAME | delete NAME
     python -m nemo_customizer status JOB_DIR [--json]        a job's state and progress (its status.json)
+    python -m nemo_customizer cancel JOB_DIR                 stop a running job after its step, with a checkpoint
     python -m nemo_customizer export JOB_DIR [--output DIR] [OVERRIDE ...]   a checkpoint as HF adapter/model files
 
-Config mistakes print one ``error:`` line to stderr and exit with status 2. A training job stopped by SIGINT or
-SIGTERM (it finishes its step and saves first) exits with 130 or 143, the shell's codes for those signals. Heavy modules (torch, megatron) are
+Config mistakes print one ``error:`` line to stderr and exit with status 2. A training job stopped by SIGINT,
+SIGTERM or ``cancel`` (it finishes its step and saves first) exits with 130 or 143 (143 for ``cancel``), the shell's
+codes for those signals. Heavy modules (torch, megatron) are
 imported only after the config is valid.
 """
 
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import ConfigError, compose_config, configs, validate_config, validate_serving
@@ -181,6 +184,30 @@ def _status(argv: list[str]) -> int:
     return 0
 
 
+def _cancel(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} cancel",
+        description="Ask a running job to stop after its current step, save a resumable checkpoint and end "
+                    "'cancelled' (as SIGTERM does, but with no launcher grace period to beat: torchrun kills its "
+                    "workers 30 s after SIGTERM). Running the job's command again resumes it.",
+    )
+    parser.add_argument("job_dir", metavar="JOB_DIR", help="the job's output_dir")
+    args = parser.parse_args(argv)
+    from .training.signals import request_cancel
+    from .training.status import CREATED, RUNNING, read_status
+
+    try:
+        state = read_status(args.job_dir)["status"]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    if state not in (CREATED, RUNNING):
+        raise ConfigError(f"{args.job_dir}: the job is {state}; only a created or running job can be cancelled")
+    path = request_cancel(Path(args.job_dir).expanduser())
+    print(f"cancel requested ({path}): the job stops after its current step, saves a checkpoint and ends "
+          "'cancelled'")
+    return 0
+
+
 def _export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} export",
@@ -332,4 +359,4 @@ def _human(count: int | None) -> str:
 
 _COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "configs": _configs, "generate": _generate,
                                                     "datasets": _datasets, "status": _status, "serve": _serve,
-                                                    "export": _export}
+                                                    "export": _export, "cancel": _cancel}

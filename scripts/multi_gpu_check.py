@@ -6,7 +6,7 @@
         --layouts tp1,dp2,dp2-distopt                                               # full SFT, distributed optimizer
     python scripts/multi_gpu_check.py --peft-check results/job-tp2                  # adapter in peft vs ours
     python scripts/multi_gpu_check.py --model llama-3.2-1b-instruct --finetuning all_weights \
-        --layouts dp2-distopt,dp2-distopt-resume                                    # SIGTERM at step 3, resume
+        --layouts dp2-distopt,dp2-distopt-resume                                    # cancel at step 3, resume
 
 Writes one random-weight HF checkpoint of the model's architecture (so every layout starts from identical
 weights), a synthetic packed dataset (example lengths log-normal, mean ~600 tokens), then runs
@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -35,8 +34,9 @@ LAYOUTS = {  # name: (processes, overrides)
     "pp2": (2, ["model.pipeline_parallel_size=2"]),
     "dp2-distopt": (2, ["hyperparameters.use_distributed_optimizer=true"]),
 }
-# name: (layout it repeats, step after which the job gets SIGTERM). The job checkpoints and exits; the same command
-# then resumes it, and the per-step losses must equal an uninterrupted run of that layout.
+# name: (layout it repeats, step after which the job is cancelled). The job checkpoints and exits; the same command
+# then resumes it, and the per-step losses must equal an uninterrupted run of that layout. `nemo_customizer cancel`,
+# not SIGTERM: torchrun kills its workers 30 s after SIGTERM, too soon for a full fine-tune's checkpoint.
 RESUMED = {"dp2-distopt-resume": ("dp2-distopt", 3), "tp2sp-resume": ("tp2sp", 3)}
 
 
@@ -95,9 +95,9 @@ def run_layout(name: str, args, root: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
     with open(log, "w") as handle:
         if interrupt_after is not None:
-            # SIGTERM: every rank finishes its step, checkpoints and marks the job cancelled (torchrun itself then
-            # exits non-zero with its own SignalException, so the job's status is what tells).
-            _run_until_step(command, env, handle, job / "metrics.jsonl", interrupt_after)
+            # Every rank finishes its step, checkpoints and exits 143; torchrun then reports a failed worker, so the
+            # job's status is what tells.
+            _run_until_step(command, env, handle, job, interrupt_after)
             state = json.loads((job / "status.json").read_text())
             if state["status"] != "cancelled":
                 return dict(layout=name, error=f"interrupted run ended {state['status']!r}, not 'cancelled'; see "
@@ -115,13 +115,14 @@ def run_layout(name: str, args, root: Path) -> dict:
                 seconds=time.monotonic() - started)
 
 
-def _run_until_step(command: list, env: dict, log, metrics: Path, step: int) -> int:
-    """Start ``command``; once its metrics show training ``step``, send SIGTERM (as a scheduler would) and wait."""
+def _run_until_step(command: list, env: dict, log, job: Path, step: int) -> int:
+    """Start ``command``; once its metrics show training ``step``, cancel the job (as its user would) and wait."""
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    metrics = job / "metrics.jsonl"
     while process.poll() is None:
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         if any(json.loads(line).get("event") == "train" and json.loads(line)["step"] >= step for line in lines):
-            process.send_signal(signal.SIGTERM)
+            subprocess.check_call([sys.executable, "-m", "nemo_customizer", "cancel", str(job)], stdout=log, env=env)
             break
         time.sleep(0.5)
     return process.wait()

@@ -1,5 +1,6 @@
 """status.json through a job's life (created, running, completed / failed / cancelled), NaN/inf stops before the
-update, SIGTERM/SIGINT cancel after a finished step (also over two ranks), loss.png, TensorBoard, ``status``."""
+update, SIGTERM/SIGINT/``cancel`` stop after a finished step (also over two ranks), loss.png, TensorBoard,
+``status``."""
 
 from __future__ import annotations
 
@@ -216,6 +217,43 @@ def test_sigint_in_process_finishes_the_step_and_raises_job_cancelled(tmp_path, 
     assert (status["status"], status["steps_completed"]) == ("cancelled", 3)
     assert "SIGINT after 3 steps" in status["status_logs"][-1]["detail"]
     assert [r["step"] for r in _records(tmp_path / "job", "train")] == [1, 2, 3]
+
+
+def test_cancel_command_stops_the_job_after_its_step_and_a_rerun_resumes(tmp_path, model_dir, monkeypatch, capsys):
+    """``cancel`` during step 3: the job saves, ends cancelled (exit code 143); the request file is spent when the
+    same job runs again, which resumes from step 3 to the end with every step logged once."""
+    from nemo_customizer import cli
+    from nemo_customizer.api import JobCancelled
+
+    job = tmp_path / "job"
+
+    def cancel(model, out):
+        assert cli.main(["cancel", str(job)]) == 0
+        return out
+
+    _inject_at_step(monkeypatch, 3, cancel)
+    with pytest.raises(JobCancelled) as cancelled:
+        _customize(tmp_path, model_dir, "job", epochs=3)
+    assert "cancel requested" in capsys.readouterr().out
+    assert (cancelled.value.steps, cancelled.value.exit_code) == (3, 143)
+    assert str(cancelled.value) == "cancelled by cancel request after 3 steps"
+    assert (job / "checkpoints/latest").read_text().strip() == "step_00000003"
+    status = _status(job)
+    assert (status["status"], status["steps_completed"]) == ("cancelled", 3)
+    assert status["status_logs"][-1]["detail"] == "cancelled by cancel request after 3 steps"
+    assert (job / "CANCEL").exists()
+    assert cli.main(["cancel", str(job)]) == 2  # nothing running to cancel
+    assert "the job is cancelled; only a created or running job can be cancelled" in capsys.readouterr().err
+
+    monkeypatch.undo()
+    result = _customize(tmp_path, model_dir, "job", epochs=3)
+    assert result.steps == 12 and not (job / "CANCEL").exists()
+    assert [r["step"] for r in _records(job, "train")] == list(range(1, 13))
+    assert _status(job)["status"] == "completed"
+    assert cli.main(["cancel", str(job)]) == 2
+    assert "the job is completed" in capsys.readouterr().err
+    assert cli.main(["cancel", str(tmp_path / "nothing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
 
 
 def test_sigterm_cancels_a_command_line_job(tmp_path, model_dir):

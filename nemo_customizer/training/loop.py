@@ -70,7 +70,9 @@ class FitResult:
     train_seconds: float = 0.0
     last_validated_step: int = 0
     stopped_by_signal: Optional[int] = None
-    """SIGTERM or SIGINT, when a stop signal ended training (status ``cancelled``)."""
+    """SIGTERM or SIGINT, when a stop signal or a cancel request (as SIGTERM) ended training (status ``cancelled``)."""
+    stop_reason: str = ""
+    """What ended training early: ``SIGTERM``, ``SIGINT`` or ``cancel request``."""
 
 
 def planned_steps(n_train: int, hp: HyperparametersConfig, packing: Optional[PackingPlan] = None) -> int:
@@ -84,11 +86,13 @@ def _steps_per_epoch(n_train: int, hp: HyperparametersConfig, packing: Optional[
 
 
 def _stop_requested(job: TrainingJob, result: FitResult) -> bool:
-    """Whether any rank got a stop signal (recorded in ``result``; SIGTERM wins over SIGINT); one all-reduce, so
-    every rank stops before the same step."""
+    """Whether any rank got a stop signal or a cancel request (recorded in ``result``; SIGTERM wins over SIGINT, a
+    request counts as SIGTERM); one all-reduce, so every rank stops before the same step."""
     received = job.stop.received
-    term, interrupt = all_reduce_sum([float(received == signal.SIGTERM), float(received == signal.SIGINT)])
-    result.stopped_by_signal = signal.SIGTERM if term else signal.SIGINT if interrupt else None
+    term, interrupt, request = all_reduce_sum([float(received == signal.SIGTERM), float(received == signal.SIGINT),
+                                               float(job.stop.cancel_requested())])
+    result.stopped_by_signal = signal.SIGTERM if term or request else signal.SIGINT if interrupt else None
+    result.stop_reason = ("SIGTERM" if term else "SIGINT" if interrupt else "cancel request" if request else "")
     return result.stopped_by_signal is not None
 
 
@@ -268,9 +272,8 @@ def _fit(job: TrainingJob) -> FitResult:
 
 def _stop_for_signal(job: TrainingJob, result: FitResult, position: LoopPosition) -> None:
     """Say why training ends and save a resumable checkpoint when the job has that callback."""
-    name = signal.Signals(result.stopped_by_signal).name
     saving = "saving a checkpoint" if job.save_checkpoint is not None else "no resumable checkpoint configured"
-    job.progress.message(f"{name} received: stopping after step {result.steps}; {saving}")
+    job.progress.message(f"{result.stop_reason} received: stopping after step {result.steps}; {saving}")
     if job.save_checkpoint is not None:
         job.save_checkpoint(position)
 

@@ -35,18 +35,19 @@ _TRAIN_SERIES = {"train_loss": "loss", "lr": "lr", "grad_norm": "grad_norm", "to
 
 
 class JobCancelled(Exception):
-    """The job stopped on SIGTERM or SIGINT after finishing its current step (status ``cancelled``).
+    """The job stopped on SIGTERM, SIGINT or a cancel request after finishing its current step (status
+    ``cancelled``).
 
     ``result`` is the partial ``CustomizationResult`` (``status="cancelled"``); the best adapter saved so far, if
     any validation ran, is in the job directory. The command line exits with ``exit_code`` (128 + the signal: 130
-    for SIGINT, 143 for SIGTERM), the shell's convention for a process ended by that signal.
+    for SIGINT, 143 for SIGTERM and a cancel request), the shell's convention for a process ended by that signal.
     """
 
-    def __init__(self, signal_number: int, steps: int, result=None):
+    def __init__(self, signal_number: int, steps: int, result=None, reason: str = ""):
         self.signal_number = signal_number
         self.steps = steps
         self.result = result
-        super().__init__(f"cancelled by {signal.Signals(signal_number).name} after {steps} steps")
+        super().__init__(f"cancelled by {reason or signal.Signals(signal_number).name} after {steps} steps")
 
     @property
     def exit_code(self) -> int:
