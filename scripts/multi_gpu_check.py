@@ -37,7 +37,7 @@ LAYOUTS = {  # name: (processes, overrides)
 # name: (layout it repeats, step after which the job is cancelled). The job checkpoints and exits; the same command
 # then resumes it, and the per-step losses must equal an uninterrupted run of that layout. `nemo_customizer cancel`,
 # not SIGTERM: torchrun kills its workers 30 s after SIGTERM, too soon for a full fine-tune's checkpoint.
-RESUMED = {"dp2-distopt-resume": ("dp2-distopt", 3), "tp2sp-resume": ("tp2sp", 3)}
+RESUMED = {"dp2-distopt-resume": ("dp2-distopt", 3), "tp2sp-resume": ("tp2sp", 3), "dp2-resume": ("dp2", 3)}
 
 
 def write_checkpoint(model_name: str, directory: Path, device: str) -> None:
