@@ -30,7 +30,7 @@ def _settings(root: str, name: str, finetuning: str, tp: int, dropout: float = 0
 
 
 def _train(rank: int, root: str, name: str, finetuning: str, tp: int, kill_at_save: int = 0,
-           dropout: float = 0.1) -> None:
+           dropout: float = 0.1, settings: dict | None = None) -> None:
     from nemo_customizer.api import customize
 
     if kill_at_save:  # SIGKILL this process in the middle of a checkpoint save, as a pre-emption would
@@ -45,7 +45,7 @@ def _train(rank: int, root: str, name: str, finetuning: str, tp: int, kill_at_sa
                 os.kill(os.getpid(), signal.SIGKILL)
 
         dist_checkpointing.save = save_then_die
-    customize(**_settings(root, name, finetuning, tp, dropout))
+    customize(**(settings or _settings(root, name, finetuning, tp, dropout)))
 
 
 def _export(rank: int, job: str, out: str, tp: int) -> None:
@@ -163,3 +163,78 @@ def test_a_script_without_a_main_guard_saves_checkpoints(root, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "steps 2" in done.stdout
     assert (root / "unguarded/checkpoints/latest").read_text().strip() == "step_00000002"
+
+
+def _distributed_optimizer_job(rank: int, root: str, name: str, kill_at_save: int, tp: int = 1) -> None:
+    """A full fine-tune with mcore's distributed optimizer, on CPU.
+
+    The library refuses the distributed optimizer on CPU (mcore's checks want CUDA tensors). This harness lifts
+    that: it tells mcore's type checks that CPU tensors are CUDA ones, makes ``.cuda()`` a no-op and skips the
+    refusal. What runs is mcore's real sharding, saving and loading, which our checkpoint code must drive right.
+    """
+    import importlib
+
+    from nemo_customizer import api
+    from nemo_customizer.distributed import cpu_patches
+
+    apply = cpu_patches.apply_cpu_patches
+
+    def apply_with_distributed_optimizer():
+        apply()
+        proxy = cpu_patches._CpuDeviceTorch()
+        for module in ("megatron.core.optimizer.distrib_optimizer", "megatron.core.distributed.distributed_data_parallel"):
+            importlib.import_module(module).torch = proxy
+        real_type = torch.Tensor.type
+        torch.Tensor.type = lambda self, *a, **k: (real_type(self, *a, **k) if a or k else
+                                                   real_type(self).replace("torch.", "torch.cuda.", 1))
+        torch.Tensor.cuda = lambda self, *a, **k: self
+
+    cpu_patches.apply_cpu_patches = apply_with_distributed_optimizer
+    check = api._check_before_work
+
+    def check_without_the_cpu_refusal(cfg, **kwargs):
+        cfg.hyperparameters.use_distributed_optimizer = False
+        try:
+            check(cfg, **kwargs)
+        finally:
+            cfg.hyperparameters.use_distributed_optimizer = True
+
+    api._check_before_work = check_without_the_cpu_refusal
+    settings = _settings(root, name, "all_weights", tp)
+    settings["hyperparameters"]["use_distributed_optimizer"] = True
+    _train(rank, root, name, "all_weights", tp, kill_at_save, settings=settings)
+
+
+def _distributed_optimizer_reference(root: Path) -> dict:
+    """Per-step losses of the uninterrupted DP=2 distributed-optimizer job (run once per module)."""
+    if not (root / "distopt-ref" / "result.json").exists():
+        run_world(_distributed_optimizer_job, 2, str(root), "distopt-ref", 0)
+    return _train_losses(root / "distopt-ref")
+
+
+def test_distributed_optimizer_job_resumes_to_the_same_losses(root):
+    """Saved at DP=2 with the distributed optimizer, killed mid-save, resumed at DP=2: the same per-step losses
+    as an uninterrupted run (mcore 0.16.1 with torch's Adam needs ``checkpointing._allocate_adam_state`` and
+    ``_restore_adam_steps`` for this; without them the resume fails or Adam's step count restarts)."""
+    reference = _distributed_optimizer_reference(root)
+    with pytest.raises(Exception):
+        run_world(_distributed_optimizer_job, 2, str(root), "distopt-killed", KILL_AT_SAVE)
+    run_world(_distributed_optimizer_job, 2, str(root), "distopt-killed", 0)
+    resumed = _train_losses(root / "distopt-killed")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step, loss in reference.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+
+
+def test_distributed_optimizer_checkpoint_resumes_at_another_dp_size_but_not_another_tp(root):
+    reference = _distributed_optimizer_reference(root)
+    with pytest.raises(Exception):
+        run_world(_distributed_optimizer_job, 2, str(root), "distopt-dp", KILL_AT_SAVE)
+    with pytest.raises(Exception, match="saved with the distributed optimizer at model.tensor_parallel_size=1, "
+                                        "model.pipeline_parallel_size=1"):
+        run_world(_distributed_optimizer_job, 2, str(root), "distopt-dp", 0, 2)
+    run_world(_distributed_optimizer_job, 1, str(root), "distopt-dp", 0)  # DP=2 -> DP=1
+    resumed = _train_losses(root / "distopt-dp")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step, loss in reference.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-4), step

@@ -29,11 +29,15 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+from nemo_customizer.config import ConfigError
 from nemo_customizer.distributed.parallel import ParallelLayout
 from nemo_customizer.jobs import LATEST_CHECKPOINT_FILE, write_file_atomic
 from nemo_customizer.training.position import LoopPosition
 
-_DISTRIBUTED_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}  # any DP size can load it
+# The distributed optimizer's state as each rank holds it. mcore's "fully_reshardable" format would also reload at
+# another TP/PP layout, but with torch's Adam (no TE/apex) 0.16.1 cannot load it: its per-parameter copy expects a
+# "step" tensor that format leaves out (KeyError). "dp_reshardable" keeps everything, "step" included.
+_DISTRIBUTED_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class Checkpointer:
@@ -72,6 +76,10 @@ class Checkpointer:
             "rng": ShardedObject("rng", _rng_state(), (layout.world_size,), (layout.rank,), replica_id=0),
         }
 
+    def _model_parallel(self) -> dict:
+        return {"tensor_parallel_size": self.layout.tensor_parallel_size,
+                "pipeline_parallel_size": self.layout.pipeline_parallel_size}
+
     # --- save ------------------------------------------------------------------------------------------------------
 
     def save(self, position: LoopPosition) -> Path:
@@ -87,6 +95,7 @@ class Checkpointer:
         state["scheduler"] = self.scheduler.state_dict()
         state["position"] = asdict(position)
         state["world_size"] = self.layout.world_size
+        state["model_parallel"] = self._model_parallel()
         _use_in_process_results_queue()
         dist_checkpointing.save(state, str(tmp))
         dist.barrier()  # every rank's shards are on disk
@@ -119,6 +128,15 @@ class Checkpointer:
         if weights_only:
             state = {"model": self._model_state()}
         else:
+            if self.distributed_optimizer:
+                saved = common.get("model_parallel", self._model_parallel())
+                if saved != self._model_parallel():
+                    raise ConfigError(
+                        f"{path} was saved with the distributed optimizer at {_describe(saved)}; its optimizer state "
+                        f"resumes only at that layout (any data-parallel size), not at {_describe(self._model_parallel())}"
+                        ". Resume with those sizes, or export its weights at any layout: python -m nemo_customizer "
+                        "export JOB_DIR")
+                _allocate_adam_state(self.optimizer)
             state = self._sharded_state(is_loading=True)
             if common.get("world_size") != self.layout.world_size:
                 state.pop("rng")
@@ -127,11 +145,56 @@ class Checkpointer:
         if unexpected:
             raise RuntimeError(f"{path}: checkpoint tensors {unexpected[:3]} do not exist in this model")
         if not weights_only:
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            with torch.no_grad():  # the distributed optimizer copies into its fp32 main params in place
+                self.optimizer.load_state_dict(loaded["optimizer"])
+            if self.distributed_optimizer:
+                _restore_adam_steps(self.optimizer, loaded["optimizer"])
             self.scheduler.load_state_dict(common["scheduler"])
             if "rng" in loaded:
                 _set_rng_state(loaded["rng"])
         return LoopPosition(**common["position"])
+
+
+def _describe(model_parallel: dict) -> str:
+    return ", ".join(f"model.{key}={value}" for key, value in model_parallel.items())
+
+
+# Two gaps in mcore 0.16.1's DistributedOptimizer when its inner optimizer is torch's Adam (no Transformer Engine
+# or apex, our torch-native GPU path), found resuming a job on two H200s and reproduced on CPU:
+# - ``sharded_state_dict(is_loading=True)`` starts from ``state_dict()``, which asserts that every parameter's Adam
+#   state has one common ``step``; before the first step there is no state, so loading fails.
+# - The per-parameter ``step`` comes back as the placeholder's value, and ``load_state_dict`` gives every parameter
+#   one shared step tensor, which torch's Adam then advances once per parameter per step. The checkpoint's step is
+#   in the optimizer's param groups.
+# The moments and master weights load correctly.
+
+def _torch_adams(optimizer) -> list:
+    """The inner torch Adam/AdamW of each (chained) distributed optimizer; none under TE's or apex's fused Adam."""
+    inners = [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [inner for inner in inners if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _allocate_adam_state(optimizer) -> None:
+    """Zero Adam state (step 0) for every parameter without any: placeholders the checkpoint's values replace."""
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param] = {"step": torch.zeros((), dtype=torch.float32),
+                                          "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+
+
+def _restore_adam_steps(optimizer, loaded: dict) -> None:
+    """Give each parameter its own ``step`` tensor holding the checkpoint's step count (from its param groups)."""
+    inners = _torch_adams(optimizer)
+    states = [loaded] if len(inners) == 1 else [loaded[index] for index in range(len(inners))]
+    for inner, state in zip(inners, states):
+        steps = {group["step"] for group in state["optimizer"]["param_groups"]}
+        if len(steps) != 1:
+            raise RuntimeError(f"checkpoint optimizer param groups disagree on the Adam step: {sorted(steps)}")
+        step = float(steps.pop())
+        for param_state in inner.state.values():
+            param_state["step"] = torch.tensor(step, dtype=torch.float32, device=param_state["step"].device)
 
 
 def _rng_state() -> dict:
