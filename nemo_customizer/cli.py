@@ -12,8 +12,7 @@
 
 Config mistakes print one ``error:`` line to stderr and exit with status 2. A training job stopped by SIGINT,
 SIGTERM or ``cancel`` (it finishes its step and saves first) exits with 130 or 143 (143 for ``cancel``), the shell's
-codes for those signals. Heavy modules (torch, megatron) are
-imported only after the config is valid.
+codes for those signals. Heavy modules (torch, megatron) are imported only after the config is valid.
 """
 
 from __future__ import annotations

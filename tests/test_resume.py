@@ -182,7 +182,8 @@ def _distributed_optimizer_job(rank: int, root: str, name: str, kill_at_save: in
     def apply_with_distributed_optimizer():
         apply()
         proxy = cpu_patches._CpuDeviceTorch()
-        for module in ("megatron.core.optimizer.distrib_optimizer", "megatron.core.distributed.distributed_data_parallel"):
+        for module in ("megatron.core.optimizer.distrib_optimizer",
+                       "megatron.core.distributed.distributed_data_parallel"):
             importlib.import_module(module).torch = proxy
         real_type = torch.Tensor.type
         torch.Tensor.type = lambda self, *a, **k: (real_type(self, *a, **k) if a or k else

@@ -129,13 +129,12 @@ class Checkpointer:
             state = {"model": self._model_state()}
         else:
             if self.distributed_optimizer:
-                saved = common.get("model_parallel", self._model_parallel())
-                if saved != self._model_parallel():
+                saved, now = common.get("model_parallel", self._model_parallel()), self._model_parallel()
+                if saved != now:
                     raise ConfigError(
                         f"{path} was saved with the distributed optimizer at {_describe(saved)}; its optimizer state "
-                        f"resumes only at that layout (any data-parallel size), not at {_describe(self._model_parallel())}"
-                        ". Resume with those sizes, or export its weights at any layout: python -m nemo_customizer "
-                        "export JOB_DIR")
+                        f"resumes only at that layout (any data-parallel size), not at {_describe(now)}. Resume with "
+                        "those sizes, or export its weights at any layout: python -m nemo_customizer export JOB_DIR")
                 _allocate_adam_state(self.optimizer)
             state = self._sharded_state(is_loading=True)
             if common.get("world_size") != self.layout.world_size:
