@@ -168,14 +168,16 @@ def _describe(model_parallel: dict) -> str:
 # The moments and master weights load correctly.
 
 def _torch_adams(optimizer) -> list:
-    """The inner torch Adam/AdamW of each (chained) distributed optimizer; none under TE's or apex's fused Adam."""
-    inners = [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
-    return [inner for inner in inners if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))]
+    """``(index, inner torch Adam/AdamW)`` of each (chained) distributed optimizer that uses one; none under TE's or
+    apex's fused Adam. ``index`` is the optimizer's key in a chained optimizer's state dict."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [(index, member.optimizer) for index, member in enumerate(chained)
+            if isinstance(member.optimizer, (torch.optim.Adam, torch.optim.AdamW))]
 
 
 def _allocate_adam_state(optimizer) -> None:
     """Zero Adam state (step 0) for every parameter without any: placeholders the checkpoint's values replace."""
-    for inner in _torch_adams(optimizer):
+    for _, inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
                 if not inner.state[param]:
@@ -185,9 +187,9 @@ def _allocate_adam_state(optimizer) -> None:
 
 def _restore_adam_steps(optimizer, loaded: dict) -> None:
     """Give each parameter its own ``step`` tensor holding the checkpoint's step count (from its param groups)."""
-    inners = _torch_adams(optimizer)
-    states = [loaded] if len(inners) == 1 else [loaded[index] for index in range(len(inners))]
-    for inner, state in zip(inners, states):
+    single = len(getattr(optimizer, "chained_optimizers", [optimizer])) == 1
+    for index, inner in _torch_adams(optimizer):
+        state = loaded if single else loaded[index]  # one chained optimizer saves its state unprefixed
         steps = {group["step"] for group in state["optimizer"]["param_groups"]}
         if len(steps) != 1:
             raise RuntimeError(f"checkpoint optimizer param groups disagree on the Adam step: {sorted(steps)}")
