@@ -193,14 +193,18 @@ def _cancel(argv: list[str]) -> int:
     parser.add_argument("job_dir", metavar="JOB_DIR", help="the job's output_dir")
     args = parser.parse_args(argv)
     from .training.signals import request_cancel
-    from .training.status import CREATED, RUNNING, read_status
+    from .training.status import CREATED, RUNNING, process_alive, read_status
 
     try:
-        state = read_status(args.job_dir)["status"]
+        status = read_status(args.job_dir)
     except (OSError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
-    if state not in (CREATED, RUNNING):
-        raise ConfigError(f"{args.job_dir}: the job is {state}; only a created or running job can be cancelled")
+    if status["status"] not in (CREATED, RUNNING):
+        raise ConfigError(f"{args.job_dir}: the job is {status['status']}; only a created or running job can be "
+                          "cancelled")
+    if not process_alive(status):
+        raise ConfigError(f"{args.job_dir}: the job's process {status.get('pid')} is gone (killed?), so nothing is "
+                          "running to cancel; run the job's command again to resume it from its last checkpoint")
     path = request_cancel(Path(args.job_dir).expanduser())
     print(f"cancel requested ({path}): the job stops after its current step, saves a checkpoint and ends "
           "'cancelled'")

@@ -256,6 +256,20 @@ def test_cancel_command_stops_the_job_after_its_step_and_a_rerun_resumes(tmp_pat
     assert "no such directory" in capsys.readouterr().err
 
 
+def test_cancel_refuses_a_job_whose_process_is_gone(tmp_path, capsys):
+    import socket
+
+    from nemo_customizer import cli
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    (tmp_path / "status.json").write_text(json.dumps({"status": "running", "pid": finished.pid,
+                                                      "host": socket.gethostname()}))
+    assert cli.main(["cancel", str(tmp_path)]) == 2
+    assert f"the job's process {finished.pid} is gone (killed?)" in capsys.readouterr().err
+    assert not (tmp_path / "CANCEL").exists()
+
+
 def test_sigterm_cancels_a_command_line_job(tmp_path, model_dir):
     """A CPU job in its own process gets SIGTERM after a few steps: it exits 143 with status cancelled, and
     status.json parses at every moment while it runs."""

@@ -219,7 +219,7 @@ def read_status(job_dir: str | os.PathLike) -> dict:
 def describe_status(status: dict, job_dir: Optional[str] = None) -> str:
     """A few readable lines: state, progress, elapsed time, best checkpoint, latest train step, failure reason."""
     state = status["status"]
-    if state in (CREATED, RUNNING) and not _process_alive(status):
+    if state in (CREATED, RUNNING) and not process_alive(status):
         state += f" (but its process {status.get('pid')} is gone: killed?)"
     lines = [("job", str(job_dir))] if job_dir else []
     lines.append(("status", state))
@@ -257,7 +257,7 @@ def _read_existing(path: Path) -> Optional[dict]:
         return None
 
 
-def _process_alive(status: dict) -> bool:
+def process_alive(status: dict) -> bool:
     """False only when the job ran on this host and its process no longer exists."""
     if status.get("host") != socket.gethostname() or not status.get("pid"):
         return True
