@@ -65,15 +65,30 @@ def check_output_dir(output_dir: str, cfg: Optional[Config] = None) -> None:
         raise PermissionError(f"output_dir={output_dir} {what}; choose a directory you can write to.")
     need, free = required_free_bytes(cfg), shutil.disk_usage(existing).free
     if free < need:
+        hint = (" (most of it for full-weight resumable checkpoints: lower checkpoint.keep_last or set "
+                "checkpoint.enabled=false)" if cfg is not None and cfg.hyperparameters.finetuning_type == "all_weights"
+                and cfg.checkpoint.enabled else "")
         raise OutputDirError(f"output_dir={output_dir}: its disk has {_gib(free)} free, the job needs at least "
-                             f"{_gib(need)}; free space or choose an output_dir on another disk.")
+                             f"{_gib(need)}{hint}; free space or choose an output_dir on another disk.")
 
 
 def required_free_bytes(cfg: Optional[Config]) -> int:
-    """``MIN_FREE_BYTES``, plus the exported model at 2 bytes per parameter for ``lora_merged``/``all_weights``."""
+    """``MIN_FREE_BYTES``, plus for ``lora_merged``/``all_weights`` the exported model at 2 bytes per parameter,
+    plus for ``all_weights`` with checkpoints on, ``checkpoint.keep_last + 1`` resumable checkpoints (the kept ones
+    and the one being written) of ``checkpoint_bytes_per_parameter`` each. LoRA checkpoints hold only adapters."""
     if cfg is None or cfg.hyperparameters.finetuning_type == "lora" or cfg.model.architecture_from_checkpoint:
         return MIN_FREE_BYTES  # (hf-llama's architecture is known only once the checkpoint is resolved)
-    return MIN_FREE_BYTES + 2 * num_parameters(cfg.model.architecture)
+    parameters = num_parameters(cfg.model.architecture)
+    need = MIN_FREE_BYTES + 2 * parameters
+    if cfg.hyperparameters.finetuning_type == "all_weights" and cfg.checkpoint.enabled:
+        need += (cfg.checkpoint.keep_last + 1) * checkpoint_bytes_per_parameter(cfg.precision) * parameters
+    return need
+
+
+def checkpoint_bytes_per_parameter(precision: str) -> int:
+    """A full fine-tune's checkpoint: the weights plus Adam's two fp32 moments, plus fp32 master weights when
+    training in bf16 (``auto`` counts as bf16, the larger)."""
+    return 4 + 8 if precision == "fp32" else 2 + 4 + 8
 
 
 def _gib(n: int) -> str:

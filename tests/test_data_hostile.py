@@ -377,8 +377,37 @@ def test_full_weight_exports_need_room_for_the_model():
     lora = compose_config(["model=tiny-llama-test", "dataset.path=x.jsonl"])
     full = compose_config(["model=tiny-llama-test", "dataset.path=x.jsonl",
                            "hyperparameters.finetuning_type=all_weights"])
+    merged = compose_config(["model=tiny-llama-test", "dataset.path=x.jsonl",
+                             "hyperparameters.finetuning_type=lora_merged"])
+    no_checkpoints = compose_config(["model=tiny-llama-test", "dataset.path=x.jsonl",
+                                     "hyperparameters.finetuning_type=all_weights", "checkpoint.enabled=false"])
+    n = num_parameters(full.model.architecture)
     assert required_free_bytes(lora) == required_free_bytes(None) == MIN_FREE_BYTES
-    assert required_free_bytes(full) == MIN_FREE_BYTES + 2 * num_parameters(full.model.architecture)
+    assert required_free_bytes(merged) == required_free_bytes(no_checkpoints) == MIN_FREE_BYTES + 2 * n
+    # all_weights with checkpoints: also the kept checkpoint plus the one being written, 14 bytes/parameter each
+    # (bf16 weights, fp32 master weights and two fp32 Adam moments), 12 in fp32
+    assert required_free_bytes(full) == MIN_FREE_BYTES + 2 * n + 2 * 14 * n
+    fp32_keep3 = compose_config(["model=tiny-llama-test", "dataset.path=x.jsonl", "precision=fp32",
+                                 "hyperparameters.finetuning_type=all_weights", "checkpoint.keep_last=3"])
+    assert required_free_bytes(fp32_keep3) == MIN_FREE_BYTES + 2 * n + 4 * 12 * n
+
+
+def test_a_full_fine_tune_without_room_for_its_checkpoints_is_refused_with_what_to_change(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from nemo_customizer import jobs
+    from nemo_customizer.config import compose_config
+
+    cfg = compose_config(["model=llama-3.1-8b-instruct", "dataset.path=x.jsonl",
+                          "hyperparameters.finetuning_type=all_weights"])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(jobs.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 100 * 2**30, 100 * 2**30))
+    with pytest.raises(jobs.OutputDirError, match=r"its disk has 100.00 GiB free, the job needs at least 2\d\d\.\d\d "
+                                                  r"GiB \(most of it for full-weight resumable checkpoints: lower "
+                                                  r"checkpoint.keep_last or set checkpoint.enabled=false\)"):
+        jobs.check_output_dir(str(tmp_path / "job"), cfg)
+    cfg.checkpoint.enabled = False
+    jobs.check_output_dir(str(tmp_path / "job"), cfg)  # 8B weights alone (~15 GiB) fit
 
 
 def test_output_dir_checks_pass_for_a_new_nested_directory(tmp_path):

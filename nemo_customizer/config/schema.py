@@ -159,7 +159,9 @@ class DatasetConfig:
 class CheckpointConfig:
     """Resumable checkpoints in ``<output_dir>/checkpoints`` (``megatron.core.dist_checkpointing``), written at
     each validation and when the job is cancelled. Running a job again with the same ``output_dir`` resumes from
-    the last one, also at another parallel layout."""
+    the last one, also at another parallel layout (with the distributed optimizer: the same tensor/pipeline-parallel
+    sizes, any data-parallel size). A full fine-tune's checkpoint is ~14 bytes per parameter; the job checks for
+    room for ``keep_last + 1`` of them before it starts."""
 
     enabled: bool = True
     keep_last: int = 1
