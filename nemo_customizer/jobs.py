@@ -64,6 +64,7 @@ def check_output_dir(output_dir: str, cfg: Optional[Config] = None) -> None:
         what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
         raise PermissionError(f"output_dir={output_dir} {what}; choose a directory you can write to.")
     need, free = required_free_bytes(cfg), shutil.disk_usage(existing).free
+    free += _size_of(path / CHECKPOINTS_DIR)  # a resumed job's checkpoints count: new ones replace them
     if free < need:
         hint = (" (most of it for full-weight resumable checkpoints: lower checkpoint.keep_last or set "
                 "checkpoint.enabled=false)" if cfg is not None and cfg.hyperparameters.finetuning_type == "all_weights"
@@ -89,6 +90,12 @@ def checkpoint_bytes_per_parameter(precision: str) -> int:
     """A full fine-tune's checkpoint: the weights plus Adam's two fp32 moments, plus fp32 master weights when
     training in bf16 (``auto`` counts as bf16, the larger)."""
     return 4 + 8 if precision == "fp32" else 2 + 4 + 8
+
+
+def _size_of(directory: Path) -> int:
+    if not directory.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def _gib(n: int) -> str:

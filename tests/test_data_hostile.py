@@ -408,6 +408,12 @@ def test_a_full_fine_tune_without_room_for_its_checkpoints_is_refused_with_what_
         jobs.check_output_dir(str(tmp_path / "job"), cfg)
     cfg.checkpoint.enabled = False
     jobs.check_output_dir(str(tmp_path / "job"), cfg)  # 8B weights alone (~15 GiB) fit
+    # A job being resumed already holds checkpoints that new ones replace: that space counts as free
+    cfg.checkpoint.enabled = True
+    (tmp_path / "job" / "checkpoints").mkdir(parents=True)
+    with open(tmp_path / "job" / "checkpoints" / "shard", "wb") as handle:
+        handle.truncate(200 * 2**30)  # sparse: a 200 GiB file that takes no real space
+    jobs.check_output_dir(str(tmp_path / "job"), cfg)
 
 
 def test_output_dir_checks_pass_for_a_new_nested_directory(tmp_path):
