@@ -47,6 +47,9 @@ def test_parallel_losses_match_single_process(reference, name, world, tp, sp):
     assert len(actual) == len(expected) == STEPS + 1
     assert actual == pytest.approx(expected, abs=1e-4)
     assert expected[STEPS - 1] < expected[0]  # it trained
+    counts = [{k: json.loads((root / job / "result.json").read_text())[k]
+               for k in ("trainable_parameters", "total_parameters")} for job in (name, "single")]
+    assert counts[0] == counts[1]  # the whole model's counts, not this rank's shard
     # the exported adapter is the same full (unsharded) adapter
     from safetensors.torch import load_file
 

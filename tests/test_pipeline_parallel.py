@@ -96,6 +96,8 @@ def test_pipeline_parallel_matches_single_process(runs, name):
 
     result, reference = (json.loads((job / "result.json").read_text()) for job in (pp2, single))
     assert (result["steps"], result["stopped_early"]) == (reference["steps"], reference["stopped_early"])
+    for key in ("trainable_parameters", "total_parameters"):  # both stages together, a tied embedding once
+        assert result[key] == reference[key], key
     assert result["stopped_early"] == early_stop
     exports = []
     if finetuning != "all_weights":

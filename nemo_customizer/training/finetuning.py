@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -27,16 +28,35 @@ class TrainableSummary:
 def prepare_trainable(model: torch.nn.Module, cfg: Config) -> TrainableSummary:
     """Attach LoRA (``lora``, ``lora_merged``) or leave every weight trainable (``all_weights``).
 
-    Counts are this rank's (its tensor/pipeline shard).
+    Counts are the whole model's, whatever the tensor/pipeline layout (collective: every rank calls it).
     """
     hp = cfg.hyperparameters
     if hp.finetuning_type == "all_weights":
-        total = sum(p.numel() for p in model.parameters())
+        _, total = model_parameter_counts(model)
         return TrainableSummary(f"full fine-tuning: all {total:,} parameters train", total, total)
     from nemo_customizer.peft.apply import apply_lora
 
     lora = apply_lora(model, cfg.model.architecture, hp.lora, hp.seed)
-    return TrainableSummary(str(lora), lora.trainable_parameters, lora.total_parameters)
+    trainable, total = model_parameter_counts(model)
+    lora = dataclasses.replace(lora, trainable_parameters=trainable, total_parameters=total)
+    return TrainableSummary(str(lora), trainable, total)
+
+
+def model_parameter_counts(model: torch.nn.Module) -> Tuple[int, int]:
+    """``(trainable, total)`` parameters of the whole model: tensor-parallel shards summed over the ranks, tensors
+    every tensor-parallel rank holds a copy of (norms, a column-parallel LoRA's A) counted once, and the pipeline's
+    copy of a tied embedding left out (collective over the model-parallel group)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    from nemo_customizer.distributed.collectives import all_reduce_sum
+
+    counted = [p for p in model.parameters() if param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p)]
+    local = [float(sum(p.numel() for p in counted if p.requires_grad)), float(sum(p.numel() for p in counted))]
+    group = parallel_state.get_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+    trainable, total = all_reduce_sum(local, group=group)
+    return int(trainable), int(total)
 
 
 def best_checkpoint_saver(model: torch.nn.Module, cfg: Config, job: JobDirectory, *, source_dir: Optional[Path],
