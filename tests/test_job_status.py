@@ -270,6 +270,20 @@ def test_cancel_refuses_a_job_whose_process_is_gone(tmp_path, capsys):
     assert not (tmp_path / "CANCEL").exists()
 
 
+def test_status_shows_a_pending_cancel_request(tmp_path, capsys):
+    import socket
+
+    from nemo_customizer import cli
+
+    (tmp_path / "status.json").write_text(json.dumps({"status": "running", "pid": os.getpid(),
+                                                      "host": socket.gethostname()}))
+    assert cli.main(["cancel", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["status", str(tmp_path)]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["status"] == "running (cancel requested: it stops after its current step and saves a checkpoint)"
+
+
 def test_sigterm_cancels_a_command_line_job(tmp_path, model_dir):
     """A CPU job in its own process gets SIGTERM after a few steps: it exits 143 with status cancelled, and
     status.json parses at every moment while it runs."""

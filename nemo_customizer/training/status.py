@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 from nemo_customizer.jobs import JobDirectory
+from nemo_customizer.training.signals import CANCEL_FILE
 
 STATUS_FILE = "status.json"
 CREATED, RUNNING, COMPLETED, FAILED, CANCELLED = "created", "running", "completed", "failed", "cancelled"
@@ -221,6 +222,8 @@ def describe_status(status: dict, job_dir: Optional[str] = None) -> str:
     state = status["status"]
     if state in (CREATED, RUNNING) and not process_alive(status):
         state += f" (but its process {status.get('pid')} is gone: killed?)"
+    elif state in (CREATED, RUNNING) and job_dir and (Path(job_dir).expanduser() / CANCEL_FILE).exists():
+        state += " (cancel requested: it stops after its current step and saves a checkpoint)"
     lines = [("job", str(job_dir))] if job_dir else []
     lines.append(("status", state))
     total, done = status.get("total_steps"), status.get("steps_completed", 0)
