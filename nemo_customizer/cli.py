@@ -173,14 +173,21 @@ def _status(argv: list[str]) -> int:
     parser.add_argument("job_dir", metavar="JOB_DIR", help="the job's output_dir")
     parser.add_argument("--json", action="store_true", help="print status.json itself (with the metric series)")
     args = parser.parse_args(argv)
-    from .training.status import describe_status, read_status
+    from .training.status import describe_status
 
-    try:
-        status = read_status(args.job_dir)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(str(exc)) from exc
+    status = _read_job_status(args.job_dir)
     print(json.dumps(status, indent=2) if args.json else describe_status(status, args.job_dir))
     return 0
+
+
+def _read_job_status(job_dir: str) -> dict:
+    """The job's status.json; a missing or unreadable one is a user error (exit 2) naming what is wrong."""
+    from .training.status import read_status
+
+    try:
+        return read_status(job_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _cancel(argv: list[str]) -> int:
@@ -193,12 +200,9 @@ def _cancel(argv: list[str]) -> int:
     parser.add_argument("job_dir", metavar="JOB_DIR", help="the job's output_dir")
     args = parser.parse_args(argv)
     from .training.signals import request_cancel
-    from .training.status import CREATED, RUNNING, process_alive, read_status
+    from .training.status import CREATED, RUNNING, process_alive
 
-    try:
-        status = read_status(args.job_dir)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(str(exc)) from exc
+    status = _read_job_status(args.job_dir)
     if status["status"] not in (CREATED, RUNNING):
         raise ConfigError(f"{args.job_dir}: the job is {status['status']}; only a created or running job can be "
                           "cancelled")
