@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -136,14 +137,23 @@ def run(cfg: Config) -> CustomizationResult:
 def _check_before_work(cfg: Config, *, world_size: int, local_world_size: Optional[int], is_main: bool) -> None:
     """Every check that needs no data and no model: config values, the parallel layout of ``world_size``
     processes, what the device can run, and (main process) an output_dir the job can write to."""
+    import torch
+
     from nemo_customizer.config import ConfigError
-    from nemo_customizer.distributed.parallel import resolve_device
+    from nemo_customizer.distributed.parallel import params_dtype, resolve_device
 
     validate_config(cfg)
     check_parallel_layout(cfg.model, cfg.hyperparameters, world_size, local_world_size)
     if cfg.hyperparameters.use_distributed_optimizer and resolve_device(cfg.device).type != "cuda":
         raise ConfigError("hyperparameters.use_distributed_optimizer=true needs CUDA GPUs (Megatron's distributed "
                           "optimizer shards fp32 state over GPUs); set it to false for a CPU run.")
+    if cfg.hyperparameters.cuda_graphs:
+        device = resolve_device(cfg.device)
+        if device.type != "cuda":
+            raise ConfigError("hyperparameters.cuda_graphs=true needs a CUDA device; set it to false for a CPU run.")
+        if params_dtype(cfg.precision, device) == torch.float32:
+            raise ConfigError("hyperparameters.cuda_graphs=true needs precision bf16 (packed fp32 attention reads "
+                              "sequence boundaries on the host, which a graph cannot replay); set precision=bf16.")
     if is_main:  # an unusable output_dir fails now, not after the data is read and tokenized
         check_output_dir(cfg.output_dir, cfg)
 
@@ -187,7 +197,8 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
     pack, warnings = hp.sequence_packing_enabled, ()
     if pack and not cfg.model.sequence_packing_supported:  # the seed's behaviour: train anyway, unpacked
         pack, warnings = False, (f"model {cfg.model.name} does not support sequence packing; "
-                                 "hyperparameters.sequence_packing_enabled is ignored and training runs unpacked",)
+                                 "hyperparameters.sequence_packing_enabled is ignored and training runs unpacked"
+                                 + (" (and without CUDA graphs)" if hp.cuda_graphs else ""),)
         log(f"warning: {warnings[0]}")
     return _Inputs(cfg, resolved, tokenizer, train, val, pack, warnings)
 
@@ -212,6 +223,7 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
     plots = JobPlots(job if layout.is_main else None, status.series_points, log)  # loss.png, TensorBoard
     metrics = MetricsLog(job.metrics_path if layout.is_main else None,
                          listeners=(status.record, plots.record) if layout.is_main else ())
+    graphs = None
     try:
         check_batch_layout(hp.batch_size, hp.micro_batch_size, layout.data_parallel_size)
         pad_multiple = layout.tensor_parallel_size if cfg.model.use_sequence_parallel else 1
@@ -222,7 +234,11 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
         trainable = prepare_trainable(model, cfg)
         log(f"model {cfg.model.name} on {device.type} ({dtype}), TP={layout.tensor_parallel_size} "
             f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {trainable}")
-        ddp = wrap_for_training(model, tconfig, distributed_optimizer=hp.use_distributed_optimizer)
+        graphs = _cuda_graphs(cfg, layout, _pad_id(inputs.tokenizer), log) if packing else None
+        with graphs.building_model() if graphs else contextlib.nullcontext():
+            ddp = wrap_for_training(model, tconfig, distributed_optimizer=hp.use_distributed_optimizer)
+        if graphs:
+            graphs.model = ddp
         optimizer = build_optimizer([ddp], hp, dtype)
         total_steps = planned_steps(len(inputs.train), hp, packing)
         scheduler = build_scheduler(optimizer, hp, total_steps)
@@ -237,13 +253,15 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
             model=ddp, optimizer=optimizer, scheduler=scheduler, train_examples=inputs.train,
             val_examples=inputs.val, hyperparameters=hp, layout=layout, pad_id=_pad_id(inputs.tokenizer),
             pad_to_multiple_of=pad_multiple, metrics=metrics, progress=progress, packing=packing, status=status,
-            stop=stop, save_checkpoint=save_checkpoint, resume=resume,
+            stop=stop, save_checkpoint=save_checkpoint, resume=resume, graphs=graphs,
             save_best=best_checkpoint_saver(model, cfg, job, source_dir=inputs.resolved.checkpoint_dir,
                                             tokenizer=inputs.tokenizer),
         ))
     finally:
         metrics.close()
         plots.close()
+        if graphs is not None:
+            graphs.release()
         destroy_parallel(layout)
     return fit_result, trainable, layout
 
@@ -284,6 +302,17 @@ def _packing_plan(cfg: Config, train: list, dp_size: int, pad_multiple: int, log
                   steps_per_epoch=plan.steps_per_epoch, padding_before=plan.padding_before,
                   padding_after=plan.padding_after)
     return plan
+
+
+def _cuda_graphs(cfg: Config, layout, pad_id: int, log: "_Log"):
+    """The CUDA-graph runner of packed training micro batches, when ``hyperparameters.cuda_graphs`` asks for it."""
+    if not cfg.hyperparameters.cuda_graphs:
+        return None
+    from nemo_customizer.training.graphs import GraphedForwardBackward
+
+    log("CUDA graphs: each packed micro-batch shape runs eagerly once, then is captured and replayed")
+    return GraphedForwardBackward(layout.device, max_seqlen=cfg.model.max_seq_length,
+                                  tensor_parallel_size=layout.tensor_parallel_size, pad_id=pad_id)
 
 
 def _pad_id(tokenizer) -> int:

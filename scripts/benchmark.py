@@ -19,11 +19,14 @@ wait for the GPU (``host_syncs``) and where: each wait stops the CPU from queuei
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -59,7 +62,8 @@ def model_flops_per_token(arch, kind: str, seq_lengths: list[int]) -> float:
 
 
 def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, warmup: int,
-             profile_dir: str | None = None, bins_per_micro_batch: int = 1, tp: int = 1, sp: bool = False) -> dict:
+             profile_dir: str | None = None, bins_per_micro_batch: int = 1, tp: int = 1, sp: bool = False,
+             cuda_graphs: bool = False) -> dict:
     from nemo_customizer.config import compose_config
     from nemo_customizer.data.examples import TokenizedExample
     from nemo_customizer.data import collate
@@ -67,7 +71,8 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     from nemo_customizer.models.gpt import build_model_for_job
     from nemo_customizer.training.finetuning import prepare_trainable
     from nemo_customizer.training.optim import build_optimizer, build_scheduler
-    from nemo_customizer.training.step import train_step
+    from nemo_customizer.training.graphs import GraphedForwardBackward
+    from nemo_customizer.training.step import train_step as _train_step
     from nemo_customizer.training.wrap import wrap_for_training
 
     kind, targets = MODES[mode]
@@ -80,12 +85,22 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     cfg = compose_config(overrides)
     device = torch.device("cuda")
     layout = initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=1, device=device, seed=0)
+    graphs = None
     try:
         model, tconfig = build_model_for_job(cfg.model, None, device=device, params_dtype=torch.bfloat16)
         prepare_trainable(model, cfg)
-        ddp = wrap_for_training(model, tconfig)
+        graphs = GraphedForwardBackward(device, max_seqlen=seq, tensor_parallel_size=tp) \
+            if cuda_graphs and packed else None
+        with graphs.building_model() if graphs else contextlib.nullcontext():
+            ddp = wrap_for_training(model, tconfig)
+        if graphs:
+            graphs.model = ddp
         optimizer = build_optimizer([ddp], cfg.hyperparameters, torch.bfloat16)
         scheduler = build_scheduler(optimizer, cfg.hyperparameters, steps + warmup)
+
+        def train_step(*args):
+            return _train_step(*args, graphs=graphs)
+
         vocab = cfg.model.architecture.vocab_size
         gen = torch.Generator().manual_seed(0)
 
@@ -105,11 +120,11 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
 
         batches = [batch(i) for i in range(steps + warmup)]
         torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, results = [], []
         for i, (micro, _) in enumerate(batches):
             torch.cuda.synchronize()
             started = time.perf_counter()
-            train_step(ddp, optimizer, scheduler, micro, device)
+            results.append(train_step(ddp, optimizer, scheduler, micro, device))
             torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - started)
@@ -122,12 +137,20 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         tokens_per_step = sum(lengths) / steps
         tok_s = tokens_per_step / step_s / tp  # per GPU: the TP ranks share every token
         tflops = tok_s * model_flops_per_token(cfg.model.architecture, kind, lengths) / 1e12
-        return dict(impl="nemo_customizer", model=model_name, mode=mode, seq=seq, packed=packed, tp=tp, sp=sp,
+        row = dict(impl="nemo_customizer", model=model_name, mode=mode, seq=seq, packed=packed, tp=tp, sp=sp,
                     bins_per_micro_batch=bins_per_micro_batch if packed else None, tok_s=round(tok_s),
                     tflops=round(tflops), mfu=round(tflops / PEAK_TFLOPS, 3),
                     peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1), step_ms=round(step_s * 1000, 1),
-                    host_syncs=syncs, compiled=not os.environ.get("TORCHDYNAMO_DISABLE"))
+                    host_syncs=syncs, compiled=not os.environ.get("TORCHDYNAMO_DISABLE"),
+                    cuda_graphs=graphs is not None, losses=[round(r.loss, 5) for r in results[:4]])
+        print(f"measured (before teardown): {json.dumps(row)}", file=sys.stderr, flush=True)
+        return row
+    except BaseException:
+        traceback.print_exc()  # now: tearing down process groups after a failed capture can hang
+        raise
     finally:
+        if graphs is not None:
+            graphs.release()
         destroy_parallel(layout)
         torch.cuda.empty_cache()
 
@@ -209,7 +232,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch with torchrun, one process "
                                                           "per GPU); tokens/s is per GPU")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (with --tp > 1)")
+    parser.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
+                        help="print every thread's stack and exit 1 if the run takes longer (a hung collective)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="packed: replay each micro batch's forward+backward as a CUDA graph (ours)")
     args = parser.parse_args(argv)
+    if args.watchdog:
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -234,7 +263,7 @@ def main(argv=None) -> int:
     rows = []
     for model_name, mode in configs:
         runs = [lambda: run_ours(model_name, mode, args.seq, args.packed or args.suite, args.steps, args.warmup,
-                                 args.profile, args.bins_per_micro_batch, args.tp, args.sp)]
+                                 args.profile, args.bins_per_micro_batch, args.tp, args.sp, args.cuda_graphs)]
         if args.peer:
             runs.append(lambda: run_peer(model_name, mode, args.seq, args.bins_per_micro_batch))
         for fn in runs:

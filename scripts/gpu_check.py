@@ -23,15 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 BF16_RTOL = 3e-2  # per-step loss, bf16 weights/activations against fp32
+GRAPHS_RTOL = 5e-3  # per-step loss, the same bf16 job with and without CUDA graphs (padded GEMM shapes round apart)
 
 
-def _job(root: Path, name: str, device: str, precision: str, finetuning: str) -> list[float]:
+def _job(root: Path, name: str, device: str, precision: str, finetuning: str, **hyperparameters) -> list[float]:
     from nemo_customizer.api import customize
 
     customize("tiny-llama-test", dataset=str(root / "data"), output_dir=str(root / name), device=device,
               precision=precision, progress_bar=False,
               hyperparameters={"finetuning_type": finetuning, "epochs": 1, "batch_size": 8, "micro_batch_size": 4,
-                               "learning_rate": 1e-3, "max_steps": 10, "lora": {"adapter_dropout": 0.0}},
+                               "learning_rate": 1e-3, "max_steps": 10, "lora": {"adapter_dropout": 0.0},
+                               **hyperparameters},
               model={"checkpoint": str(root / "model"), "random_weights": False})
     rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["event"] == "train"]
@@ -46,6 +48,15 @@ def check_training(root: Path) -> list[dict]:
     # CUDA jobs first: the CPU patches for mcore (distributed/cpu_patches.py) are process-wide and one-way.
     gpu_losses = {kind: _job(root, f"{kind}-cuda", "cuda", "bf16", kind) for kind in kinds}
     results = []
+    for kind in kinds:  # packed micro batches eagerly vs replayed from CUDA graphs (training.graphs)
+        # 3 epochs of 3 steps of 8 micro batches: several static shapes, each replayed many times
+        packed = dict(sequence_packing_enabled=True, batch_size=32, micro_batch_size=2, epochs=3, max_steps=9)
+        eager = _job(root, f"{kind}-packed", "cuda", "bf16", kind, **packed)
+        graphed = _job(root, f"{kind}-graphs", "cuda", "bf16", kind, cuda_graphs=True, **packed)
+        worst = max(abs(a - b) / abs(a) for a, b in zip(eager, graphed))
+        results.append(dict(check=f"{kind}: packed cuda bf16, CUDA graphs vs eager losses ({len(eager)} steps)",
+                            worst_rel=worst, ok=worst <= GRAPHS_RTOL and len(eager) == len(graphed) > 1,
+                            eager=eager, graphed=graphed))
     for finetuning in kinds:
         cpu = _job(root, f"{finetuning}-cpu", "cpu", "fp32", finetuning)
         gpu = gpu_losses[finetuning]

@@ -33,6 +33,9 @@ LAYOUTS = {  # name: (processes, overrides)
     "dp2": (2, []),
     "pp2": (2, ["model.pipeline_parallel_size=2"]),
     "dp2-distopt": (2, ["hyperparameters.use_distributed_optimizer=true"]),
+    # Packed micro batches replayed from CUDA graphs (training/graphs.py; TP=1 only).
+    "tp1-graphs": (1, ["hyperparameters.cuda_graphs=true"]),
+    "dp2-graphs": (2, ["hyperparameters.cuda_graphs=true"]),
 }
 # name: (layout it repeats, step after which the job is cancelled). The job checkpoints and exits; the same command
 # then resumes it, and the per-step losses must equal an uninterrupted run of that layout. `nemo_customizer cancel`,

@@ -133,6 +133,11 @@ class HyperparametersConfig:
     """Pack training examples into bins of ``max_seq_length`` tokens (attention, positions and labels never cross an
     example); ``batch_size`` is converted to bins so each step sees about as many tokens. Validation stays unpacked.
     Ignored, with a warning, for a model whose ``sequence_packing_supported`` is false."""
+    cuda_graphs: bool = False
+    """Replay each packed micro batch's forward and backward as a captured CUDA graph (one per padded shape; the
+    first micro batch of a shape runs eagerly). Removes the CPU's launch overhead, which decides the step time of
+    small models and of tensor parallelism. Needs ``sequence_packing_enabled``, a CUDA device and
+    ``pipeline_parallel_size=1``."""
     use_distributed_optimizer: bool = False
     """Shard the optimizer state (fp32 master weights and Adam moments) over data-parallel ranks with Megatron's
     distributed optimizer: for full fine-tuning at DP > 1. Needs CUDA (NCCL) when DP > 1."""

@@ -83,6 +83,17 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
         _at_least("hyperparameters.val_check_interval", hp.val_check_interval, 1)
     # sequence_packing_enabled on a model without packing support is not an error: as the seed does, the job trains
     # unpacked and says so in its log and result (api._load_inputs).
+    if hp.cuda_graphs and not hp.sequence_packing_enabled:
+        raise ConfigError("hyperparameters.cuda_graphs=true replays packed micro batches (fixed shapes); set "
+                          "hyperparameters.sequence_packing_enabled=true or cuda_graphs=false.")
+    for key, size in (("tensor_parallel_size", model.tensor_parallel_size),
+                      ("pipeline_parallel_size", model.pipeline_parallel_size)):
+        # Tensor parallelism would capture NCCL collectives: not validated on GPUs yet (a capture failed on two
+        # H200s, and torch cannot tear down process groups whose collectives a graph captured). Pipeline stages
+        # exchange activations in their own schedule. Data parallelism is fine: its reduction is outside the graph.
+        if hp.cuda_graphs and size > 1:
+            raise ConfigError(f"hyperparameters.cuda_graphs=true runs with model.{key}=1 only (got {size}); set "
+                              "cuda_graphs=false for this layout.")
     _validate_lora(hp)
     _at_least("hyperparameters.early_stopping.patience", hp.early_stopping.patience, 1)
     _non_negative("hyperparameters.early_stopping.min_delta", hp.early_stopping.min_delta)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from megatron.core import parallel_state
@@ -51,7 +52,8 @@ class CustomizerGPTModel(GPTModel):
             out = (out[0], None, *out[2:])  # no mcore RoPE: CoreAttention rotates with the per-token cos/sin
         return out
 
-    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None, **kwargs):
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args,
+                     loss_mask: Union[torch.Tensor, "LossPositions", None] = None, **kwargs):
         if labels is None or not self.post_process or loss_mask is None:
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, loss_mask=loss_mask,
                                         **kwargs)
@@ -59,12 +61,27 @@ class CustomizerGPTModel(GPTModel):
             # (s/tp, b, h) → (s, b, h). Backward only splits: the reduction over vocab shards happens once, in
             # copy_to_tensor_model_parallel_region below.
             hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
-        index = loss_positions(loss_mask, hidden_states.device)  # (n,) into the flattened (s, b)
+        if isinstance(loss_mask, LossPositions):
+            index, loss_weight = loss_mask.index, loss_mask.weight
+        else:
+            index, loss_weight = loss_positions(loss_mask, hidden_states.device), None  # (n,) into flattened (s, b)
         hidden = hidden_states.flatten(0, 1).index_select(0, index)  # (n, h)
         targets = labels.transpose(0, 1).flatten().index_select(0, index)  # (n,)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else \
             self.output_layer.weight
-        return masked_token_losses(hidden, targets, weight)
+        losses = masked_token_losses(hidden, targets, weight)
+        return losses if loss_weight is None else losses * loss_weight
+
+
+@dataclass
+class LossPositions:
+    """Loss positions already on the device, for ``loss_mask``: a CUDA graph replays a fixed number of them, so
+    the index is padded (``training.graphs``) and ``weight`` (1 real, 0 padding) zeroes the padding's losses."""
+
+    index: torch.Tensor
+    """(n,) int64 positions in the flattened ``(s, b)`` layout."""
+    weight: Optional[torch.Tensor] = None
+    """(n,) float32 multiplier of each position's loss."""
 
 
 def loss_positions(loss_mask: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -111,7 +128,8 @@ def masked_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: tor
     if hidden.shape[0] <= LOSS_CHUNK_TOKENS or not torch.is_grad_enabled():
         return _token_losses(hidden, targets, weight)
     chunks = [
-        checkpoint(_token_losses, h, t, weight, use_reentrant=False)
+        # No RNG in the loss head, so no RNG state to save and restore (which a CUDA graph capture would refuse).
+        checkpoint(_token_losses, h, t, weight, use_reentrant=False, preserve_rng_state=False)
         for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))
     ]
     return torch.cat(chunks)

@@ -54,6 +54,8 @@ class TrainingJob:
     training."""
     resume: Optional[LoopPosition] = None
     """Where a restored checkpoint left off: the loop continues from there (the weights are already loaded)."""
+    graphs: Optional[object] = None
+    """A ``training.graphs.GraphedForwardBackward`` of ``model``: packed training micro batches replay CUDA graphs."""
 
 
 @dataclass
@@ -98,7 +100,7 @@ def _stop_requested(job: TrainingJob, result: FitResult) -> bool:
 
 def _checked_step(job: TrainingJob, batches, step: int):
     try:
-        return train_step(job.model, job.optimizer, job.scheduler, batches, job.layout.device)
+        return train_step(job.model, job.optimizer, job.scheduler, batches, job.layout.device, graphs=job.graphs)
     except NonFiniteStep as err:  # every rank raises it at the same step
         raise FloatingPointError(f"{err} at step {step}; the update was not applied and the last saved checkpoint "
                                  "is intact: lower the learning_rate or check the data") from None

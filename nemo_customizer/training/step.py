@@ -14,9 +14,10 @@ A step whose loss or gradient norm is NaN/inf raises ``NonFiniteStep`` before th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import optimizer as mcore_optimizer
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 from nemo_customizer.distributed.collectives import all_reduce_sum
 from nemo_customizer.models.gpt import upload
@@ -143,7 +145,30 @@ def forward_backward(model, micro_batches: List[MicroBatch], device: torch.devic
     for out in outputs:  # only the last pipeline stage has outputs
         loss_sum += float(out["loss_sum_and_tokens"][0])
         tokens += float(out["loss_sum_and_tokens"][1])
-    # Sum over data-parallel ranks, and bring the last stage's numbers to every pipeline stage.
+    return _global_loss(loss_sum, tokens)
+
+
+def graphed_forward_backward(graphs, micro_batches: List[MicroBatch]):
+    """``forward_backward`` (training, one pipeline stage) with each micro batch's forward+backward replayed from a
+    CUDA graph (``training.graphs``); the schedule around them is mcore's: gradient accumulation under ``no_sync``,
+    then ``finalize_model_grads`` with the step's loss-token count."""
+    config = get_model_config(graphs.model)
+    loss = torch.zeros((), dtype=torch.float64, device=graphs.device)
+    tokens = 0
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with (contextlib.nullcontext() if last or config.no_sync_func is None else config.no_sync_func()):
+            micro_loss, micro_tokens = graphs.micro_batch(batch)
+        loss += micro_loss
+        tokens += micro_tokens
+    if config.finalize_model_grads_func is not None:
+        # torch.full, not torch.tensor: no copy from the host in the middle of the step.
+        config.finalize_model_grads_func([graphs.model], torch.full((), tokens, dtype=torch.int, device=graphs.device))
+    return _global_loss(float(loss), float(tokens))
+
+
+def _global_loss(loss_sum: float, tokens: float) -> Tuple[float, int]:
+    """Sum over data-parallel ranks, and bring the last stage's numbers to every pipeline stage."""
     loss_sum, tokens = all_reduce_sum([loss_sum, tokens], parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         loss_sum, tokens = all_reduce_sum([loss_sum, tokens], parallel_state.get_pipeline_model_parallel_group())
@@ -156,15 +181,20 @@ def _real_tokens(micro_batches: Iterable[MicroBatch]) -> int:
     return int(total)
 
 
-def train_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], device: torch.device) -> StepResult:
+def train_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], device: torch.device,
+               graphs=None) -> StepResult:
     """Forward/backward over this rank's micro batches, gradient reduction, clipping, optimizer and LR step.
 
+    ``graphs``: a ``training.graphs.GraphedForwardBackward`` of ``model`` to replay packed micro batches with.
     Raises ``NonFiniteStep`` (weights and optimizer state untouched) when the loss or gradient norm is not finite.
     """
     model.train()
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    loss_sum, loss_tokens = forward_backward(model, micro_batches, device, forward_only=False)
+    if graphs is not None:
+        loss_sum, loss_tokens = graphed_forward_backward(graphs, micro_batches)
+    else:
+        loss_sum, loss_tokens = forward_backward(model, micro_batches, device, forward_only=False)
     loss = loss_sum / max(loss_tokens, 1)
     if not math.isfinite(loss):
         raise NonFiniteStep(f"training loss is {loss}")

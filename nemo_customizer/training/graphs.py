@@ -1,0 +1,249 @@
+"""CUDA graphs for packed training micro batches: each static shape's forward+backward captured once, then replayed.
+
+Why: a small model's training step is CPU-bound. The Llama-3.2-1B architecture launches ~9,300 operators per
+step (Python, mcore modules, autograd), ~115 ms of CPU time for ~46 ms of GPU work; at TP=2 an 8B layer's GPU work
+halves and the launches do not. A replayed graph launches the whole forward and backward of a micro batch at once.
+
+A graph replays fixed shapes, and packed micro batches vary: their token count, their number of examples and their
+number of loss positions. ``static_shape`` rounds each up to a few sizes and ``pad_to_static`` pads to them with
+what changes no loss or gradient:
+- tokens: one more segment of its own (``loss_mask`` 0, positions restart at 0), as ``collate_packed`` pads for
+  sequence parallelism;
+- examples: empty segments (``cu_seqlens`` repeats its last offset; varlen attention gives them no work);
+- loss positions: position 0 with weight 0 (``models.gpt.LossPositions``).
+``max_seqlen`` is the same for every shape: the longest example any bin can hold (``max_seq_length``).
+
+The first micro batch of a shape runs eagerly on the static buffers (its real gradient; it also compiles the
+``torch.compile`` regions for these shapes and creates cuBLAS/NCCL state, which a capture must not do), then the
+shape is captured; later micro batches of that shape copy their inputs in and replay. Gradients land in mcore DDP's
+``main_grad`` buffers through its backward hooks, captured with the rest; the schedule around the micro batches
+(gradient finalization, token count) is mcore's, as in ``step.forward_backward``.
+
+Packed batches only, at TP=1 and PP=1 (``config.validate``): the pipeline schedule exchanges activations between
+stages itself, and capturing tensor-parallel NCCL collectives failed on GPUs (docs/PERFORMANCE.md). Data
+parallelism reduces gradients after the micro batches, outside the graphs. On a CPU the same path runs without
+capture (``capture=False``), which is how tests check the padding and the schedule against
+``step.forward_backward``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+TOKEN_BUCKET = 512
+"""Micro batches are padded up to a multiple of about this many tokens (packed bins are nearly full: one size in
+practice). Never more than ``max_seqlen``, so the padding is one segment varlen attention covers whole."""
+MIN_SEGMENTS = 16
+"""Segment capacities are powers of two from this up."""
+LOSS_BUCKETS = 4
+"""Loss-position capacities are multiples of tokens / LOSS_BUCKETS."""
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    tokens: int
+    """Positions in the padded row (a multiple of ``token_multiple``)."""
+    segments: int
+    """``len(cu_seqlens) - 1``, empty segments included."""
+    loss_positions: int
+    """Length of the loss index; the tail has weight 0."""
+
+
+@dataclass
+class StaticInputs:
+    """One micro batch padded to a ``StaticShape`` (host tensors, or device buffers a graph reads)."""
+
+    tokens: torch.Tensor  # [1, T] int64
+    labels: torch.Tensor  # [1, T] int64
+    position_ids: torch.Tensor  # [1, T] int64
+    cu_seqlens: torch.Tensor  # [S + 1] int32
+    loss_index: torch.Tensor  # [P] int64, into the flattened (s, b) = (T,) positions
+    loss_weight: torch.Tensor  # [P] float32, 1 for real loss positions, 0 for padding
+    loss_tokens: int
+    """Real loss positions (what mcore's per-token loss divides by)."""
+
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        return (self.tokens, self.labels, self.position_ids, self.cu_seqlens, self.loss_index, self.loss_weight)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(1, math.ceil(value / multiple)) * multiple
+
+
+def token_multiple(max_seqlen: int, tensor_parallel_size: int = 1) -> int:
+    """What padded rows are a multiple of: the TP size (sequence parallelism splits the row evenly) times as much
+    as keeps it within ``TOKEN_BUCKET`` and ``max_seqlen``."""
+    return tensor_parallel_size * max(1, min(TOKEN_BUCKET, max_seqlen) // tensor_parallel_size)
+
+
+def static_shape(batch, multiple: int) -> StaticShape:
+    """The shape a packed micro batch (``collate_packed``) is padded to; ``multiple``: ``token_multiple(...)``."""
+    real = batch["tokens"].shape[1]
+    tokens = _round_up(real, multiple)
+    segments = len(batch["cu_seqlens"]) - 1 + (tokens > real)  # the padding is a segment of its own
+    segments = max(MIN_SEGMENTS, 1 << (segments - 1).bit_length())
+    loss_tokens = int((batch["loss_mask"] > 0).sum())
+    return StaticShape(tokens, segments, _round_up(loss_tokens, max(tokens // LOSS_BUCKETS, 1)))
+
+
+def pad_to_static(batch, shape: StaticShape, pad_id: int = 0) -> StaticInputs:
+    """``batch`` (a ``collate_packed`` row) padded to ``shape``; same loss and gradients as the batch itself."""
+    real = batch["tokens"].shape[1]
+    extra = shape.tokens - real
+    if extra < 0:
+        raise ValueError(f"a packed micro batch of {real} tokens does not fit the static shape {shape}")
+
+    def pad(row: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(row, (0, extra), value=value)
+
+    positions = batch["position_ids"]
+    if extra:
+        positions = torch.cat([positions, torch.arange(extra, dtype=positions.dtype)[None]], 1)
+    bounds = batch["cu_seqlens"].to(torch.int32)
+    if extra:
+        bounds = torch.cat([bounds, bounds.new_tensor([shape.tokens])])
+    if len(bounds) - 1 > shape.segments:
+        raise ValueError(f"a packed micro batch of {len(bounds) - 1} segments does not fit the static shape {shape}")
+    cu_seqlens = torch.cat([bounds, bounds[-1:].expand(shape.segments + 1 - len(bounds))])
+    index = (batch["loss_mask"].transpose(0, 1) > 0).flatten().nonzero().squeeze(1)
+    if len(index) > shape.loss_positions:
+        raise ValueError(f"a packed micro batch of {len(index)} loss positions does not fit the static shape {shape}")
+    weight = torch.zeros(shape.loss_positions, dtype=torch.float32)
+    weight[: len(index)] = 1.0
+    return StaticInputs(
+        tokens=pad(batch["tokens"], pad_id),
+        labels=pad(batch["labels"], pad_id),
+        position_ids=positions,
+        cu_seqlens=cu_seqlens,
+        loss_index=torch.nn.functional.pad(index, (0, shape.loss_positions - len(index))),
+        loss_weight=weight,
+        loss_tokens=len(index),
+    )
+
+
+class _ShapeRunner:
+    """Device buffers of one static shape, and its captured graph once there is one."""
+
+    def __init__(self, host: StaticInputs, device: torch.device):
+        self.inputs = StaticInputs(*(t.to(device) for t in host.tensors()), loss_tokens=host.loss_tokens)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.loss: Optional[torch.Tensor] = None
+        """The graph's output: this micro batch's summed loss (a buffer the next replay overwrites)."""
+
+    def copy_in(self, host: StaticInputs) -> None:
+        for buffer, value in zip(self.inputs.tensors(), host.tensors()):
+            buffer.copy_(value.pin_memory() if buffer.is_cuda else value, non_blocking=True)
+        self.inputs.loss_tokens = host.loss_tokens
+
+
+class GraphedForwardBackward:
+    """Forward+backward of packed micro batches through captured CUDA graphs (``capture=False``: the same path
+    eagerly, for CPU tests). One instance per model; it keeps each shape's buffers and graph for the whole job.
+
+    Build the model's DDP wrapper inside ``building_model()`` and then set ``model``: autograd binds each
+    parameter's gradient accumulator, which DDP creates and keeps, to the CUDA stream current when it was created,
+    and a capture fails (``cudaErrorStreamCaptureImplicit``) unless the backward runs on that same stream.
+    """
+
+    def __init__(self, device: torch.device, *, max_seqlen: int, tensor_parallel_size: int = 1, pad_id: int = 0,
+                 capture: Optional[bool] = None):
+        self.model: Optional[torch.nn.Module] = None
+        self.device = device
+        self.max_seqlen = max_seqlen
+        self.token_multiple = token_multiple(max_seqlen, tensor_parallel_size)
+        self.pad_id = pad_id
+        self.capture = device.type == "cuda" if capture is None else capture
+        # Eager first runs and captures both run here (a side stream: captures cannot use the default one).
+        self.stream = torch.cuda.Stream(device) if self.capture else None
+        self._runners: Dict[StaticShape, _ShapeRunner] = {}
+        self._pool = None  # one memory pool for every shape's graph: only one of them runs at a time
+
+    @contextlib.contextmanager
+    def building_model(self):
+        """Context to wrap the model for training (``wrap_for_training``) in; see the class docstring."""
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def release(self) -> None:
+        """Free every captured graph and its memory; call before destroying the process groups (NCCL's teardown can
+        wait on communicators a live graph still references)."""
+        for runner in self._runners.values():
+            if runner.graph is not None:
+                runner.graph.reset()
+        self._runners.clear()
+        self._pool = None
+        if self.capture:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    @property
+    def captured_shapes(self) -> List[StaticShape]:
+        return [shape for shape, runner in self._runners.items() if runner.graph is not None]
+
+    def _body(self, inputs: StaticInputs) -> torch.Tensor:
+        """The captured work: forward, summed loss, backward into the DDP gradient buffers."""
+        from nemo_customizer.models.gpt import LossPositions
+        from nemo_customizer.training.step import packed_seq_params
+
+        token_losses = self.model(
+            inputs.tokens, inputs.position_ids, None, labels=inputs.labels,
+            loss_mask=LossPositions(inputs.loss_index, inputs.loss_weight),
+            packed_seq_params=packed_seq_params(inputs.cu_seqlens, self.max_seqlen),
+        )
+        total = token_losses.sum()
+        total.backward()
+        return total.detach()
+
+    def _first_run(self, shape: StaticShape, runner: _ShapeRunner) -> torch.Tensor:
+        """Eager on the static buffers, on the capture stream: it compiles kernels for these shapes and creates
+        library state (cuBLAS workspaces, NCCL communicators), which must not happen inside a capture. Then the
+        capture, which records the kernels without running them: the eager run's gradient is this micro batch's."""
+        if not self.capture:
+            return self._body(runner.inputs)
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            loss = self._body(runner.inputs).clone()
+        current.wait_stream(self.stream)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.empty_cache()  # the eager run's blocks: the graph's pool is separate, do not hold both
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=self.stream):
+                runner.loss = self._body(runner.inputs)
+        except Exception as err:
+            del self._runners[shape]
+            raise RuntimeError(f"capturing the CUDA graph of a packed micro batch of shape {shape} failed: {err}; "
+                               "set hyperparameters.cuda_graphs=false to train without graphs") from err
+        self._pool = graph.pool()
+        runner.graph = graph
+        return loss
+
+    def micro_batch(self, batch) -> Tuple[torch.Tensor, int]:
+        """Forward+backward of one packed micro batch; returns (summed loss on the device, loss tokens)."""
+        if self.model is None:
+            raise RuntimeError("GraphedForwardBackward.model is not set: wrap the model in building_model(), then "
+                               "assign it")
+        if int(batch["max_seqlen"]) > self.max_seqlen:
+            raise ValueError(f"a packed example of {int(batch['max_seqlen'])} tokens is longer than max_seqlen "
+                             f"{self.max_seqlen}")
+        shape = static_shape(batch, self.token_multiple)
+        host = pad_to_static(batch, shape, self.pad_id)
+        runner = self._runners.get(shape)
+        if runner is None:
+            runner = self._runners[shape] = _ShapeRunner(host, self.device)
+            return self._first_run(shape, runner), host.loss_tokens
+        runner.copy_in(host)
+        if runner.graph is None:  # capture=False
+            return self._body(runner.inputs), host.loss_tokens
+        runner.graph.replay()
+        return runner.loss.clone(), host.loss_tokens
