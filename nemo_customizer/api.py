@@ -230,7 +230,8 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
         packing = _packing_plan(cfg, inputs.train, layout.data_parallel_size, pad_multiple, log, metrics) \
             if inputs.pack else None
         model, tconfig = build_model_for_job(cfg.model, inputs.resolved.checkpoint_dir, device=device,
-                                             params_dtype=dtype)
+                                             params_dtype=dtype,
+                                             activation_checkpointing=hp.activation_checkpointing)
         trainable = prepare_trainable(model, cfg)
         log(f"model {cfg.model.name} on {device.type} ({dtype}), TP={layout.tensor_parallel_size} "
             f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {trainable}")

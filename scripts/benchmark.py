@@ -63,7 +63,7 @@ def model_flops_per_token(arch, kind: str, seq_lengths: list[int]) -> float:
 
 def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, warmup: int,
              profile_dir: str | None = None, bins_per_micro_batch: int = 1, tp: int = 1, sp: bool = False,
-             cuda_graphs: bool = False) -> dict:
+             cuda_graphs: bool = False, activation_checkpointing: bool = False) -> dict:
     from nemo_customizer.config import compose_config
     from nemo_customizer.data.examples import TokenizedExample
     from nemo_customizer.data import collate
@@ -87,7 +87,8 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     layout = initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=1, device=device, seed=0)
     graphs = None
     try:
-        model, tconfig = build_model_for_job(cfg.model, None, device=device, params_dtype=torch.bfloat16)
+        model, tconfig = build_model_for_job(cfg.model, None, device=device, params_dtype=torch.bfloat16,
+                                             activation_checkpointing=activation_checkpointing)
         prepare_trainable(model, cfg)
         graphs = GraphedForwardBackward(device, max_seqlen=seq, tensor_parallel_size=tp) \
             if cuda_graphs and packed else None
@@ -142,7 +143,8 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
                     tflops=round(tflops), mfu=round(tflops / PEAK_TFLOPS, 3),
                     peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1), step_ms=round(step_s * 1000, 1),
                     host_syncs=syncs, compiled=not os.environ.get("TORCHDYNAMO_DISABLE"),
-                    cuda_graphs=graphs is not None, losses=[round(r.loss, 5) for r in results[:4]])
+                    cuda_graphs=graphs is not None, activation_checkpointing=activation_checkpointing,
+                    losses=[round(r.loss, 5) for r in results[:4]])
         print(f"measured (before teardown): {json.dumps(row)}", file=sys.stderr, flush=True)
         return row
     except BaseException:
@@ -234,6 +236,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (with --tp > 1)")
     parser.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
                         help="print every thread's stack and exit 1 if the run takes longer (a hung collective)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute every transformer layer in backward (ours)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="packed: replay each micro batch's forward+backward as a CUDA graph (ours)")
     args = parser.parse_args(argv)
@@ -263,7 +267,8 @@ def main(argv=None) -> int:
     rows = []
     for model_name, mode in configs:
         runs = [lambda: run_ours(model_name, mode, args.seq, args.packed or args.suite, args.steps, args.warmup,
-                                 args.profile, args.bins_per_micro_batch, args.tp, args.sp, args.cuda_graphs)]
+                                 args.profile, args.bins_per_micro_batch, args.tp, args.sp, args.cuda_graphs,
+                                 args.activation_checkpointing)]
         if args.peer:
             runs.append(lambda: run_peer(model_name, mode, args.seq, args.bins_per_micro_batch))
         for fn in runs:

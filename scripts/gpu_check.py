@@ -119,7 +119,8 @@ def check_kernels() -> list[dict]:
                     ((grads[1] - w.grad).abs().max() / w.grad.abs().max()).item())
         results.append(dict(check=f"compiled RMSNorm vs eager, bf16, {tokens} tokens (fwd, d_x, d_w)",
                             worst_rel=worst, ok=worst <= 2e-2))
-    from nemo_customizer.models.gpt import _cross_entropy_fp32, _fused_cross_entropy
+    from nemo_customizer.models.loss import (_cross_entropy_fp32, _fused_cross_entropy,
+                                             _fused_cross_entropy_and_grad)
     from nemo_customizer.models.rope import _fused_rotate, _rotate
 
     for tokens in (1024, 700):
@@ -134,6 +135,12 @@ def check_kernels() -> list[dict]:
                     ((fused_grad.float() - logits.grad.float()).abs().max() / logits.grad.float().abs().max()).item())
         results.append(dict(check=f"compiled cross-entropy vs eager fp32, bf16 logits, {tokens} tokens (loss, grad)",
                             worst_rel=worst, ok=worst <= 2e-2))
+        # The frozen-output-weight loss head computes the logits' gradient in forward, compiled: against autograd.
+        losses, grad = _fused_cross_entropy_and_grad.compiled()(logits.detach(), targets)
+        worst = max(((losses - reference.detach()).abs().max() / reference.abs().max()).item(),
+                    ((grad.float() - logits.grad.float()).abs().max() / logits.grad.float().abs().max()).item())
+        results.append(dict(check=f"compiled cross-entropy + logits gradient in forward vs eager autograd, "
+                                  f"{tokens} tokens (loss, grad)", worst_rel=worst, ok=worst <= 2e-2))
     q = torch.randn(3000, 32, 64, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
     k = torch.randn(3000, 8, 64, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
     angles = torch.rand(3000, 1, 64, generator=gen).cuda() * 6.28

@@ -67,6 +67,8 @@ BASE = ["model=tiny-llama-test", "dataset.path=data.jsonl", "hyperparameters.cud
      "cuda_graphs=true runs with model.tensor_parallel_size=1 only"),
     (["hyperparameters.sequence_packing_enabled=true", "model.pipeline_parallel_size=2"],
      "cuda_graphs=true runs with model.pipeline_parallel_size=1 only"),
+    (["hyperparameters.sequence_packing_enabled=true", "hyperparameters.activation_checkpointing=true"],
+     "cuda_graphs=true and activation_checkpointing=true cannot be combined"),
 ])
 def test_unsupported_layouts_are_config_errors(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

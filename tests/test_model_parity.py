@@ -56,20 +56,28 @@ def test_loss_positions_index_the_flattened_sequence_major_layout():
     assert index.dtype == torch.int64
 
 
-def test_chunked_loss_matches_unchunked(monkeypatch):
-    from nemo_customizer.models import gpt
+@pytest.mark.parametrize("weight_trains", [True, False], ids=["trained-weight", "frozen-weight"])
+def test_chunked_loss_matches_plain_cross_entropy(monkeypatch, weight_trains):
+    """Both loss-head paths (checkpointed chunks; gradient computed in forward for a frozen weight), chunked and
+    not, give torch's cross-entropy and its gradients, for any upstream gradient."""
+    from nemo_customizer.models import loss
 
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(50, 8, generator=gen, requires_grad=True)
-    weight = torch.randn(32, 8, generator=gen)
+    weight = torch.randn(32, 8, generator=gen).requires_grad_(weight_trains)
     targets = torch.randint(0, 32, (50,), generator=gen)
-    whole = gpt.masked_token_losses(hidden, targets, weight)
-    (grad_whole,) = torch.autograd.grad(whole.sum(), hidden)
-    monkeypatch.setattr(gpt, "LOSS_CHUNK_TOKENS", 7)
-    chunked = gpt.masked_token_losses(hidden, targets, weight)
-    (grad_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
-    torch.testing.assert_close(chunked, whole)
-    torch.testing.assert_close(grad_chunked, grad_whole)
+    upstream = torch.rand(50, generator=gen)  # e.g. loss weights, 0 on padding positions
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    wrt = (hidden, weight) if weight_trains else (hidden,)
+    expected_grads = torch.autograd.grad(expected, wrt, upstream)
+    for chunk in (1024, 7):
+        monkeypatch.setattr(loss, "LOSS_CHUNK_TOKENS", chunk)
+        losses = loss.masked_token_losses(hidden, targets, weight)
+        torch.testing.assert_close(losses, expected)
+        for got, want in zip(torch.autograd.grad(losses, wrt, upstream), expected_grads):
+            torch.testing.assert_close(got, want)
+    with torch.no_grad():  # validation: plain losses
+        torch.testing.assert_close(loss.masked_token_losses(hidden, targets, weight), expected)
 
 
 def test_left_padded_batch_with_attention_mask_matches_single_rows(tmp_path):

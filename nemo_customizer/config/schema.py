@@ -138,6 +138,9 @@ class HyperparametersConfig:
     first micro batch of a shape runs eagerly). Removes the CPU's launch overhead, which decides the step time of
     small models and of tensor parallelism. Needs ``sequence_packing_enabled``, a CUDA device and
     ``pipeline_parallel_size=1``."""
+    activation_checkpointing: bool = False
+    """Keep only each transformer layer's input for the backward pass and recompute the layer there: activation
+    memory of one layer instead of all, for ~1/3 more compute (long sequences, full fine-tuning of large models)."""
     use_distributed_optimizer: bool = False
     """Shard the optimizer state (fp32 master weights and Adam moments) over data-parallel ranks with Megatron's
     distributed optimizer: for full fine-tuning at DP > 1. Needs CUDA (NCCL) when DP > 1."""

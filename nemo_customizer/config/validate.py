@@ -86,6 +86,10 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
     if hp.cuda_graphs and not hp.sequence_packing_enabled:
         raise ConfigError("hyperparameters.cuda_graphs=true replays packed micro batches (fixed shapes); set "
                           "hyperparameters.sequence_packing_enabled=true or cuda_graphs=false.")
+    if hp.cuda_graphs and hp.activation_checkpointing:
+        raise ConfigError("hyperparameters.cuda_graphs=true and activation_checkpointing=true cannot be combined "
+                          "(recomputation saves and restores RNG state, which a graph capture refuses); set one to "
+                          "false.")
     for key, size in (("tensor_parallel_size", model.tensor_parallel_size),
                       ("pipeline_parallel_size", model.pipeline_parallel_size)):
         # Tensor parallelism would capture NCCL collectives: not validated on GPUs yet (a capture failed on two

@@ -9,23 +9,14 @@ from typing import Optional, Union
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-    vocab_parallel_cross_entropy,
-)
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
-from torch.utils.checkpoint import checkpoint
 
 from nemo_customizer.config.schema import ArchitectureConfig
 from nemo_customizer.models import llama
-from nemo_customizer.models.fused import fused_on_cuda
+from nemo_customizer.models.loss import masked_token_losses
 from nemo_customizer.models.rope import PackedRotaryParams
 from nemo_customizer.models.spec import llama_block_spec
-
-# Tokens per chunk of the output projection + cross-entropy. Logits of a chunk are recomputed in backward instead
-# of kept, so a long fully-supervised sequence never holds [tokens, vocab] fp32 logits at once.
-LOSS_CHUNK_TOKENS = 1024
 
 
 class CustomizerGPTModel(GPTModel):
@@ -50,6 +41,12 @@ class CustomizerGPTModel(GPTModel):
         out = super()._preprocess(*args, packed_seq_params=packed_seq_params, **kwargs)
         if isinstance(packed_seq_params, PackedRotaryParams):
             out = (out[0], None, *out[2:])  # no mcore RoPE: CoreAttention rotates with the per-token cos/sin
+        decoder_input = out[0]
+        if (self.config.recompute_granularity == "full" and torch.is_grad_enabled() and decoder_input is not None
+                and not decoder_input.requires_grad):
+            # mcore recomputes layers through a reentrant autograd.Function, whose output needs grad only if an input
+            # does: with a frozen embedding (LoRA) no layer output would, and the adapters would get no gradient.
+            out = (decoder_input.detach().requires_grad_(), *out[1:])
         return out
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args,
@@ -105,36 +102,6 @@ def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    hidden = copy_to_tensor_model_parallel_region(hidden)  # identity forward; all-reduce of input grads backward
-    logits = torch.nn.functional.linear(hidden, weight)  # (n, vocab/tp)
-    if logits.is_cuda and parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return _fused_cross_entropy(logits, targets)
-    return vocab_parallel_cross_entropy(logits.float().unsqueeze(1), targets.unsqueeze(1)).squeeze(1)
-
-
-def _cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-
-
-# fp32 cross-entropy over bf16 logits, fused: the [tokens, vocab] fp32 logits (0.5 GB per 1k tokens at a 128k
-# vocabulary) and their softmax are never written to memory, forward or backward. One vocabulary shard only (TP=1);
-# sharded vocabularies use mcore's vocab-parallel cross-entropy.
-_fused_cross_entropy = fused_on_cuda(_cross_entropy_fp32)
-
-
-def masked_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (n,) of hidden states (n, h) against targets (n,) with a vocab-parallel output weight."""
-    if hidden.shape[0] <= LOSS_CHUNK_TOKENS or not torch.is_grad_enabled():
-        return _token_losses(hidden, targets, weight)
-    chunks = [
-        # No RNG in the loss head, so no RNG state to save and restore (which a CUDA graph capture would refuse).
-        checkpoint(_token_losses, h, t, weight, use_reentrant=False, preserve_rng_state=False)
-        for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))
-    ]
-    return torch.cat(chunks)
-
-
 def llama3_inv_freq(arch: ArchitectureConfig) -> torch.Tensor:
     """RoPE inverse frequencies exactly as ``transformers`` computes them, with Llama-3 scaling when configured.
 
@@ -170,8 +137,14 @@ def transformer_config(
     device: torch.device = torch.device("cpu"),
     perform_initialization: bool = True,
     init_method_std: float = 0.02,
+    activation_checkpointing: bool = False,
 ) -> TransformerConfig:
+    """mcore's config for ``arch``. ``activation_checkpointing``: keep only each layer's input for backward and
+    recompute the layer (mcore's full, uniform recomputation, one layer at a time)."""
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+        if activation_checkpointing else {}
     return TransformerConfig(
+        **recompute,
         **llama.transformer_fields(arch),
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
@@ -276,7 +249,8 @@ def load_hf_checkpoint(model: CustomizerGPTModel, arch: ArchitectureConfig, dire
     load_hf_weights(model, SafetensorsCheckpoint(directory), mappings, tp)
 
 
-def build_model_for_job(model_cfg, checkpoint_dir, *, device: torch.device, params_dtype: torch.dtype):
+def build_model_for_job(model_cfg, checkpoint_dir, *, device: torch.device, params_dtype: torch.dtype,
+                        activation_checkpointing: bool = False):
     """This rank's model for a job: built from ``model_cfg`` and, unless the weights are random, loaded.
 
     Returns ``(model, transformer_config)``.
@@ -290,6 +264,7 @@ def build_model_for_job(model_cfg, checkpoint_dir, *, device: torch.device, para
         params_dtype=params_dtype,
         device=device,
         perform_initialization=checkpoint_dir is None,
+        activation_checkpointing=activation_checkpointing,
     )
     model = build_gpt_model(arch, config, device)
     if checkpoint_dir is not None:

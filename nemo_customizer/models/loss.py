@@ -1,0 +1,97 @@
+"""The loss head: output projection + fp32 cross-entropy of the loss positions, never all ``[tokens, vocab]`` logits.
+
+Two paths, the same losses:
+- the output weight trains (full fine-tuning) or is split over TP ranks: chunks of ``LOSS_CHUNK_TOKENS`` positions
+  under activation checkpointing, so a chunk's logits are recomputed in backward instead of kept;
+- the output weight is frozen and whole (LoRA at TP=1, the common case): ``FrozenOutputCrossEntropy`` computes
+  each chunk's gradient with respect to the hidden states in the forward pass, while its logits exist, and keeps
+  only that ``(n, h)`` gradient. No recomputation: one ``(n, h) x (h, vocab)`` GEMM fewer per step, ~10% of a
+  Llama-3.2-1B LoRA step at a 128k vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
+from torch.utils.checkpoint import checkpoint
+
+from nemo_customizer.models.fused import fused_on_cuda
+
+# Tokens per chunk of the output projection + cross-entropy: a chunk's logits are the largest temporary
+# (bf16 [1024, 128k] = 256 MiB at a 128k vocabulary).
+LOSS_CHUNK_TOKENS = 1024
+
+
+def _cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+# fp32 cross-entropy over bf16 logits, fused: the [tokens, vocab] fp32 logits (0.5 GB per 1k tokens at a 128k
+# vocabulary) and their softmax are never written to memory, forward or backward. One vocabulary shard only (TP=1);
+# sharded vocabularies use mcore's vocab-parallel cross-entropy.
+_fused_cross_entropy = fused_on_cuda(_cross_entropy_fp32)
+
+
+def _cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor):
+    """fp32 cross-entropy per row and its gradient w.r.t. the logits (softmax minus one-hot), in the logits' dtype
+    (as autograd of ``_cross_entropy_fp32`` gives it)."""
+    dtype, logits = logits.dtype, logits.float()
+    log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+    losses = (log_normalizer - logits.gather(1, targets.unsqueeze(1))).squeeze(1)
+    is_target = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0) == targets.unsqueeze(1)
+    grad = torch.exp(logits - log_normalizer) - is_target.float()
+    return losses, grad.to(dtype)
+
+
+_fused_cross_entropy_and_grad = fused_on_cuda(_cross_entropy_and_grad)
+
+
+class FrozenOutputCrossEntropy(torch.autograd.Function):
+    """Per-position cross-entropy (n,) of ``hidden @ weight.T`` against ``targets``; ``weight`` gets no gradient.
+
+    The backward is exact for any upstream gradient: position i's loss depends on hidden row i only, so its
+    gradient is the forward's row i scaled by the upstream gradient of loss i.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS):
+            rows = slice(start, start + LOSS_CHUNK_TOKENS)
+            logits = F.linear(hidden[rows], weight)  # (chunk, vocab), the activation dtype
+            losses[rows], grad_logits = _fused_cross_entropy_and_grad(logits, targets[rows])
+            grad_hidden[rows] = grad_logits @ weight
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_losses.unsqueeze(1).to(grad_hidden.dtype), None, None
+
+
+def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    hidden = copy_to_tensor_model_parallel_region(hidden)  # identity forward; all-reduce of input grads backward
+    logits = F.linear(hidden, weight)  # (n, vocab/tp)
+    if logits.is_cuda and parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return _fused_cross_entropy(logits, targets)
+    return vocab_parallel_cross_entropy(logits.float().unsqueeze(1), targets.unsqueeze(1)).squeeze(1)
+
+
+def masked_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (n,) of hidden states (n, h) against targets (n,) with a vocab-parallel output weight."""
+    if not torch.is_grad_enabled() or not hidden.requires_grad:
+        return _token_losses(hidden, targets, weight)
+    if not weight.requires_grad and parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return FrozenOutputCrossEntropy.apply(hidden, weight, targets)
+    if hidden.shape[0] <= LOSS_CHUNK_TOKENS:
+        return _token_losses(hidden, targets, weight)
+    chunks = [
+        # No RNG in the loss head, so no RNG state to save and restore (which a CUDA graph capture would refuse).
+        checkpoint(_token_losses, h, t, weight, use_reentrant=False, preserve_rng_state=False)
+        for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))
+    ]
+    return torch.cat(chunks)
