@@ -258,6 +258,11 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
             save_best=best_checkpoint_saver(model, cfg, job, source_dir=inputs.resolved.checkpoint_dir,
                                             tokenizer=inputs.tokenizer),
         ))
+        if graphs is not None:
+            shapes = graphs.captured_shapes
+            log(f"CUDA graphs: {len(shapes)} micro-batch shape(s) captured: "
+                + ", ".join(f"{shape.tokens} tokens/{shape.segments} segments/{shape.loss_positions} loss positions"
+                            for shape in shapes))
     finally:
         metrics.close()
         plots.close()
