@@ -49,7 +49,10 @@ class LoraPair(torch.nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, dtype: torch.dtype, device, a_init: torch.Tensor):
         super().__init__()
-        self.lora_A = torch.nn.Parameter(a_init.to(dtype=dtype, device=device))
+        # A copy in its own contiguous storage: a_init may be a column slice of the full A (a strided view that would
+        # keep the whole A alive), and fused optimizer kernels assume parameters and gradients share one layout.
+        self.lora_A = torch.nn.Parameter(a_init.to(dtype=dtype, device=device, copy=True,
+                                                   memory_format=torch.contiguous_format))
         self.lora_B = torch.nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         assert self.lora_A.shape == (rank, in_features)
 

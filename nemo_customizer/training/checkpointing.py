@@ -32,6 +32,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from nemo_customizer.config import ConfigError
 from nemo_customizer.distributed.parallel import ParallelLayout
 from nemo_customizer.jobs import LATEST_CHECKPOINT_FILE, write_file_atomic
+from nemo_customizer.training.optim import torch_adams
 from nemo_customizer.training.position import LoopPosition
 
 # The distributed optimizer's state as each rank holds it. mcore's "fully_reshardable" format would also reload at
@@ -167,28 +168,23 @@ def _describe(model_parallel: dict) -> str:
 #   in the optimizer's param groups.
 # The moments and master weights load correctly.
 
-def _torch_adams(optimizer) -> list:
-    """``(index, inner torch Adam/AdamW)`` of each (chained) distributed optimizer that uses one; none under TE's or
-    apex's fused Adam. ``index`` is the optimizer's key in a chained optimizer's state dict."""
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [(index, member.optimizer) for index, member in enumerate(chained)
-            if isinstance(member.optimizer, (torch.optim.Adam, torch.optim.AdamW))]
-
-
 def _allocate_adam_state(optimizer) -> None:
     """Zero Adam state (step 0) for every parameter without any: placeholders the checkpoint's values replace."""
-    for _, inner in _torch_adams(optimizer):
+    for _, inner in torch_adams(optimizer):
         for group in inner.param_groups:
+            # torch keeps the step on the parameter's device for its fused and capturable kernels, on the host else
+            on_device = group.get("fused") or group.get("capturable")
             for param in group["params"]:
                 if not inner.state[param]:
-                    inner.state[param] = {"step": torch.zeros((), dtype=torch.float32),
-                                          "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+                    step = torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
+                    inner.state[param] = {"step": step, "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": torch.zeros_like(param)}
 
 
 def _restore_adam_steps(optimizer, loaded: dict) -> None:
     """Give each parameter its own ``step`` tensor holding the checkpoint's step count (from its param groups)."""
     single = len(getattr(optimizer, "chained_optimizers", [optimizer])) == 1
-    for index, inner in _torch_adams(optimizer):
+    for index, inner in torch_adams(optimizer):
         state = loaded if single else loaded[index]  # one chained optimizer saves its state unprefixed
         steps = {group["step"] for group in state["optimizer"]["param_groups"]}
         if len(steps) != 1:
