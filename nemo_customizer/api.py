@@ -38,6 +38,7 @@ class CustomizationResult:
     tokens_per_second: float
     train_seconds: float
     peak_memory_gib: float
+    """Peak GPU allocation (CPU jobs: resident memory) of the process that used the most, in GiB."""
     trainable_parameters: int
     total_parameters: int
     warnings: tuple = ()
@@ -109,7 +110,7 @@ def run(cfg: Config) -> CustomizationResult:
     # From here on an exception marks the job failed (cancelled for JobCancelled / KeyboardInterrupt), and a stop
     # signal during model loading already counts.
     with status.tracking(), StopSignals(job.path / CANCEL_FILE if is_main else None) as stop:
-        fit_result, trainable, layout = _train(cfg, inputs, job, log, status, stop)
+        fit_result, trainable, layout, peak_gib = _train(cfg, inputs, job, log, status, stop)
         kind = cfg.hyperparameters.finetuning_type
         result = CustomizationResult(
             job_dir=str(job.path), metrics_path=str(job.metrics_path),
@@ -119,7 +120,7 @@ def run(cfg: Config) -> CustomizationResult:
             final_train_loss=fit_result.final_train_loss, final_val_loss=fit_result.final_val_loss,
             steps=fit_result.steps, epochs_completed=fit_result.epochs_completed,
             stopped_early=fit_result.stopped_early, tokens_per_second=fit_result.tokens_per_second,
-            train_seconds=fit_result.train_seconds, peak_memory_gib=peak_memory_gib(layout.device.type),
+            train_seconds=fit_result.train_seconds, peak_memory_gib=peak_gib,
             trainable_parameters=trainable.trainable_parameters, total_parameters=trainable.total_parameters,
             warnings=inputs.warnings, status=CANCELLED if fit_result.stopped_by_signal else COMPLETED,
         )
@@ -204,7 +205,9 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
 
 
 def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status: JobStatus, stop: StopSignals):
-    """Start the parallel state, build the model (+ LoRA), train; returns (fit result, trainable summary, layout)."""
+    """Start the parallel state, build the model (+ LoRA), train; returns (fit result, trainable summary, layout,
+    peak memory in GiB of the process that used the most)."""
+    from nemo_customizer.distributed.collectives import all_reduce_max
     from nemo_customizer.distributed.parallel import (destroy_parallel, initialize_parallel, params_dtype,
                                                        resolve_device)
     from nemo_customizer.models.gpt import build_model_for_job
@@ -258,6 +261,8 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
             save_best=best_checkpoint_saver(model, cfg, job, source_dir=inputs.resolved.checkpoint_dir,
                                             tokenizer=inputs.tokenizer),
         ))
+        # The busiest process's peak: pipeline stages and rank 0 (which writes the exports) differ.
+        (peak_gib,) = all_reduce_max([peak_memory_gib(device.type)])
         if graphs is not None:
             shapes = graphs.captured_shapes
             log(f"CUDA graphs: {len(shapes)} micro-batch shape(s) captured: "
@@ -269,7 +274,7 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
         if graphs is not None:
             graphs.release()
         destroy_parallel(layout)
-    return fit_result, trainable, layout
+    return fit_result, trainable, layout, peak_gib
 
 
 def _checkpoints(cfg: Config, job: JobDirectory, model, optimizer, scheduler, layout, metrics, log):

@@ -27,12 +27,21 @@ def gather_pipeline_objects(obj: Any) -> List[Any]:
 
 def all_reduce_sum(values: List[float], group=None) -> List[float]:
     """Sum a few floats over a process group (default: the whole world)."""
+    return _all_reduce(values, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_max(values: List[float], group=None) -> List[float]:
+    """The largest of each of a few floats over a process group (default: the whole world)."""
+    return _all_reduce(values, dist.ReduceOp.MAX, group)
+
+
+def _all_reduce(values: List[float], op, group) -> List[float]:
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return list(values)
     # NCCL reduces only CUDA tensors; gloo only CPU ones.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, group=group)
+    dist.all_reduce(tensor, op=op, group=group)
     return tensor.tolist()
 
 
