@@ -217,9 +217,13 @@ class GraphedForwardBackward:
         current.wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.empty_cache()  # the eager run's blocks: the graph's pool is separate, do not hold both
+        _barrier_of_captured_collectives()
         try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=self.stream):
+            # thread_local: other threads (NCCL's watchdog polling its events, the autograd engine's device
+            # thread) may make CUDA calls a capture in the default "global" mode would turn into an error.
+            with torch.cuda.graph(graph, pool=self._pool, stream=self.stream, capture_error_mode="thread_local"):
                 runner.loss = self._body(runner.inputs)
+            _barrier_of_captured_collectives()
         except Exception as err:
             del self._runners[shape]
             raise RuntimeError(f"capturing the CUDA graph of a packed micro batch of shape {shape} failed: {err}; "
@@ -247,3 +251,12 @@ class GraphedForwardBackward:
             return self._body(runner.inputs), host.loss_tokens
         runner.graph.replay()
         return runner.loss.clone(), host.loss_tokens
+
+
+def _barrier_of_captured_collectives() -> None:
+    """Line up the ranks whose collectives a graph captures (the tensor-parallel group, which sees the same micro
+    batches) before and after a capture, so no rank captures while another still runs them eagerly."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.barrier(group=parallel_state.get_tensor_model_parallel_group())
