@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys
@@ -239,10 +238,10 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
         log(f"model {cfg.model.name} on {device.type} ({dtype}), TP={layout.tensor_parallel_size} "
             f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {trainable}")
         graphs = _cuda_graphs(cfg, layout, _pad_id(inputs.tokenizer), log) if packing else None
-        with graphs.building_model() if graphs else contextlib.nullcontext():
-            ddp = wrap_for_training(model, tconfig, distributed_optimizer=hp.use_distributed_optimizer)
-        if graphs:
-            graphs.model = ddp
+        def build_ddp():
+            return wrap_for_training(model, tconfig, distributed_optimizer=hp.use_distributed_optimizer)
+
+        ddp = graphs.wrap(build_ddp) if graphs else build_ddp()
         optimizer = build_optimizer([ddp], hp, dtype)
         total_steps = planned_steps(len(inputs.train), hp, packing)
         scheduler = build_scheduler(optimizer, hp, total_steps)

@@ -19,7 +19,6 @@ wait for the GPU (``host_syncs``) and where: each wait stops the CPU from queuei
 from __future__ import annotations
 
 import argparse
-import contextlib
 import faulthandler
 import json
 import os
@@ -92,10 +91,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         prepare_trainable(model, cfg)
         graphs = GraphedForwardBackward(device, max_seqlen=seq, tensor_parallel_size=tp) \
             if cuda_graphs and packed else None
-        with graphs.building_model() if graphs else contextlib.nullcontext():
-            ddp = wrap_for_training(model, tconfig)
-        if graphs:
-            graphs.model = ddp
+        ddp = graphs.wrap(lambda: wrap_for_training(model, tconfig)) if graphs else wrap_for_training(model, tconfig)
         optimizer = build_optimizer([ddp], cfg.hyperparameters, torch.bfloat16)
         scheduler = build_scheduler(optimizer, cfg.hyperparameters, steps + warmup)
 

@@ -64,7 +64,7 @@ def packed_and_unpacked(checkpoint_dir: str, tp: int, sp: bool) -> dict:
     # The CUDA-graph path without capture: static shapes (padded rows, empty segments, padded loss positions) and
     # its own loop around mcore's gradient finalization. Twice: first runs, then the buffers' copy-in path.
     graphs = GraphedForwardBackward(cpu, max_seqlen=48, tensor_parallel_size=tp, capture=False)
-    graphs.model = ddp
+    graphs.wrap(lambda: ddp)
     out = {}
     for name, batches in (("unpacked", unpacked), ("packed", packed), ("leaking", leaking), ("graphed", packed),
                           ("graphed_again", packed)):

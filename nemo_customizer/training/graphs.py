@@ -28,10 +28,9 @@ capture (``capture=False``), which is how tests check the padding and the schedu
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -145,7 +144,7 @@ class GraphedForwardBackward:
     """Forward+backward of packed micro batches through captured CUDA graphs (``capture=False``: the same path
     eagerly, for CPU tests). One instance per model; it keeps each shape's buffers and graph for the whole job.
 
-    Build the model's DDP wrapper inside ``building_model()`` and then set ``model``: autograd binds each
+    Give it the model through ``wrap``, which builds the DDP wrapper on the capture stream: autograd binds each
     parameter's gradient accumulator, which DDP creates and keeps, to the CUDA stream current when it was created,
     and a capture fails (``cudaErrorStreamCaptureImplicit``) unless the backward runs on that same stream.
     """
@@ -163,16 +162,17 @@ class GraphedForwardBackward:
         self._runners: Dict[StaticShape, _ShapeRunner] = {}
         self._pool = None  # one memory pool for every shape's graph: only one of them runs at a time
 
-    @contextlib.contextmanager
-    def building_model(self):
-        """Context to wrap the model for training (``wrap_for_training``) in; see the class docstring."""
+    def wrap(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """``build()`` (e.g. ``wrap_for_training`` of the model) run on the capture stream; its result is the model
+        this instance trains, and is returned."""
         if self.stream is None:
-            yield
-            return
+            self.model = build()
+            return self.model
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            yield
+            self.model = build()
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return self.model
 
     def release(self) -> None:
         """Free every captured graph and its memory; call before destroying the process groups (NCCL's teardown can
@@ -235,8 +235,7 @@ class GraphedForwardBackward:
     def micro_batch(self, batch) -> Tuple[torch.Tensor, int]:
         """Forward+backward of one packed micro batch; returns (summed loss on the device, loss tokens)."""
         if self.model is None:
-            raise RuntimeError("GraphedForwardBackward.model is not set: wrap the model in building_model(), then "
-                               "assign it")
+            raise RuntimeError("GraphedForwardBackward has no model: pass its builder to wrap() first")
         if int(batch["max_seqlen"]) > self.max_seqlen:
             raise ValueError(f"a packed example of {int(batch['max_seqlen'])} tokens is longer than max_seqlen "
                              f"{self.max_seqlen}")
