@@ -238,6 +238,7 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
         log(f"model {cfg.model.name} on {device.type} ({dtype}), TP={layout.tensor_parallel_size} "
             f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {trainable}")
         graphs = _cuda_graphs(cfg, layout, _pad_id(inputs.tokenizer), log) if packing else None
+
         def build_ddp():
             return wrap_for_training(model, tconfig, distributed_optimizer=hp.use_distributed_optimizer)
 
