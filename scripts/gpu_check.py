@@ -99,6 +99,48 @@ def check_packed(root: Path) -> list[dict]:
     return results
 
 
+def check_graph_safe_rng() -> list[dict]:
+    """mcore's tracker switched to graph-safe generators (what CUDA graphs need under sequence parallelism) keeps
+    its states; a checkpoint's tensor copy restores them; a captured fork draws new numbers on every replay."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from nemo_customizer.distributed.parallel import (destroy_parallel, initialize_parallel, rng_states_to_register,
+                                                      rng_tracker_states, set_rng_tracker_states,
+                                                      use_graph_safe_rng)
+
+    layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=torch.device("cuda"),
+                                 seed=3)
+
+    def draw() -> torch.Tensor:
+        with get_cuda_rng_tracker().fork():
+            return torch.rand(8, device="cuda")
+
+    try:
+        before = rng_tracker_states()
+        expected = draw()
+        set_rng_tracker_states(before)
+        use_graph_safe_rng()
+        kept = torch.equal(draw(), expected)
+        saved = rng_tracker_states()
+        first = draw()
+        set_rng_tracker_states(saved)
+        restored = torch.equal(draw(), first)
+        graph, out = torch.cuda.CUDAGraph(), torch.empty(8, device="cuda")
+        for generator in rng_states_to_register():
+            graph.register_generator_state(generator)
+        stream = torch.cuda.Stream()
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            out.copy_(draw())
+        graph.replay()
+        replay1 = out.clone()
+        graph.replay()
+        advances = not torch.equal(out, replay1)
+    finally:
+        destroy_parallel(layout)
+    return [dict(check=f"graph-safe RNG tracker: states kept {kept}, checkpoint round trip {restored}, "
+                       f"replays draw anew {advances}", worst_rel=0.0, ok=kept and restored and advances)]
+
+
 def check_kernels() -> list[dict]:
     """GPU-only kernels against their CPU/eager reference on the same inputs."""
     from nemo_customizer.models.norm import fused_rms_norm, rms_norm
@@ -167,7 +209,7 @@ def main(argv=None) -> int:
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     try:
-        results = check_kernels() + check_packed(root) + check_training(root)
+        results = check_kernels() + check_packed(root) + check_graph_safe_rng() + check_training(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     for r in results:

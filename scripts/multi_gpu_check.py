@@ -33,14 +33,17 @@ LAYOUTS = {  # name: (processes, overrides)
     "dp2": (2, []),
     "pp2": (2, ["model.pipeline_parallel_size=2"]),
     "dp2-distopt": (2, ["hyperparameters.use_distributed_optimizer=true"]),
-    # Packed micro batches replayed from CUDA graphs (training/graphs.py; TP=1 only).
+    # Packed micro batches replayed from CUDA graphs (training/graphs.py); at TP=2+SP the collectives are captured.
     "tp1-graphs": (1, ["hyperparameters.cuda_graphs=true"]),
     "dp2-graphs": (2, ["hyperparameters.cuda_graphs=true"]),
+    "tp2sp-graphs": (2, ["model.tensor_parallel_size=2", "model.use_sequence_parallel=true",
+                         "hyperparameters.cuda_graphs=true"]),
 }
 # name: (layout it repeats, step after which the job is cancelled). The job checkpoints and exits; the same command
 # then resumes it, and the per-step losses must equal an uninterrupted run of that layout. `nemo_customizer cancel`,
 # not SIGTERM: torchrun kills its workers 30 s after SIGTERM, too soon for a full fine-tune's checkpoint.
-RESUMED = {"dp2-distopt-resume": ("dp2-distopt", 3), "tp2sp-resume": ("tp2sp", 3), "dp2-resume": ("dp2", 3)}
+RESUMED = {"dp2-distopt-resume": ("dp2-distopt", 3), "tp2sp-resume": ("tp2sp", 3), "dp2-resume": ("dp2", 3),
+           "tp2sp-graphs-resume": ("tp2sp-graphs", 3)}
 
 
 def write_checkpoint(model_name: str, directory: Path, device: str) -> None:

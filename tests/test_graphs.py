@@ -1,5 +1,5 @@
 """CUDA graphs for packed micro batches (training/graphs.py): the static shapes and their padding, and the config
-checks. The numerics of the graphed path (padding and schedule) against mcore's schedule are in
+checks, the RNG states a capture needs. The numerics of the graphed path (padding and schedule) against mcore's schedule are in
 test_packing_numerics.py; the capture itself needs a GPU (scripts/gpu_check.py)."""
 
 import pytest
@@ -63,8 +63,6 @@ BASE = ["model=tiny-llama-test", "dataset.path=data.jsonl", "hyperparameters.cud
 
 @pytest.mark.parametrize("overrides, pattern", [
     ([], r"replays packed micro batches \(fixed shapes\); set hyperparameters.sequence_packing_enabled=true"),
-    (["hyperparameters.sequence_packing_enabled=true", "model.tensor_parallel_size=2"],
-     "cuda_graphs=true runs with model.tensor_parallel_size=1 only"),
     (["hyperparameters.sequence_packing_enabled=true", "model.pipeline_parallel_size=2"],
      "cuda_graphs=true runs with model.pipeline_parallel_size=1 only"),
     (["hyperparameters.sequence_packing_enabled=true", "hyperparameters.activation_checkpointing=true"],
@@ -73,6 +71,29 @@ BASE = ["model=tiny-llama-test", "dataset.path=data.jsonl", "hyperparameters.cud
 def test_unsupported_layouts_are_config_errors(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         validate_config(compose_config([*BASE, *overrides]))
+
+
+def test_tensor_and_sequence_parallelism_are_allowed_with_graphs():
+    validate_config(compose_config([*BASE, "hyperparameters.sequence_packing_enabled=true",
+                                    "model.tensor_parallel_size=2", "model.use_sequence_parallel=true"]))
+
+
+def test_graph_safe_rng_states_are_saved_as_tensors_and_registered(monkeypatch):
+    """A graph-safe tracker (what graphs switch to) holds generator objects: a checkpoint must save their states as
+    tensors, and each capture must register the generators themselves."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    from nemo_customizer.distributed.parallel import rng_states_to_register, rng_tracker_states
+
+    generator = torch.Generator().manual_seed(7)
+    tracker = mcore_random.CudaRNGStatesTracker()
+    tracker.use_cudagraphable_rng = True  # the constructor's flag asserts CUDA graph support, absent on CPU builds
+    tracker.set_states({"model-parallel-rng": generator})
+    monkeypatch.setattr(mcore_random, "get_cuda_rng_tracker", lambda: tracker)
+    saved = rng_tracker_states()
+    assert isinstance(saved["model-parallel-rng"], torch.Tensor)
+    assert torch.equal(saved["model-parallel-rng"], torch.Generator().manual_seed(7).get_state())
+    assert rng_states_to_register() == [generator]
 
 
 def test_cuda_graphs_on_cpu_fail_before_any_work(tmp_path):

@@ -136,8 +136,8 @@ class HyperparametersConfig:
     cuda_graphs: bool = False
     """Replay each packed micro batch's forward and backward as a captured CUDA graph (one per padded shape; the
     first micro batch of a shape runs eagerly). Removes the CPU's launch overhead, which decides the step time of
-    small models. Needs ``sequence_packing_enabled``, a CUDA device, bf16, ``tensor_parallel_size=1`` and
-    ``pipeline_parallel_size=1`` (``config.validate`` says why)."""
+    small models. Needs ``sequence_packing_enabled``, a CUDA device, bf16 and ``pipeline_parallel_size=1``
+    (``config.validate`` says why); tensor and sequence parallelism's collectives are captured with the rest."""
     activation_checkpointing: bool = False
     """Keep only each transformer layer's input for the backward pass and recompute the layer there: activation
     memory of one layer instead of all, for ~1/3 more compute (long sequences, full fine-tuning of large models)."""

@@ -90,14 +90,11 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
         raise ConfigError("hyperparameters.cuda_graphs=true and activation_checkpointing=true cannot be combined "
                           "(recomputation saves and restores RNG state, which a graph capture refuses); set one to "
                           "false.")
-    for key, size in (("tensor_parallel_size", model.tensor_parallel_size),
-                      ("pipeline_parallel_size", model.pipeline_parallel_size)):
-        # Tensor parallelism would capture NCCL collectives: not validated on GPUs yet (a capture failed on two
-        # H200s, and torch cannot tear down process groups whose collectives a graph captured). Pipeline stages
-        # exchange activations in their own schedule. Data parallelism is fine: its reduction is outside the graph.
-        if hp.cuda_graphs and size > 1:
-            raise ConfigError(f"hyperparameters.cuda_graphs=true runs with model.{key}=1 only (got {size}); set "
-                              "cuda_graphs=false for this layout.")
+    # Pipeline stages exchange activations in their own schedule, outside one micro batch's graph. Tensor (and
+    # sequence) parallelism is captured with its collectives; data parallelism reduces outside the graph.
+    if hp.cuda_graphs and model.pipeline_parallel_size > 1:
+        raise ConfigError(f"hyperparameters.cuda_graphs=true runs with model.pipeline_parallel_size=1 only (got "
+                          f"{model.pipeline_parallel_size}); set cuda_graphs=false for this layout.")
     _validate_lora(hp)
     _at_least("hyperparameters.early_stopping.patience", hp.early_stopping.patience, 1)
     _non_negative("hyperparameters.early_stopping.min_delta", hp.early_stopping.min_delta)

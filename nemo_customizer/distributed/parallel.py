@@ -117,6 +117,53 @@ def initialize_parallel(
     )
 
 
+def use_graph_safe_rng() -> None:
+    """Switch mcore's RNG tracker to generator objects a CUDA graph capture can use, keeping every state.
+
+    With sequence parallelism mcore forks the tracker's tensor-parallel state around each transformer block; the
+    default tracker sets the CUDA generator from a state tensor, which a capture refuses ("set_current_seed can be
+    called during stream capture only if new seed is the same"). The graph-safe tracker swaps generator objects
+    instead; each capture registers them (``rng_states_to_register``).
+    """
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    tracker = mcore_random.get_cuda_rng_tracker()
+    if mcore_random.is_graph_safe_cuda_rng_tracker(tracker):
+        return
+    states = {name: mcore_random.convert_cuda_rng_state(state, to_graphable=True)
+              for name, state in tracker.get_states().items()}
+    mcore_random.initialize_rng_tracker(use_cudagraphable_rng=True, force_reset=True)
+    mcore_random.get_cuda_rng_tracker().set_states(states)
+
+
+def rng_states_to_register() -> list:
+    """The tracker's generators a CUDA graph must register before its capture (empty unless graph-safe)."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    tracker = mcore_random.get_cuda_rng_tracker()
+    if not mcore_random.is_graph_safe_cuda_rng_tracker(tracker):
+        return []
+    return list(tracker.get_states().values())
+
+
+def rng_tracker_states() -> dict:
+    """The tracker's states as tensors (a graph-safe tracker holds generator objects): what a checkpoint saves."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    return {name: mcore_random.convert_cuda_rng_state(state, to_graphable=False)
+            for name, state in mcore_random.get_cuda_rng_tracker().get_states().items()}
+
+
+def set_rng_tracker_states(states: dict) -> None:
+    """Restore ``rng_tracker_states()``, as generator objects again if the tracker is graph-safe."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    tracker = mcore_random.get_cuda_rng_tracker()
+    if mcore_random.is_graph_safe_cuda_rng_tracker(tracker):
+        states = {name: mcore_random.convert_cuda_rng_state(state, to_graphable=True) for name, state in states.items()}
+    tracker.set_states(states)
+
+
 def destroy_parallel(layout: ParallelLayout | None = None) -> None:
     """Tear down mcore's groups, and the process group if ``initialize_parallel`` started it.
 

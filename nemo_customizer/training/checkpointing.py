@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from nemo_customizer.config import ConfigError
-from nemo_customizer.distributed.parallel import ParallelLayout
+from nemo_customizer.distributed.parallel import ParallelLayout, rng_tracker_states, set_rng_tracker_states
 from nemo_customizer.jobs import LATEST_CHECKPOINT_FILE, write_file_atomic
 from nemo_customizer.training.optim import torch_adams
 from nemo_customizer.training.position import LoopPosition
@@ -196,7 +196,7 @@ def _restore_adam_steps(optimizer, loaded: dict) -> None:
 
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+             "tracker": rng_tracker_states()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -205,7 +205,7 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    set_rng_tracker_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 

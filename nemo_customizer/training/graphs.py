@@ -19,8 +19,10 @@ shape is captured; later micro batches of that shape copy their inputs in and re
 ``main_grad`` buffers through its backward hooks, captured with the rest; the schedule around the micro batches
 (gradient finalization, token count) is mcore's, as in ``step.forward_backward``.
 
-Packed batches only, at TP=1 and PP=1 (``config.validate``): the pipeline schedule exchanges activations between
-stages itself, and capturing tensor-parallel NCCL collectives failed on GPUs (docs/PERFORMANCE.md). Data
+Packed batches only, at PP=1 (``config.validate``): the pipeline schedule exchanges activations between stages
+itself. Tensor (and sequence) parallelism's NCCL collectives are captured with the rest: the ranks of a TP group
+line up before and after each capture, which runs in "thread_local" mode (NCCL's watchdog thread polls its events),
+and mcore's RNG tracker is switched to graph-safe generators (under SP it forks its state around every block). Data
 parallelism reduces gradients after the micro batches, outside the graphs. On a CPU the same path runs without
 capture (``capture=False``), which is how tests check the padding and the schedule against
 ``step.forward_backward``.
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from nemo_customizer.distributed.parallel import rng_states_to_register, use_graph_safe_rng
 
 TOKEN_BUCKET = 512
 """Micro batches are padded up to a multiple of about this many tokens (packed bins are nearly full: one size in
@@ -159,6 +163,8 @@ class GraphedForwardBackward:
         self.capture = device.type == "cuda" if capture is None else capture
         # Eager first runs and captures both run here (a side stream: captures cannot use the default one).
         self.stream = torch.cuda.Stream(device) if self.capture else None
+        if self.capture:
+            use_graph_safe_rng()
         self._runners: Dict[StaticShape, _ShapeRunner] = {}
         self._pool = None  # one memory pool for every shape's graph: only one of them runs at a time
 
@@ -216,6 +222,8 @@ class GraphedForwardBackward:
             loss = self._body(runner.inputs).clone()
         current.wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
+        for generator in rng_states_to_register():  # the states mcore's tracker swaps in (sequence parallelism)
+            graph.register_generator_state(generator)
         torch.cuda.empty_cache()  # the eager run's blocks: the graph's pool is separate, do not hold both
         _barrier_of_captured_collectives()
         try:
