@@ -155,7 +155,8 @@ def rng_tracker_states() -> dict:
 
 
 def set_rng_tracker_states(states: dict) -> None:
-    """Restore ``rng_tracker_states()``, as generator objects again if the tracker is graph-safe."""
+    """Restore ``rng_tracker_states()``, as generator objects again if the tracker is graph-safe (new objects: call
+    it before any capture, as a resume does, since a captured graph keeps the generators it registered)."""
     from megatron.core.tensor_parallel import random as mcore_random
 
     tracker = mcore_random.get_cuda_rng_tracker()
