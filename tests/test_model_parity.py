@@ -100,3 +100,35 @@ def test_left_padded_batch_with_attention_mask_matches_single_rows(tmp_path):
             expected = hf(row[None]).logits[0]
             assert torch.isfinite(logits[i]).all()
             assert (logits[i, width - len(row):] - expected).abs().max().item() <= 1e-4
+
+
+def _vocab_parallel_frozen_loss(rank: int, chunk: int) -> None:
+    """At TP=2 each rank holds half the vocabulary of a frozen output weight: the losses and the hidden states'
+    gradient (summed over ranks by the loss head) equal torch's cross-entropy over the whole vocabulary."""
+    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
+    from nemo_customizer.models import loss
+
+    loss.LOSS_CHUNK_TOKENS = chunk
+    layout = initialize_parallel(tensor_parallel_size=2, pipeline_parallel_size=1, device=torch.device("cpu"), seed=0)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        hidden = torch.randn(50, 8, generator=gen, requires_grad=True)
+        weight = torch.randn(32, 8, generator=gen) * 3  # peaked softmaxes: the max subtraction matters
+        targets = torch.randint(0, 32, (50,), generator=gen)
+        targets[:4] = torch.tensor([0, 15, 16, 31])  # both shards' first and last ids
+        upstream = torch.rand(50, generator=gen)
+        expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+        (expected_grad,) = torch.autograd.grad(expected, hidden, upstream)
+        losses = loss.masked_token_losses(hidden, targets, weight[16 * rank:16 * (rank + 1)])
+        torch.testing.assert_close(losses, expected)
+        (grad,) = torch.autograd.grad(losses, hidden, upstream)
+        torch.testing.assert_close(grad, expected_grad)
+    finally:
+        destroy_parallel(layout)
+
+
+@pytest.mark.parametrize("chunk", [1024, 7])
+def test_frozen_output_loss_head_over_a_vocab_split_in_two(chunk):
+    from _multiproc import run_world
+
+    run_world(_vocab_parallel_frozen_loss, 2, chunk)
