@@ -57,6 +57,16 @@ def check_training(root: Path) -> list[dict]:
         results.append(dict(check=f"{kind}: packed cuda bf16, CUDA graphs vs eager losses ({len(eager)} steps)",
                             worst_rel=worst, ok=worst <= GRAPHS_RTOL and len(eager) == len(graphed) > 1,
                             eager=eager, graphed=graphed))
+        if kind == "lora":  # dropout draws random numbers inside the graph: new masks on every replay
+            dropout = dict(lora={"adapter_dropout": 0.1}, **packed)
+            eager_dropout = _job(root, "lora-packed-dropout", "cuda", "bf16", kind, **dropout)
+            graphed_dropout = _job(root, "lora-graphs-dropout", "cuda", "bf16", kind, cuda_graphs=True, **dropout)
+            worst = max(abs(a - b) / abs(a) for a, b in zip(eager_dropout, graphed_dropout))
+            results.append(dict(
+                check="lora, adapter_dropout 0.1: CUDA graphs vs eager losses (other masks: within 5%, and not the "
+                      "dropout-free losses)", worst_rel=worst,
+                ok=worst <= 0.05 and len(eager_dropout) == len(graphed_dropout) > 1 and graphed_dropout != graphed,
+                eager=eager_dropout, graphed=graphed_dropout))
     for finetuning in kinds:
         cpu = _job(root, f"{finetuning}-cpu", "cpu", "fp32", finetuning)
         gpu = gpu_losses[finetuning]
