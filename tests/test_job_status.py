@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from _tiny import write_classification_data
 
@@ -145,7 +146,7 @@ def test_nan_stops_the_job_failed_before_the_update(tmp_path, model_dir, monkeyp
     def poison(model, out):
         saved["adapter"] = (tmp_path / "job" / "adapter" / "adapter_model.safetensors").read_bytes()
         if what == "loss":
-            return math.nan, out[1]
+            return torch.stack([torch.full_like(out[0], math.nan), out[1]])
         next(p for p in model.parameters() if p.requires_grad).main_grad.view(-1)[0] = math.nan
         return out
 

@@ -66,3 +66,117 @@ def test_fused_adam_only_for_contiguous_parameters():
     inner = torch.optim.AdamW([{"params": [dense]}, {"params": [strided]}])
     optim._use_fused_adam(SimpleNamespace(optimizer=inner))
     assert [bool(g["fused"]) for g in inner.param_groups] == [True, False]
+
+
+def _tiny_job(fused: bool, clip_grad: float):
+    from _tiny import tiny_arch
+    from nemo_customizer.config import HyperparametersConfig
+    from nemo_customizer.models.gpt import build_gpt_model, transformer_config
+    from nemo_customizer.training.wrap import wrap_for_training
+
+    torch.manual_seed(0)
+    arch = tiny_arch()
+    config = transformer_config(arch)
+    ddp = wrap_for_training(build_gpt_model(arch, config, torch.device("cpu")), config)
+    hp = HyperparametersConfig(learning_rate=1e-2, clip_grad=clip_grad)
+    optimizer = optim.build_optimizer([ddp], hp, torch.float32, fused=fused)
+    return ddp, optimizer, optim.build_scheduler(optimizer, hp, 10), arch
+
+
+def _micro_batches(arch, seed: int):
+    from nemo_customizer.data import collate
+    from nemo_customizer.data.examples import TokenizedExample
+
+    gen = torch.Generator().manual_seed(seed)
+    examples = [TokenizedExample(torch.randint(0, arch.vocab_size, (n,), generator=gen).tolist(), [0] * 3 + [1] * (n - 3))
+                for n in (9, 14)]
+    return [collate(examples, pad_id=0)]
+
+
+@pytest.mark.parametrize("clip_grad", [0.05, 0.0])
+def test_device_side_step_equals_host_side_step(cpu_parallel, clip_grad):
+    """With fused Adam the clip factor and the non-finite check stay on the device (``grad_scale``/``found_inf``);
+    the unfused path reads the norm and clips on the host as mcore does. Both give the same norms and weights
+    (clip 0.05 clips every step; 0 never clips)."""
+    from nemo_customizer.training.step import train_step
+
+    runs = []
+    for fused in (True, False):
+        ddp, optimizer, scheduler, arch = _tiny_job(fused, clip_grad)
+        assert (optim.fused_adams(optimizer) is not None) is fused
+        results = [train_step(ddp, optimizer, scheduler, _micro_batches(arch, seed), torch.device("cpu"))
+                   for seed in range(3)]
+        moments = [s[k] for _, inner in optim.torch_adams(optimizer) for s in inner.state.values()
+                   for k in ("exp_avg", "exp_avg_sq")]
+        runs.append((results, [p.detach().clone() for p in ddp.parameters()], moments))
+    (fast, fast_weights, fast_moments), (host, host_weights, host_moments) = runs
+    for a, b in zip(fast, host):
+        assert a.loss == pytest.approx(b.loss, rel=1e-5) and a.loss_tokens == b.loss_tokens > 0
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+        assert a.real_tokens == b.real_tokens == 8 + 13 and not a.skipped
+    if clip_grad:
+        assert all(r.grad_norm > 10 * clip_grad for r in fast)  # the clip was active
+    # Adam's update hardly depends on the gradients' scale; its moments do (a missing clip: off by norm / clip).
+    assert len(fast_moments) == len(host_moments) > 0
+    for a, b in zip(fast_moments, host_moments):
+        assert (a - b).norm() <= 1e-4 * b.norm()
+    for a, b in zip(fast_weights, host_weights):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_non_finite_gradient_leaves_weights_and_adam_state_untouched(cpu_parallel, monkeypatch, fused):
+    from nemo_customizer.training import step as step_module
+
+    ddp, optimizer, scheduler, arch = _tiny_job(fused, 1.0)
+    cpu = torch.device("cpu")
+    step_module.train_step(ddp, optimizer, scheduler, _micro_batches(arch, 0), cpu)
+    weights = [p.detach().clone() for p in ddp.parameters()]
+    state = [{k: v.clone() for k, v in s.items()} for _, inner in optim.torch_adams(optimizer)
+             for s in inner.state.values()]
+    original = step_module.forward_backward
+
+    def poisoned(model, micro_batches, device, forward_only):
+        out = original(model, micro_batches, device, forward_only)
+        next(p for p in model.parameters() if p.requires_grad).main_grad.view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(step_module, "forward_backward", poisoned)
+    with pytest.raises(step_module.NonFiniteStep, match="gradient norm is"):
+        step_module.train_step(ddp, optimizer, scheduler, _micro_batches(arch, 1), cpu)
+    assert all(p.equal(w) for p, w in zip(ddp.parameters(), weights))
+    after = [s for _, inner in optim.torch_adams(optimizer) for s in inner.state.values()]
+    assert len(after) == len(state) > 0
+    assert all(a[k].equal(b[k]) for a, b in zip(after, state) for k in b)
+    # The next clean step updates again (no stale grad_scale/found_inf left on the optimizer).
+    monkeypatch.setattr(step_module, "forward_backward", original)
+    step_module.train_step(ddp, optimizer, scheduler, _micro_batches(arch, 2), cpu)
+    assert not all(p.equal(w) for p, w in zip(ddp.parameters(), weights))
+
+
+def test_step_gradient_norm_is_that_of_the_token_mean_loss(cpu_parallel):
+    """The step divides the summed gradients by the global loss-token count itself (mcore's finalization no longer
+    does): the logged norm must be the norm of the gradient of the mean token loss over both micro batches,
+    computed here with plain autograd on an identical model."""
+    import torch.nn.functional as F
+    from _tiny import tiny_arch
+    from nemo_customizer.models.gpt import build_gpt_model, forward_logits, transformer_config
+    from nemo_customizer.training.step import train_step
+
+    ddp, optimizer, scheduler, arch = _tiny_job(True, 0.0)
+    micro_batches = _micro_batches(arch, 0) + _micro_batches(arch, 1)
+    result = train_step(ddp, optimizer, scheduler, micro_batches, torch.device("cpu"))
+
+    torch.manual_seed(0)  # the weights _tiny_job built
+    reference = build_gpt_model(tiny_arch(), transformer_config(tiny_arch()), torch.device("cpu"))
+    losses = []
+    for batch in micro_batches:
+        logits = forward_logits(reference, batch["tokens"], batch["position_ids"]).float()
+        mask = batch["loss_mask"].bool()
+        losses.append(F.cross_entropy(logits[mask], batch["labels"][mask], reduction="none"))
+    loss = torch.cat(losses).mean()
+    loss.backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters() if p.grad is not None])
+    assert result.loss_tokens == torch.cat(losses).numel()
+    assert result.loss == pytest.approx(loss.item(), rel=1e-5)
+    assert result.grad_norm == pytest.approx(norm.item(), rel=1e-4)

@@ -70,9 +70,9 @@ def packed_and_unpacked(checkpoint_dir: str, tp: int, sp: bool) -> dict:
                           ("graphed_again", packed)):
         ddp.zero_grad_buffer()
         if name.startswith("graphed"):
-            loss_sum, tokens = graphed_forward_backward(graphs, batches)
+            loss_sum, tokens = graphed_forward_backward(graphs, batches).tolist()
         else:
-            loss_sum, tokens = forward_backward(ddp, batches, cpu, forward_only=False)
+            loss_sum, tokens = forward_backward(ddp, batches, cpu, forward_only=False).tolist()
         out[name] = {"loss": loss_sum / tokens, "tokens": tokens,
                      "grads": {n: p.main_grad.detach().clone() for n, p in model.named_parameters()
                                if p.requires_grad}}

@@ -35,6 +35,20 @@ def all_reduce_max(values: List[float], group=None) -> List[float]:
     return _all_reduce(values, dist.ReduceOp.MAX, group)
 
 
+def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` over a process group in place and return it. On NCCL a CUDA tensor stays on the device (no
+    host sync: read it when the step is queued); other backend/device pairs go through a host copy."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tensor
+    on_nccl = dist.get_backend(group) == "nccl"
+    if on_nccl == tensor.is_cuda:
+        dist.all_reduce(tensor, group=group)
+        return tensor
+    staged = tensor.to("cuda" if on_nccl else "cpu")
+    dist.all_reduce(staged, group=group)
+    return tensor.copy_(staged)
+
+
 def _all_reduce(values: List[float], op, group) -> List[float]:
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return list(values)

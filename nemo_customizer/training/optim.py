@@ -11,6 +11,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from nemo_customizer.config.schema import HyperparametersConfig
+from nemo_customizer.distributed.collectives import all_reduce_sum_
 
 
 def build_optimizer(model_chunks: List[torch.nn.Module], hp: HyperparametersConfig, params_dtype: torch.dtype, *,
@@ -43,6 +44,31 @@ def torch_adams(optimizer) -> list:
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     return [(index, member.optimizer) for index, member in enumerate(chained)
             if isinstance(getattr(member, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def fused_adams(optimizer) -> list | None:
+    """``(mcore optimizer part, its inner torch Adam)`` for every part of ``optimizer`` when each steps with torch's
+    fused kernel (which takes a device-side ``grad_scale`` and ``found_inf``); None otherwise (a part without a
+    torch Adam, an unfused group, fp16 loss scaling)."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    inner = dict(torch_adams(optimizer))
+    if len(inner) != len(parts) or any(getattr(part, "grad_scaler", None) is not None for part in parts):
+        return None
+    if not all(group.get("fused") for adam in inner.values() for group in adam.param_groups):
+        return None
+    return [(part, inner[index]) for index, part in enumerate(parts)]
+
+
+def device_grad_norm(optimizer, device: torch.device) -> torch.Tensor:
+    """The L2 norm mcore's ``get_grad_norm`` computes (the gradients each part steps, tensor-parallel duplicates
+    counted once, squares summed over the part's statistics group), left on the device: no host sync."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        grads = part.get_main_grads_for_grad_norm() if part.get_parameters() else []
+        squared = (torch.nn.utils.get_total_norm(grads, norm_type=2.0).float().square().to(device) if grads
+                   else torch.zeros((), dtype=torch.float32, device=device))
+        total = total + all_reduce_sum_(squared, part.get_grad_stats_parallel_group())
+    return total.sqrt()
 
 
 def _use_fused_adam(optimizer) -> None:

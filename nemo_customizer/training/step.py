@@ -1,8 +1,8 @@
 """One optimizer step and one validation pass through Megatron's forward/backward schedule.
 
 The loss is the mean over every loss-masked token of the global batch (all micro batches and data-parallel ranks),
-not a mean of per-micro-batch means: mcore sums token losses (``calculate_per_token_loss``) and
-``finalize_model_grads`` divides the gradients by the global token count. That holds unchanged for packed micro
+not a mean of per-micro-batch means: mcore sums token losses (``calculate_per_token_loss``) and the optimizer step
+divides the summed gradients by the global token count (``_optimizer_step``). That holds unchanged for packed micro
 batches (``collate_packed``): the model returns one loss per masked token whichever layout the tokens came in.
 
 With pipeline parallelism the stages exchange activations of one fixed shape ``[s, b, h]`` (``s/tp`` under SP) for
@@ -27,8 +27,9 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from nemo_customizer.distributed.collectives import all_reduce_sum
+from nemo_customizer.distributed.collectives import all_reduce_sum_
 from nemo_customizer.models.gpt import upload
+from nemo_customizer.training.optim import device_grad_norm, fused_adams
 
 MicroBatch = Dict[str, torch.Tensor]
 
@@ -123,11 +124,12 @@ def _pad_to(batch: MicroBatch, length: int) -> MicroBatch:
     return padded
 
 
-def forward_backward(model, micro_batches: List[MicroBatch], device: torch.device, forward_only: bool):
-    """mcore's schedule over this rank's micro batches (padded or packed); returns (loss sum, loss tokens), global.
+def forward_backward(model, micro_batches: List[MicroBatch], device: torch.device, forward_only: bool) -> torch.Tensor:
+    """mcore's schedule over this rank's micro batches (padded or packed); returns the global ``[loss sum, loss
+    tokens]`` (float64, on ``device``, summed over data-parallel and pipeline ranks; ``.tolist()`` reads it).
 
-    With ``forward_only=False`` the gradients end in the DDP buffers (``param.main_grad``), already finalized
-    (DP/SP reductions, divided by the global loss-token count); the optimizer step is the caller's.
+    With ``forward_only=False`` the gradients end in the DDP buffers (``param.main_grad``), finalized (DP/SP
+    reductions) but not yet divided by the global loss-token count: ``_optimizer_step`` does that.
     """
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         micro_batches = uniform_length(micro_batches)
@@ -141,14 +143,13 @@ def forward_backward(model, micro_batches: List[MicroBatch], device: torch.devic
         micro_batch_size=micro_batches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )
-    loss_sum, tokens = 0.0, 0.0
-    for out in outputs:  # only the last pipeline stage has outputs
-        loss_sum += float(out["loss_sum_and_tokens"][0])
-        tokens += float(out["loss_sum_and_tokens"][1])
-    return _global_loss(loss_sum, tokens)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for out in outputs:  # only the last pipeline stage has outputs; summed on the device, read once per step
+        totals += out["loss_sum_and_tokens"]
+    return _global_totals(totals)
 
 
-def graphed_forward_backward(graphs, micro_batches: List[MicroBatch]):
+def graphed_forward_backward(graphs, micro_batches: List[MicroBatch]) -> torch.Tensor:
     """``forward_backward`` (training, one pipeline stage) with each micro batch's forward+backward replayed from a
     CUDA graph (``training.graphs``); the schedule around them is mcore's: gradient accumulation under ``no_sync``,
     then ``finalize_model_grads`` with the step's loss-token count."""
@@ -161,24 +162,24 @@ def graphed_forward_backward(graphs, micro_batches: List[MicroBatch]):
             micro_loss, micro_tokens = graphs.micro_batch(batch)
         loss += micro_loss
         tokens += micro_tokens
-    if config.finalize_model_grads_func is not None:
-        # torch.full, not torch.tensor: no copy from the host in the middle of the step.
-        config.finalize_model_grads_func([graphs.model], torch.full((), tokens, dtype=torch.int, device=graphs.device))
-    return _global_loss(float(loss), float(tokens))
+    if config.finalize_model_grads_func is not None:  # no token count: _optimizer_step divides by it
+        config.finalize_model_grads_func([graphs.model], None)
+    return _global_totals(torch.stack([loss, torch.full_like(loss, tokens)]))
 
 
-def _global_loss(loss_sum: float, tokens: float) -> Tuple[float, int]:
-    """Sum over data-parallel ranks, and bring the last stage's numbers to every pipeline stage."""
-    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], parallel_state.get_data_parallel_group())
+def _global_totals(totals: torch.Tensor) -> torch.Tensor:
+    """Sum over data-parallel ranks, and bring the last stage's numbers to every pipeline stage (on the device)."""
+    all_reduce_sum_(totals, parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        loss_sum, tokens = all_reduce_sum([loss_sum, tokens], parallel_state.get_pipeline_model_parallel_group())
-    return loss_sum, int(tokens)
+        all_reduce_sum_(totals, parallel_state.get_pipeline_model_parallel_group())
+    return totals
 
 
-def _real_tokens(micro_batches: Iterable[MicroBatch]) -> int:
+def _real_tokens(micro_batches: Iterable[MicroBatch], device: torch.device) -> torch.Tensor:
+    """Non-padding input tokens of the step, all data-parallel ranks together (a device scalar: no host sync)."""
     local = sum(int(b["num_real_tokens"]) for b in micro_batches)
-    (total,) = all_reduce_sum([local], parallel_state.get_data_parallel_group())
-    return int(total)
+    return all_reduce_sum_(torch.full((), local, dtype=torch.float64, device=device),
+                           parallel_state.get_data_parallel_group())
 
 
 def train_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], device: torch.device,
@@ -187,61 +188,93 @@ def train_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], dev
 
     ``graphs``: a ``training.graphs.GraphedForwardBackward`` of ``model`` to replay packed micro batches with.
     Raises ``NonFiniteStep`` (weights and optimizer state untouched) when the loss or gradient norm is not finite.
+    The host reads the step's numbers once, after the whole step is queued (see ``_optimizer_step``).
     """
     model.train()
     model.zero_grad_buffer()
     optimizer.zero_grad()
     if graphs is not None:
-        loss_sum, loss_tokens = graphed_forward_backward(graphs, micro_batches)
+        totals = graphed_forward_backward(graphs, micro_batches)
     else:
-        loss_sum, loss_tokens = forward_backward(model, micro_batches, device, forward_only=False)
+        totals = forward_backward(model, micro_batches, device, forward_only=False)
+    real_tokens = _real_tokens(micro_batches, device)
+    learning_rate = optimizer.param_groups[0]["lr"]
+    update_ok, grad_norm = _optimizer_step(optimizer, totals, device)
+    loss_sum, loss_tokens, real, norm = torch.cat([totals, real_tokens.reshape(1), grad_norm.double().reshape(1)]
+                                                  ).tolist()
     loss = loss_sum / max(loss_tokens, 1)
     if not math.isfinite(loss):
         raise NonFiniteStep(f"training loss is {loss}")
-    update_ok, grad_norm = _optimizer_step(optimizer)
-    learning_rate = optimizer.param_groups[0]["lr"]
+    if update_ok and not math.isfinite(norm):
+        raise NonFiniteStep(f"gradient norm is {norm}")
     if update_ok:
         scheduler.step(increment=1)
     return StepResult(
         loss=loss,
-        loss_tokens=loss_tokens,
-        real_tokens=_real_tokens(micro_batches),
-        grad_norm=grad_norm,
+        loss_tokens=int(loss_tokens),
+        real_tokens=int(real),
+        grad_norm=norm,
         learning_rate=learning_rate,
         skipped=not update_ok,
     )
 
 
-def _optimizer_step(optimizer) -> Tuple[bool, float]:
-    """mcore's ``optimizer.step()`` in its three parts, with a check before the update; returns (applied, norm).
+def _optimizer_step(optimizer, totals: torch.Tensor, device: torch.device) -> Tuple[bool, torch.Tensor]:
+    """mcore's ``optimizer.step()`` in its three parts, plus the division of the summed gradients by the global
+    loss-token count (``totals[1]``), guarded against non-finite values; returns (applied, the gradient norm of the
+    per-token mean loss, on the device).
 
     mcore checks gradients for inf/nan only under fp16 loss scaling (``prepare_grads``' found_inf: it skips the
-    update). With bf16/fp32 it would clip by a NaN norm and write NaN into every trained weight, so here a
-    non-finite norm raises ``NonFiniteStep`` first. The norm is computed once, as ``step()`` does, and also when
-    ``clip_grad`` is 0 (``step()`` then skips it): the loop logs it and the check needs it.
+    update). With bf16/fp32 it would clip by a NaN norm and write NaN into every trained weight. The norm is computed
+    once, as ``step()`` does, and also when ``clip_grad`` is 0 (``step()`` then skips it): the loop logs it.
+
+    With torch's fused Adam (``optim.fused_adams``) the whole step stays on the device: the token count and the clip
+    factor become the kernel's ``grad_scale`` (it divides the gradients by it) and a non-finite loss or norm its
+    ``found_inf``, which makes it skip the update (moments and step count included); ``train_step`` then raises
+    ``NonFiniteStep``. Otherwise the host reads the loss and the norm first and returns before any update when one
+    is not finite, then divides and clips as mcore does.
     """
     if optimizer.prepare_grads():  # fp16 loss scaling found inf/nan: skip this update, as mcore's step() does
-        return False, math.nan
-    grad_norm = float(optimizer.get_grad_norm())
-    if not math.isfinite(grad_norm):
-        raise NonFiniteStep(f"gradient norm is {grad_norm}")
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):  # ChainedOptimizer.step clips each part
-        params = part.get_parameters()
-        if part.config.clip_grad > 0.0 and params:
-            # Looked up on the module at call time: the CPU patches replace it there.
-            mcore_optimizer.clip_grad_by_total_norm_fp32(
-                params, part.config.clip_grad, grad_norm, part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
-    return optimizer.step_with_ready_grads(), grad_norm
+        return False, torch.full((), math.nan, device=device)
+    tokens = totals[1].float().clamp(min=1.0)
+    grad_norm = device_grad_norm(optimizer, device) / tokens
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    adams = fused_adams(optimizer)
+    if adams is None:
+        loss, norm, count = torch.stack([totals[0].double(), grad_norm.double(), tokens.double()]).tolist()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            return True, grad_norm  # train_step raises; nothing was updated
+        for part in parts:
+            grads = [p.grad for p in part.get_parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, count)
+            if part.config.clip_grad > 0.0 and grads:  # ChainedOptimizer.step clips each part
+                # Looked up on the module at call time: the CPU patches replace it there.
+                mcore_optimizer.clip_grad_by_total_norm_fp32(
+                    part.get_parameters(), part.config.clip_grad, norm,
+                    part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        return optimizer.step_with_ready_grads(), grad_norm
+    found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(totals[0]))).float()
+    for part, adam in adams:
+        # mcore scales the mean gradients by clip / (norm + 1e-6) when that is below 1.
+        clip = part.config.clip_grad
+        adam.grad_scale = tokens * torch.clamp((grad_norm + 1e-6) / clip, min=1.0) if clip > 0.0 else tokens
+        adam.found_inf = found_inf
+    try:
+        applied = optimizer.step_with_ready_grads()
+    finally:
+        for _, adam in adams:
+            del adam.grad_scale, adam.found_inf
+    return applied, grad_norm
 
 
 @torch.no_grad()
 def validation_loss(model, batches: Iterable[List[MicroBatch]], device: torch.device) -> float:
     """Token-mean loss over the whole validation set."""
     model.eval()
-    loss_sum, tokens = 0.0, 0
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
     for micro_batches in batches:
-        step_sum, step_tokens = forward_backward(model, micro_batches, device, forward_only=True)
-        loss_sum += step_sum
-        tokens += step_tokens
+        totals += forward_backward(model, micro_batches, device, forward_only=True)
+    loss_sum, tokens = totals.tolist()
     model.train()
     return loss_sum / tokens if tokens else float("nan")
