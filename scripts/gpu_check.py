@@ -209,7 +209,50 @@ def check_kernels() -> list[dict]:
     worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(fused, eager))
     results.append(dict(check="compiled RoPE vs eager, bf16 (q, k, d_q, d_k)", worst_rel=worst,
                         ok=worst <= 2e-2))
+    results.append(_check_packed_gqa_attention(gen))
     return results
+
+
+def _check_packed_gqa_attention(gen: torch.Generator) -> dict:
+    """Packed flash attention with 8 key/value heads for 32 query heads, as the model calls it (``CoreAttention``,
+    heads not expanded where torch's flash path takes GQA), bf16: outputs and q/k/v gradients against fp32 causal
+    attention per sequence with expanded heads."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from _tiny import tiny_arch
+    from nemo_customizer.models.attention import CoreAttention
+    from nemo_customizer.models.gpt import transformer_config
+
+    attention = CoreAttention(transformer_config(tiny_arch(heads=32, kv_heads=8, hidden=32 * 64)), 1,
+                              AttnMaskType.causal, "self")
+    lengths = [700, 13, 1500, 1, 380, 1502]
+    total = sum(lengths)
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
+                             max_seqlen_kv=max(lengths))
+    inputs = [torch.randn(total, h, 64, generator=gen).cuda() for h in (32, 8, 8)]
+    upstream = torch.randn(total, 32 * 64, generator=gen).cuda()
+
+    def outputs_and_grads(dtype, fn):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        return [t.float() for t in (out, *torch.autograd.grad(out, leaves, upstream.to(dtype)))]
+
+    def reference(q, k, v):
+        k, v = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+        outs = []
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True
+            ).transpose(0, 1).reshape(e - s, -1))
+        return torch.cat(outs)
+
+    ours = outputs_and_grads(torch.bfloat16, lambda q, k, v: attention(q, k, v, None, packed_seq_params=params))
+    expected = outputs_and_grads(torch.float32, reference)
+    worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(ours, expected))
+    return dict(check=f"packed flash attention, GQA 32/8 heads{'' if attention._varlen_native_gqa else ' (expanded)'}"
+                      ", bf16 vs fp32 per sequence (out, d_q, d_k, d_v)", worst_rel=worst, ok=worst <= 2e-2)
 
 
 def main(argv=None) -> int:
