@@ -171,11 +171,11 @@ def check_kernels() -> list[dict]:
                     ((grads[1] - w.grad).abs().max() / w.grad.abs().max()).item())
         results.append(dict(check=f"compiled RMSNorm vs eager, bf16, {tokens} tokens (fwd, d_x, d_w)",
                             worst_rel=worst, ok=worst <= 2e-2))
-    from nemo_customizer.models.loss import (_cross_entropy_fp32, _fused_cross_entropy,
-                                             _fused_cross_entropy_and_grad)
+    from nemo_customizer.models.loss import (LOSS_CHUNK_TOKENS, _chunk_cross_entropy_and_grad, _cross_entropy_fp32,
+                                             _fused_cross_entropy, _fused_cross_entropy_and_grad)
     from nemo_customizer.models.rope import _fused_rotate, _rotate
 
-    for tokens in (1024, 700):
+    for tokens in (LOSS_CHUNK_TOKENS, 700):
         logits = (torch.randn(tokens, 128256, generator=gen) * 3).cuda().to(torch.bfloat16).requires_grad_()
         targets = torch.randint(0, 128256, (tokens,), generator=gen).cuda()
         fused = _fused_cross_entropy.compiled()(logits, targets)
@@ -193,6 +193,12 @@ def check_kernels() -> list[dict]:
                     ((grad.float() - logits.grad.float()).abs().max() / logits.grad.float().abs().max()).item())
         results.append(dict(check=f"compiled cross-entropy + logits gradient in forward vs eager autograd, "
                                   f"{tokens} tokens (loss, grad)", worst_rel=worst, ok=worst <= 2e-2))
+        if tokens == LOSS_CHUNK_TOKENS:  # a full chunk's kernel is compiled for its static shape
+            losses, grad = _chunk_cross_entropy_and_grad.compiled()(logits.detach(), targets)
+            worst = max(((losses - reference.detach()).abs().max() / reference.abs().max()).item(),
+                        ((grad.float() - logits.grad.float()).abs().max() / logits.grad.float().abs().max()).item())
+            results.append(dict(check=f"static-shape compiled cross-entropy + logits gradient vs eager autograd, "
+                                      f"{tokens} tokens (loss, grad)", worst_rel=worst, ok=worst <= 2e-2))
     q = torch.randn(3000, 32, 64, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
     k = torch.randn(3000, 8, 64, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
     angles = torch.rand(3000, 1, 64, generator=gen).cuda() * 6.28

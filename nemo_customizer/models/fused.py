@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 
-def fused_on_cuda(fn: Callable) -> Callable:
+def fused_on_cuda(fn: Callable, *, dynamic: bool = True) -> Callable:
     """``fn``, run through ``torch.compile`` when its first argument is a CUDA tensor, eagerly otherwise.
 
     Eager, a chain like RMSNorm or RoPE is several kernels with temporaries in memory; compiled it is one kernel per
@@ -20,6 +20,9 @@ def fused_on_cuda(fn: Callable) -> Callable:
     dynamo turns it into a 0-d tensor that the graph reads back with ``.item()``: a host sync inside every call
     (seen on an H200 as two stalls per layer from RMSNorm's ``eps``). ``.compiled(**constants)`` returns the compiled
     function itself (``scripts/gpu_check.py`` compares it with ``fn``).
+
+    ``dynamic=False`` compiles one kernel per input shape instead: for calls whose shape never changes (Inductor's
+    dynamic-shape kernels can be markedly slower, see ``models.loss``); every new shape is a recompilation.
     """
     @functools.lru_cache(maxsize=None)
     def compiled_for(constants: tuple) -> Callable:
@@ -28,7 +31,7 @@ def fused_on_cuda(fn: Callable) -> Callable:
         def bound(*tensors):  # a closure, not functools.partial: dynamo's first frame must not take the constants
             return fn(*tensors, **values)
 
-        return torch.compile(bound, dynamic=True)
+        return torch.compile(bound, dynamic=dynamic)
 
     def compiled(**constants) -> Callable:
         return compiled_for(tuple(sorted(constants.items())))
