@@ -88,8 +88,8 @@ def _micro_batches(arch, seed: int):
     from nemo_customizer.data.examples import TokenizedExample
 
     gen = torch.Generator().manual_seed(seed)
-    examples = [TokenizedExample(torch.randint(0, arch.vocab_size, (n,), generator=gen).tolist(), [0] * 3 + [1] * (n - 3))
-                for n in (9, 14)]
+    examples = [TokenizedExample(torch.randint(0, arch.vocab_size, (n,), generator=gen).tolist(),
+                                 [0] * 3 + [1] * (n - 3)) for n in (9, 14)]
     return [collate(examples, pad_id=0)]
 
 
