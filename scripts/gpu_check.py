@@ -47,7 +47,7 @@ def check_training(root: Path) -> list[dict]:
     kinds = ("lora", "all_weights")
     # CUDA jobs first: the CPU patches for mcore (distributed/cpu_patches.py) are process-wide and one-way.
     gpu_losses = {kind: _job(root, f"{kind}-cuda", "cuda", "bf16", kind) for kind in kinds}
-    results = []
+    results = check_inference(root, root / "lora-cuda" / "adapter")
     for kind in kinds:  # packed micro batches eagerly vs replayed from CUDA graphs (training.graphs)
         # 3 epochs of 3 steps of 8 micro batches: several static shapes, each replayed many times
         packed = dict(sequence_packing_enabled=True, batch_size=32, micro_batch_size=2, epochs=3, max_steps=9)
@@ -73,6 +73,67 @@ def check_training(root: Path) -> list[dict]:
         worst = max(abs(a - b) / abs(a) for a, b in zip(cpu, gpu))
         results.append(dict(check=f"{finetuning}: cuda bf16 vs cpu fp32 losses (10 steps)", worst_rel=worst,
                             ok=worst <= BF16_RTOL and len(cpu) == len(gpu) == 10, cpu=cpu, cuda=gpu))
+    return results
+
+
+def check_inference(root: Path, adapter: Path) -> list[dict]:
+    """Generation on CUDA with an adapter trained on CUDA: greedy tokens equal ``transformers`` + ``peft`` on the same
+    GPU (fp32); batched decoding equals one prompt at a time; rows with and without the adapter decode in one batch
+    as they do alone (the server's multi-LoRA path); bf16 generation runs (the default precision on GPUs)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from nemo_customizer.config import compose_config
+    from nemo_customizer.inference.generator import Generator
+
+    prompts = ["yes a b c\nAnswer: ", "no d d a b\nAnswer: ", "yes\nAnswer: ", "no a b c d a b c d a b\nAnswer: "]
+    tokens = 20
+
+    def config(precision: str):
+        return compose_config(["model=tiny-llama-test", f"model.checkpoint={root / 'model'}",
+                               "model.random_weights=false", "device=cuda", f"precision={precision}"])
+
+    reference = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(root / "model")),
+                                          str(adapter)).cuda().eval()
+    results = []
+    with Generator.from_config(config("fp32"), adapter=str(adapter)) as gen:
+        batched = [c.token_ids for c in gen.complete_batch(prompts, max_tokens=tokens)]
+        single = [gen.complete(p, max_tokens=tokens).token_ids for p in prompts]
+        with torch.no_grad():
+            expected = []
+            for p in prompts:
+                ids = torch.tensor([gen.encode(p)], device="cuda")
+                out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                         do_sample=False, eos_token_id=sorted(gen.eos_ids), pad_token_id=0)
+                expected.append(out[0, ids.shape[1]:].tolist())
+    mismatched = sum(a != b for a, b in zip(single, expected))
+    results.append(dict(check=f"generation on CUDA fp32 with a CUDA-trained adapter: greedy tokens vs transformers+"
+                              f"peft ({len(prompts)} prompts x {tokens} tokens; value: prompts that differ)",
+                        worst_rel=float(mismatched), ok=mismatched == 0))
+    mismatched = sum(a != b for a, b in zip(batched, single))
+    results.append(dict(check="generation on CUDA fp32: batched decoding vs one prompt at a time (value: prompts "
+                              "that differ)", worst_rel=float(mismatched), ok=mismatched == 0))
+    with Generator.from_config(config("fp32")) as gen:
+        plain = [c.token_ids for c in gen.complete_batch(prompts[:2], max_tokens=tokens)]
+        gen.attach_adapters(max_rank=16).add("tuned", adapter)
+        rows = [gen.new_row(gen.encode(p), max_tokens=tokens, adapter=name)
+                for p, name in zip(prompts[:2] * 2, [None, None, "tuned", "tuned"])]
+        from nemo_customizer.inference.continuous import ContinuousBatch
+
+        batch = ContinuousBatch(gen, max_rows=4)
+        for row in rows:
+            batch.add(row)
+        while batch.active:
+            batch.step()
+        mixed = [row.completion().token_ids for row in rows]
+    mismatched = sum(a != b for a, b in zip(mixed, plain + single[:2]))
+    results.append(dict(check="generation on CUDA fp32: base and adapter rows in one batch vs each alone (the "
+                              "server's multi-LoRA path; value: rows that differ)", worst_rel=float(mismatched),
+                        ok=mismatched == 0 and plain != single[:2]))
+    with Generator.from_config(config("bf16"), adapter=str(adapter)) as gen:
+        completions = gen.complete_batch(prompts, max_tokens=tokens)
+    ran = all(c.completion_tokens == len(c.token_ids) > 0 for c in completions)
+    results.append(dict(check="generation on CUDA bf16 (KV cache, batched decoding) runs", worst_rel=0.0, ok=ran))
     return results
 
 
