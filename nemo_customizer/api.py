@@ -147,6 +147,10 @@ def _check_before_work(cfg: Config, *, world_size: int, local_world_size: Option
     if cfg.hyperparameters.use_distributed_optimizer and resolve_device(cfg.device).type != "cuda":
         raise ConfigError("hyperparameters.use_distributed_optimizer=true needs CUDA GPUs (Megatron's distributed "
                           "optimizer shards fp32 state over GPUs); set it to false for a CPU run.")
+    if not cfg.hyperparameters.fp32_master_weights and \
+            params_dtype(cfg.precision, resolve_device(cfg.device)) != torch.bfloat16:
+        raise ConfigError("hyperparameters.fp32_master_weights=false updates bf16 weights in place; set precision=bf16 "
+                          "(the default on GPUs) or fp32_master_weights=true.")
     if cfg.hyperparameters.cuda_graphs:
         device = resolve_device(cfg.device)
         if device.type != "cuda":
@@ -240,7 +244,8 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
         graphs = _cuda_graphs(cfg, layout, _pad_id(inputs.tokenizer), log) if packing else None
 
         def build_ddp():
-            return wrap_for_training(model, tconfig, distributed_optimizer=hp.use_distributed_optimizer)
+            return wrap_for_training(model, tconfig, distributed_optimizer=hp.use_distributed_optimizer,
+                                     fp32_grads=hp.fp32_master_weights)
 
         ddp = graphs.wrap(build_ddp) if graphs else build_ddp()
         optimizer = build_optimizer([ddp], hp, dtype)

@@ -82,14 +82,17 @@ def required_free_bytes(cfg: Optional[Config]) -> int:
     parameters = num_parameters(cfg.model.architecture)
     need = MIN_FREE_BYTES + 2 * parameters
     if cfg.hyperparameters.finetuning_type == "all_weights" and cfg.checkpoint.enabled:
-        need += (cfg.checkpoint.keep_last + 1) * checkpoint_bytes_per_parameter(cfg.precision) * parameters
+        need += (cfg.checkpoint.keep_last + 1) * parameters * checkpoint_bytes_per_parameter(
+            cfg.precision, cfg.hyperparameters.fp32_master_weights)
     return need
 
 
-def checkpoint_bytes_per_parameter(precision: str) -> int:
+def checkpoint_bytes_per_parameter(precision: str, fp32_master_weights: bool = True) -> int:
     """A full fine-tune's checkpoint: the weights plus Adam's two fp32 moments, plus fp32 master weights when
-    training in bf16 (``auto`` counts as bf16, the larger)."""
-    return 4 + 8 if precision == "fp32" else 2 + 4 + 8
+    training in bf16 (``auto`` counts as bf16, the larger); bf16 weights and moments only without master weights."""
+    if precision == "fp32":
+        return 4 + 8
+    return 2 + 4 + 8 if fp32_master_weights else 2 + 2 + 2
 
 
 def _size_of(directory: Path) -> int:

@@ -390,6 +390,10 @@ def test_full_weight_exports_need_room_for_the_model():
     fp32_keep3 = compose_config(["model=tiny-llama-test", "dataset.path=x.jsonl", "precision=fp32",
                                  "hyperparameters.finetuning_type=all_weights", "checkpoint.keep_last=3"])
     assert required_free_bytes(fp32_keep3) == MIN_FREE_BYTES + 2 * n + 4 * 12 * n
+    bf16_weights = compose_config(["model=tiny-llama-test", "dataset.path=x.jsonl", "precision=bf16",
+                                   "hyperparameters.finetuning_type=all_weights",
+                                   "hyperparameters.fp32_master_weights=false"])
+    assert required_free_bytes(bf16_weights) == MIN_FREE_BYTES + 2 * n + 2 * 6 * n  # bf16 weights and moments
 
 
 def test_a_full_fine_tune_without_room_for_its_checkpoints_is_refused_with_what_to_change(tmp_path, monkeypatch):

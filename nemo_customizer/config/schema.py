@@ -141,6 +141,11 @@ class HyperparametersConfig:
     activation_checkpointing: bool = False
     """Keep only each transformer layer's input for the backward pass and recompute the layer there: activation
     memory of one layer instead of all, for ~1/3 more compute (long sequences, full fine-tuning of large models)."""
+    fp32_master_weights: bool = True
+    """bf16 runs keep an fp32 copy of every trained weight, fp32 gradients and fp32 Adam moments (mixed precision).
+    false: the bf16 weights are updated in place, with bf16 gradients and moments and stochastically rounded updates
+    (``training.bf16_adamw``): 8 instead of 18 bytes of training state per trained parameter, for full fine-tuning
+    of larger models on fewer GPUs. Needs precision bf16; not with ``use_distributed_optimizer``."""
     use_distributed_optimizer: bool = False
     """Shard the optimizer state (fp32 master weights and Adam moments) over data-parallel ranks with Megatron's
     distributed optimizer: for full fine-tuning at DP > 1. Needs CUDA (NCCL) when DP > 1."""

@@ -95,6 +95,9 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
     if hp.cuda_graphs and model.pipeline_parallel_size > 1:
         raise ConfigError(f"hyperparameters.cuda_graphs=true runs with model.pipeline_parallel_size=1 only (got "
                           f"{model.pipeline_parallel_size}); set cuda_graphs=false for this layout.")
+    if not hp.fp32_master_weights and hp.use_distributed_optimizer:
+        raise ConfigError("hyperparameters.fp32_master_weights=false keeps no fp32 state for the distributed "
+                          "optimizer to shard; set use_distributed_optimizer=false or fp32_master_weights=true.")
     _validate_lora(hp)
     _at_least("hyperparameters.early_stopping.patience", hp.early_stopping.patience, 1)
     _non_negative("hyperparameters.early_stopping.min_delta", hp.early_stopping.min_delta)

@@ -12,13 +12,19 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from nemo_customizer.config.schema import HyperparametersConfig
 from nemo_customizer.distributed.collectives import all_reduce_sum_
+from nemo_customizer.training.bf16_adamw import Bf16AdamW
 
 
 def build_optimizer(model_chunks: List[torch.nn.Module], hp: HyperparametersConfig, params_dtype: torch.dtype, *,
                     fused: bool = True):
     """Only parameters with ``requires_grad`` (the adapters, for LoRA) get optimizer state; with
     ``hp.use_distributed_optimizer`` it is sharded over the data-parallel ranks. ``fused``: torch's fused Adam kernel
-    (see ``_use_fused_adam``); False keeps mcore's default (for comparisons)."""
+    (see ``_use_fused_adam``); False keeps mcore's default (for comparisons).
+
+    bf16 weights train with fp32 master copies (mcore's mixed precision) unless ``hp.fp32_master_weights`` is false:
+    then mcore's plain optimizer steps the bf16 weights themselves with ``Bf16AdamW`` (bf16 moments, stochastic
+    rounding)."""
+    masters = params_dtype != torch.bfloat16 or hp.fp32_master_weights
     config = OptimizerConfig(
         optimizer="adam",
         lr=hp.learning_rate,
@@ -27,13 +33,18 @@ def build_optimizer(model_chunks: List[torch.nn.Module], hp: HyperparametersConf
         adam_beta1=hp.adam_beta1,
         adam_beta2=hp.adam_beta2,
         clip_grad=hp.clip_grad,
-        bf16=params_dtype == torch.bfloat16,
+        bf16=params_dtype == torch.bfloat16 and masters,
         params_dtype=params_dtype,
         use_distributed_optimizer=hp.use_distributed_optimizer,
     )
     _use_device_grad_norm()
     optimizer = get_megatron_optimizer(config, model_chunks, use_gloo_process_groups=False)
-    if fused:
+    if not masters:
+        for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+            inner = part.optimizer
+            part.optimizer = Bf16AdamW(inner.param_groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2),
+                                       eps=inner.defaults["eps"], weight_decay=hp.weight_decay)
+    elif fused:
         _use_fused_adam(optimizer)
     return optimizer
 
@@ -43,18 +54,19 @@ def torch_adams(optimizer) -> list:
     apex's fused Adam. ``index`` is the optimizer's key in a chained optimizer's state dict."""
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     return [(index, member.optimizer) for index, member in enumerate(chained)
-            if isinstance(getattr(member, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))]
+            if isinstance(getattr(member, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW, Bf16AdamW))]
 
 
 def fused_adams(optimizer) -> list | None:
-    """``(mcore optimizer part, its inner torch Adam)`` for every part of ``optimizer`` when each steps with torch's
-    fused kernel (which takes a device-side ``grad_scale`` and ``found_inf``); None otherwise (a part without a
-    torch Adam, an unfused group, fp16 loss scaling)."""
+    """``(mcore optimizer part, its inner Adam)`` for every part of ``optimizer`` when each steps with torch's fused
+    kernel or ``Bf16AdamW`` (both take a device-side ``grad_scale`` and ``found_inf``); None otherwise (a part
+    without such an Adam, an unfused group, fp16 loss scaling)."""
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     inner = dict(torch_adams(optimizer))
     if len(inner) != len(parts) or any(getattr(part, "grad_scaler", None) is not None for part in parts):
         return None
-    if not all(group.get("fused") for adam in inner.values() for group in adam.param_groups):
+    if not all(isinstance(adam, Bf16AdamW) or group.get("fused")
+               for adam in inner.values() for group in adam.param_groups):
         return None
     return [(part, inner[index]) for index, part in enumerate(parts)]
 

@@ -9,8 +9,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 def wrap_for_training(model: torch.nn.Module, config: TransformerConfig, *,
-                      distributed_optimizer: bool = False) -> DistributedDataParallel:
-    """bf16 (Float16Module) when the config says so, then mcore DDP with fp32 gradient buffers.
+                      distributed_optimizer: bool = False, fp32_grads: bool = True) -> DistributedDataParallel:
+    """bf16 (Float16Module) when the config says so, then mcore DDP with fp32 gradient buffers (``fp32_grads=False``:
+    in the weights' dtype, for ``hyperparameters.fp32_master_weights=false``).
 
     ``distributed_optimizer``: gradients are reduce-scattered so each data-parallel rank keeps only its shard of
     the optimizer state (must match ``build_optimizer``).
@@ -23,7 +24,7 @@ def wrap_for_training(model: torch.nn.Module, config: TransformerConfig, *,
         model = Float16Module(config, model)
     ddp = DistributedDataParallel(
         config=config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=fp32_grads, overlap_grad_reduce=False,
                                                  use_distributed_optimizer=distributed_optimizer),
         module=model,
     )
