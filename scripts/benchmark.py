@@ -32,7 +32,11 @@ import torch
 
 PEAK_TFLOPS = 989.0
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = {"lora-qv": ("lora", ["q_proj", "v_proj"]), "lora-all": ("lora", ALL_LINEAR), "full": ("all_weights", None)}
+MODES = {"lora-qv": ("lora", ["q_proj", "v_proj"]), "lora-all": ("lora", ALL_LINEAR), "full": ("all_weights", None),
+         "full-bf16": ("all_weights", None)}
+MODE_OVERRIDES = {"full-bf16": ["hyperparameters.fp32_master_weights=false"]}
+"""full-bf16: full SFT without fp32 master weights (bf16 weights, gradients and moments; stochastic rounding), the
+peer's precision."""
 
 
 def example_lengths(total: int, seed: int, mean: int = 600) -> list[int]:
@@ -81,6 +85,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
                  f"model.tensor_parallel_size={tp}", f"model.use_sequence_parallel={str(sp).lower()}"]
     if targets:
         overrides.append(f"hyperparameters.lora.target_modules=[{','.join(targets)}]")
+    overrides += MODE_OVERRIDES.get(mode, [])
     cfg = compose_config(overrides)
     device = torch.device("cuda")
     layout = initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=1, device=device, seed=0)
@@ -91,7 +96,10 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         prepare_trainable(model, cfg)
         graphs = GraphedForwardBackward(device, max_seqlen=seq, tensor_parallel_size=tp) \
             if cuda_graphs and packed else None
-        ddp = graphs.wrap(lambda: wrap_for_training(model, tconfig)) if graphs else wrap_for_training(model, tconfig)
+        def wrap():
+            return wrap_for_training(model, tconfig, fp32_grads=cfg.hyperparameters.fp32_master_weights)
+
+        ddp = graphs.wrap(wrap) if graphs else wrap()
         optimizer = build_optimizer([ddp], cfg.hyperparameters, torch.bfloat16)
         scheduler = build_scheduler(optimizer, cfg.hyperparameters, steps + warmup)
 
@@ -208,7 +216,8 @@ def run_peer(model_name: str, mode: str, seq: int, rows: int = 1) -> dict:
 
 
 SUITE = [("llama-3.2-1b-instruct", "lora-qv"), ("llama-3.2-1b-instruct", "lora-all"),
-         ("llama-3.2-1b-instruct", "full"), ("llama-3.1-8b-instruct", "lora-qv"), ("llama-3.1-8b-instruct", "lora-all")]
+         ("llama-3.2-1b-instruct", "full"), ("llama-3.2-1b-instruct", "full-bf16"),
+         ("llama-3.1-8b-instruct", "lora-qv"), ("llama-3.1-8b-instruct", "lora-all")]
 
 
 def main(argv=None) -> int:

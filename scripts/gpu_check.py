@@ -48,6 +48,12 @@ def check_training(root: Path) -> list[dict]:
     # CUDA jobs first: the CPU patches for mcore (distributed/cpu_patches.py) are process-wide and one-way.
     gpu_losses = {kind: _job(root, f"{kind}-cuda", "cuda", "bf16", kind) for kind in kinds}
     results = check_inference(root, root / "lora-cuda" / "adapter")
+    # bf16 weights updated in place (no fp32 master copy; stochastic rounding) against mixed precision
+    no_masters = _job(root, "all_weights-bf16-weights", "cuda", "bf16", "all_weights", fp32_master_weights=False)
+    worst = max(abs(a - b) / abs(a) for a, b in zip(gpu_losses["all_weights"], no_masters))
+    results.append(dict(check="all_weights: cuda bf16 without fp32 master weights vs with (10 steps)", worst_rel=worst,
+                        ok=worst <= BF16_RTOL and len(no_masters) == 10, mixed=gpu_losses["all_weights"],
+                        bf16_weights=no_masters))
     for kind in kinds:  # packed micro batches eagerly vs replayed from CUDA graphs (training.graphs)
         # 3 epochs of 3 steps of 8 micro batches: several static shapes, each replayed many times
         packed = dict(sequence_packing_enabled=True, batch_size=32, micro_batch_size=2, epochs=3, max_steps=9)
