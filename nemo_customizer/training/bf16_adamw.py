@@ -81,7 +81,9 @@ class Bf16AdamW(torch.optim.Optimizer):
                                         dtype=torch.float32), device)
             scale = grad_scale if grad_scale is not None else torch.ones((), device=device)
             inf = found_inf if found_inf is not None else torch.zeros((), device=device)
-            for param in params:
+            # Largest first: the kernel compiles (dynamic shapes) on its first call, and Inductor picks its block
+            # sizes for that call's size; the big matrices are where the time goes.
+            for param in sorted(params, key=torch.Tensor.numel, reverse=True):
                 state = self.state[param]  # mcore's checkpoint loading may have created the moments only
                 if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=device)
