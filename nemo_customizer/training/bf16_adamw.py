@@ -1,9 +1,9 @@
 """AdamW that updates bf16 weights in place: no fp32 master copy, bf16 moments, fp32 math, stochastic rounding.
 
-Mixed precision keeps an fp32 copy of every trained weight, fp32 gradients and fp32 moments: 18 bytes per parameter
-next to the 2-byte bf16 weight, 128 GB of optimizer memory for a full fine-tune of an 8B model. Here a step reads
-the bf16 weight, bf16 gradient and bf16 moments, does Adam's arithmetic in fp32, and writes bf16 back: 8 bytes per
-parameter in all.
+Mixed precision keeps an fp32 copy of every trained weight, fp32 gradients and fp32 moments: 16 bytes per parameter
+on top of the 2-byte bf16 weight, 128 GB for a full fine-tune of an 8B model. Here a step reads the bf16 weight,
+bf16 gradient and bf16 moments, does Adam's arithmetic in fp32, and writes bf16 back: 8 bytes per parameter in all,
+the weight included.
 
 Rounding the updated weight to the nearest bf16 would lose every update smaller than half a bf16 step (2⁻⁹ of the
 weight): with a learning rate of 1e-5 most of them. Stochastic rounding rounds up with probability equal to the

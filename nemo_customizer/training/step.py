@@ -152,7 +152,7 @@ def forward_backward(model, micro_batches: List[MicroBatch], device: torch.devic
 def graphed_forward_backward(graphs, micro_batches: List[MicroBatch]) -> torch.Tensor:
     """``forward_backward`` (training, one pipeline stage) with each micro batch's forward+backward replayed from a
     CUDA graph (``training.graphs``); the schedule around them is mcore's: gradient accumulation under ``no_sync``,
-    then ``finalize_model_grads`` with the step's loss-token count."""
+    then the gradient finalization (the division by the loss-token count is ``_optimizer_step``'s)."""
     config = get_model_config(graphs.model)
     loss = torch.zeros((), dtype=torch.float64, device=graphs.device)
     tokens = 0
