@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import List
 
 import torch
-from megatron.core import utils as mcore_utils
-from megatron.core.optimizer import OptimizerConfig, clip_grads, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
@@ -37,7 +36,6 @@ def build_optimizer(model_chunks: List[torch.nn.Module], hp: HyperparametersConf
         params_dtype=params_dtype,
         use_distributed_optimizer=hp.use_distributed_optimizer,
     )
-    _use_device_grad_norm()
     optimizer = get_megatron_optimizer(config, model_chunks, use_gloo_process_groups=False)
     if not masters:
         for part in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -95,21 +93,6 @@ def _use_fused_adam(optimizer) -> None:
             if group["params"] and all(p.device.type in supported and p.is_floating_point() and p.is_contiguous()
                                        for p in group["params"]):
                 group["fused"], group["foreach"] = True, False
-
-
-def _device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
-    """Drop-in for mcore's ``local_multi_tensor_l2_norm``: the same norm, computed and kept on the device."""
-    norm = torch.nn.utils.get_total_norm(tensor_lists[0], norm_type=2.0)
-    return norm.float().reshape(1), None
-
-
-def _use_device_grad_norm() -> None:
-    """Without Transformer Engine or Apex, mcore's gradient clipping falls back to a norm that reads each gradient
-    tensor's norm back to the host one by one (``torch.tensor`` of a list of device scalars): a host sync per
-    trainable tensor every step, 448 on an 8B model with LoRA on all linear layers. The norm is taken on the device
-    instead (one value read at the end, as mcore does anyway)."""
-    if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:
-        clip_grads.l2_norm_impl = _device_l2_norm
 
 
 def build_scheduler(optimizer, hp: HyperparametersConfig, total_steps: int) -> OptimizerParamScheduler:
