@@ -150,7 +150,7 @@ class CoreAttention(MegatronModule):
             max_k = int(params.max_seqlen_kv)
             # Flash attention reads a group's key/value head for each of its query heads itself. torch 2.11's
             # varlen_attn has no enable_gqa flag but passes the heads through unchecked (same outputs and gradients
-            # as expanded heads on an H200, 2.6x faster forward+backward at 1B shapes); later versions want the flag.
+            # as expanded heads on an H200, without the copies); later versions want the flag.
             kwargs = {"enable_gqa": True} if gqa and self._varlen_has_gqa else {}
             if self._dropout() > 0:
                 raise ValueError("attention dropout is not supported with packed sequences on CUDA")
