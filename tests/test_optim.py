@@ -161,3 +161,14 @@ def test_step_gradient_norm_is_that_of_the_token_mean_loss(cpu_parallel):
     assert result.loss_tokens == torch.cat(losses).numel()
     assert result.loss == pytest.approx(loss.item(), rel=1e-5)
     assert result.grad_norm == pytest.approx(norm.item(), rel=1e-4)
+
+
+def test_step_puts_a_model_left_in_eval_mode_back_in_training_mode(cpu_parallel):
+    """``train_step`` skips the walk over every module when the model is already training (host time the GPU waits
+    for), but a model left in eval mode (validation, generation) must train with dropout and the like on again."""
+    from nemo_customizer.training.step import train_step
+
+    ddp, optimizer, scheduler, arch = _tiny_job(True, 0.0)
+    ddp.eval()
+    train_step(ddp, optimizer, scheduler, _micro_batches(arch, 0), torch.device("cpu"))
+    assert all(module.training for module in ddp.modules())

@@ -130,17 +130,40 @@ def pad_to_static(batch, shape: StaticShape, pad_id: int = 0) -> StaticInputs:
 
 
 class _ShapeRunner:
-    """Device buffers of one static shape, and its captured graph once there is one."""
+    """Device buffers of one static shape, and its captured graph once there is one.
+
+    The six input tensors are views of one device byte buffer, so a micro batch reaches the GPU in one host-to-device
+    copy from one pinned block (six separate pinned copies cost ~0.2 ms of host time per micro batch, while the GPU
+    waits for the graph).
+    """
+
+    _ALIGN = 16  # bytes: every view starts where any dtype may
 
     def __init__(self, host: StaticInputs, device: torch.device):
-        self.inputs = StaticInputs(*(t.to(device) for t in host.tensors()), loss_tokens=host.loss_tokens)
+        self._layout: List[Tuple[torch.dtype, torch.Size, int, int]] = []
+        offset = 0
+        for tensor in host.tensors():
+            size = tensor.numel() * tensor.element_size()
+            self._layout.append((tensor.dtype, tensor.shape, offset, size))
+            offset += _round_up(size, self._ALIGN)
+        self._pinned = device.type == "cuda"
+        self._buffer = torch.empty(offset, dtype=torch.uint8, device=device)
+        self.inputs = StaticInputs(*self._views(self._buffer), loss_tokens=host.loss_tokens)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.loss: Optional[torch.Tensor] = None
         """The graph's output: this micro batch's summed loss (a buffer the next replay overwrites)."""
+        self.copy_in(host)
+
+    def _views(self, buffer: torch.Tensor) -> List[torch.Tensor]:
+        return [buffer[start:start + size].view(dtype).view(shape) for dtype, shape, start, size in self._layout]
 
     def copy_in(self, host: StaticInputs) -> None:
-        for buffer, value in zip(self.inputs.tensors(), host.tensors()):
-            buffer.copy_(value.pin_memory() if buffer.is_cuda else value, non_blocking=True)
+        # A fresh pinned block each time: the caching host allocator hands it out again only after the copy that
+        # read it has run, so the next micro batch cannot overwrite data still on its way to the GPU.
+        staging = torch.empty(self._buffer.shape, dtype=torch.uint8, pin_memory=self._pinned)
+        for view, value in zip(self._views(staging), host.tensors()):
+            view.copy_(value)
+        self._buffer.copy_(staging, non_blocking=self._pinned)
         self.inputs.loss_tokens = host.loss_tokens
 
 
