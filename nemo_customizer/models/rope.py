@@ -4,11 +4,13 @@ mcore applies RoPE to packed sequences by splitting every layer's query and key 
 sequence boundaries back from the GPU (``.tolist()`` / ``.item()``), twice per layer: each read stalls the CPU
 until the GPU has caught up, so kernel launches can no longer run ahead. Packed batches already carry per-token
 positions (restarting at 0 for each example), so the model gathers cos/sin for every token once and the core
-attention rotates query and key with them: no split, no host sync, one fused kernel on CUDA.
+attention rotates query and key with them: no split, no host sync, one Triton kernel per tensor and direction on
+CUDA (``models.rope_kernel``).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -38,6 +40,8 @@ def rotate(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch
            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """RoPE (``transformers``' non-interleaved rotate-half form) on ``[t, heads, head_dim]`` query and key."""
     cos, sin = cos.to(query.dtype), sin.to(query.dtype)  # a model cast after it was built keeps its old params_dtype
+    if query.is_cuda and _triton_kernel() is not None and cos.shape[-1] == query.shape[-1]:
+        return RotateHalf.apply(query, key, cos, sin)
     return _fused_rotate(query, key, cos, sin)
 
 
@@ -51,3 +55,38 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 _fused_rotate = fused_on_cuda(_rotate)
+
+
+def rotate_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """One tensor rotated (``inverse``: by the transposed rotation, which is the backward): the Triton kernel on
+    CUDA, the same arithmetic in torch elsewhere (how CPU tests check ``RotateHalf``'s backward)."""
+    kernel = _triton_kernel() if x.is_cuda else None
+    if kernel is not None:
+        return kernel(x, cos, sin, inverse)
+    if inverse:  # (x1 c1 + x2 s2, x2 c2 - x1 s1)
+        return x * cos - _rotate_half(x * sin)
+    return x * cos + _rotate_half(x) * sin
+
+
+class RotateHalf(torch.autograd.Function):
+    """``_rotate`` with a hand-written backward: the inverse rotation of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, query, key, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate_one(query, cos, sin, inverse=False), rotate_one(key, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad_query, grad_key):
+        cos, sin = ctx.saved_tensors
+        return rotate_one(grad_query, cos, sin, inverse=True), rotate_one(grad_key, cos, sin, inverse=True), None, None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernel():
+    """``models.rope_kernel.rotate_half_triton``, or None where Triton is not installed (CPU builds of torch)."""
+    try:
+        from nemo_customizer.models.rope_kernel import rotate_half_triton
+    except ImportError:
+        return None
+    return rotate_half_triton
