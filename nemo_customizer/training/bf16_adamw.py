@@ -14,9 +14,14 @@ The state is torch's AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``; ``step`` on
 checkpoints and mcore's optimizer wrappers treat it as one. Like torch's fused Adam it reads ``grad_scale`` (the
 gradients are divided by it) and ``found_inf`` (non-zero: nothing changes, ``step`` included) from attributes on
 the optimizer (``training.step._optimizer_step``), so a step needs no host sync.
+
+On CUDA the update is a Triton kernel (``training.bf16_adamw_kernel``); on CPU ``_update`` below does the same
+arithmetic.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -81,19 +86,44 @@ class Bf16AdamW(torch.optim.Optimizer):
                                         dtype=torch.float32), device)
             scale = grad_scale if grad_scale is not None else torch.ones((), device=device)
             inf = found_inf if found_inf is not None else torch.zeros((), device=device)
-            # Largest first: the kernel compiles (dynamic shapes) on its first call, and Inductor picks its block
-            # sizes for that call's size; the big matrices are where the time goes.
-            for param in sorted(params, key=torch.Tensor.numel, reverse=True):
-                state = self.state[param]  # mcore's checkpoint loading may have created the moments only
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-                elif state["step"].device != device:  # torch's load_state_dict leaves a non-fused step on the host
-                    state["step"] = state["step"].to(device=device, dtype=torch.float32)
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key not in state:
-                        state[key] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+            # Largest first: the compiled fallback compiles (dynamic shapes) on its first call, and Inductor picks
+            # its block sizes for that call's size; the big matrices are where the time goes.
+            params = sorted(params, key=torch.Tensor.numel, reverse=True)
+            states = [self._state_of(param, device) for param in params]
+            kernel = _triton_update() if device.type == "cuda" else None
+            if kernel is not None:
+                # The kernel reads the step count it is in; a skipped step (found_inf) leaves the counts as they were.
+                # (A list of the increment, not the 0-d tensor itself: that overload reads it on the host.)
+                torch._foreach_add_([state["step"] for state in states], [(inf <= 0).float()] * len(states))
+                seeds = torch.randint(0, 2**62, (len(params),), dtype=torch.int64, device=device)
+            for index, (param, state) in enumerate(zip(params, states)):
                 flat = param if param.is_contiguous() else param.contiguous()  # updated in place: a flat view
-                _fused_update(flat.view(-1), param.grad.reshape(-1), state["exp_avg"].view(-1),
-                              state["exp_avg_sq"].view(-1), state["step"], hyper, scale, inf)
+                tensors = (flat.view(-1), param.grad.reshape(-1), state["exp_avg"].view(-1),
+                           state["exp_avg_sq"].view(-1), state["step"], hyper, scale, inf)
+                if kernel is not None:
+                    kernel(*tensors, seeds[index:index + 1])
+                else:
+                    _fused_update(*tensors)
                 if flat is not param:
                     param.copy_(flat)
+
+    def _state_of(self, param: torch.Tensor, device: torch.device) -> dict:
+        state = self.state[param]  # mcore's checkpoint loading may have created the moments only
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+        elif state["step"].device != device:  # torch's load_state_dict leaves a non-fused step on the host
+            state["step"] = state["step"].to(device=device, dtype=torch.float32)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        return state
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_update():
+    """``bf16_adamw_kernel.adamw_bf16_update``, or None where Triton is not installed (CPU builds of torch)."""
+    try:
+        from nemo_customizer.training.bf16_adamw_kernel import adamw_bf16_update
+    except ImportError:
+        return None
+    return adamw_bf16_update
