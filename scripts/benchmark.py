@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import os
 import statistics
@@ -88,6 +89,10 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     overrides += MODE_OVERRIDES.get(mode, [])
     cfg = compose_config(overrides)
     device = torch.device("cuda")
+    # What earlier rows of a suite left allocated (some of it outlives them, ~11 GiB after the 1B full row): not
+    # counted in this row's peak.
+    gc.collect()
+    leftover = torch.cuda.memory_allocated()
     layout = initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=1, device=device, seed=0)
     graphs = None
     try:
@@ -124,6 +129,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
             return [row], [n for b in bins for n in b]
 
         batches = [batch(i) for i in range(steps + warmup)]
+        resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         times, results = [], []
         for i, (micro, _) in enumerate(batches):
@@ -145,7 +151,9 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         row = dict(impl="nemo_customizer", model=model_name, mode=mode, seq=seq, packed=packed, tp=tp, sp=sp,
                     bins_per_micro_batch=bins_per_micro_batch if packed else None, tok_s=round(tok_s),
                     tflops=round(tflops), mfu=round(tflops / PEAK_TFLOPS, 3),
-                    peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1), step_ms=round(step_s * 1000, 1),
+                    peak_gb=round((torch.cuda.max_memory_allocated() - leftover) / 2**30, 1),
+                    step_ms=round(step_s * 1000, 1), resident_gb_before_steps=round((resident - leftover) / 2**30, 1),
+                    leftover_gb=round(leftover / 2**30, 1),
                     host_syncs=syncs, compiled=not os.environ.get("TORCHDYNAMO_DISABLE"),
                     cuda_graphs=graphs is not None, activation_checkpointing=activation_checkpointing,
                     losses=[round(r.loss, 5) for r in results[:4]])
@@ -158,6 +166,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         if graphs is not None:
             graphs.release()
         destroy_parallel(layout)
+        gc.collect()  # the model's modules and hooks reference each other
         torch.cuda.empty_cache()
 
 

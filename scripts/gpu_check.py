@@ -282,8 +282,76 @@ def check_kernels() -> list[dict]:
     worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(fused, eager))
     results.append(dict(check="compiled RoPE vs eager, bf16 (q, k, d_q, d_k)", worst_rel=worst,
                         ok=worst <= 2e-2))
+    results.append(_check_triton_rope(gen))
+    results.append(_check_bf16_adamw_kernel(gen))
     results.append(_check_packed_gqa_attention(gen))
     return results
+
+
+def _check_triton_rope(gen: torch.Generator) -> dict:
+    """The Triton RoPE kernel (``models.rope.rotate`` on CUDA) against autograd through the fp32 eager formula, on
+    query/key views of a fused projection output as mcore passes them, for two token counts and head sizes."""
+    from nemo_customizer.models.rope import _rotate, rotate
+
+    worst = 0.0
+    for tokens, head_dim in ((4096, 64), (1531, 128)):
+        mixed = torch.randn(tokens, 8, 6 * head_dim, generator=gen).cuda().to(torch.bfloat16)
+        query, key, _ = torch.split(mixed, [4 * head_dim, head_dim, head_dim], dim=2)
+        query = query.reshape(tokens, 32, head_dim).detach().requires_grad_()
+        key = key.detach().requires_grad_()
+        angles = torch.rand(tokens, 1, head_dim, generator=gen).cuda() * 6.28
+        cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+        upstream = [torch.randn(t.shape, generator=gen).cuda().to(torch.bfloat16) for t in (query, key)]
+        outs = rotate(query, key, cos, sin)
+        assert outs[0].grad_fn is not None and "RotateHalf" in type(outs[0].grad_fn).__name__, "not the kernel path"
+        ours = [*outs, *torch.autograd.grad(outs, (query, key), upstream)]
+        fp32 = [t.detach().float().requires_grad_() for t in (query, key)]
+        ref_outs = _rotate(*fp32, cos.float(), sin.float())
+        reference = [*ref_outs, *torch.autograd.grad(ref_outs, fp32, [u.float() for u in upstream])]
+        worst = max([worst] + [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference)])
+    return dict(check="Triton RoPE vs fp32 eager autograd, bf16 strided q/k views (q, k, d_q, d_k)",
+                worst_rel=worst, ok=worst <= 1e-2)
+
+
+def _check_bf16_adamw_kernel(gen: torch.Generator) -> dict:
+    """``Bf16AdamW``'s Triton update against the fp32 AdamW arithmetic: moments equal to bf16 rounding, every weight
+    one of the two bf16 neighbours of the fp32 result and unbiased on average, and ``found_inf`` changing nothing."""
+    from nemo_customizer.training.bf16_adamw import Bf16AdamW
+
+    n = 3_000_001  # not a multiple of the kernel's block
+    weight = (torch.randn(n, generator=gen) * 0.02).cuda().to(torch.bfloat16)
+    grad = torch.randn(n, generator=gen).cuda().to(torch.bfloat16)
+    exp_avg = (torch.randn(n, generator=gen) * 0.1).cuda().to(torch.bfloat16)
+    exp_avg_sq = (torch.rand(n, generator=gen) * 0.01).cuda().to(torch.bfloat16)
+    param = torch.nn.Parameter(weight.clone())
+    optimizer = Bf16AdamW([param], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    optimizer.state[param].update(step=torch.tensor(4.0, device="cuda"), exp_avg=exp_avg.clone(),
+                                  exp_avg_sq=exp_avg_sq.clone())
+    param.grad = grad
+    optimizer.grad_scale = torch.tensor(2.0, device="cuda")
+    optimizer.found_inf = torch.tensor(1.0, device="cuda")
+    optimizer.step()
+    state = optimizer.state[param]
+    unchanged = (torch.equal(param.detach(), weight) and float(state["step"]) == 4.0
+                 and torch.equal(state["exp_avg"], exp_avg))
+    optimizer.found_inf = torch.tensor(0.0, device="cuda")
+    optimizer.step()
+    g = grad.float() / 2.0
+    m = exp_avg.float() * 0.9 + g * 0.1
+    v = exp_avg_sq.float() * 0.95 + g * g * 0.05
+    expected = weight.float() * (1 - 1e-3 * 0.1) - (1e-3 / (1 - 0.9 ** 5)) * m / (v.sqrt() / (1 - 0.95 ** 5) ** 0.5 + 1e-8)
+    moments = max(((state["exp_avg"].float() - m).abs().max() / m.abs().max()).item(),
+                  ((state["exp_avg_sq"].float() - v).abs().max() / v.abs().max()).item())
+    # A bf16 step is at most 2^-7 of the value (8 significant bits). Near 0 the fp32 result itself carries the
+    # cancellation error of weight - update, so the bound there is that of 1e-4.
+    ulp = expected.abs().clamp(min=1e-4) * 2.0 ** -7
+    off = (param.detach().float() - expected) * expected.sign() / ulp  # > 0: rounded away from zero
+    within = bool((off.abs() <= 1.05).all())
+    bias = off.mean().abs().item()  # rounding toward zero (truncation) would give about -0.25
+    ok = unchanged and float(state["step"]) == 5.0 and moments <= 1e-2 and within and bias < 0.01
+    return dict(check=f"Triton Bf16AdamW vs fp32 AdamW (moments; weights within one bf16 step: {within}, mean "
+                      f"rounding offset {bias:.1e} steps; found_inf left all unchanged: {unchanged})",
+                worst_rel=moments, ok=ok)
 
 
 def _check_packed_gqa_attention(gen: torch.Generator) -> dict:
@@ -331,11 +399,15 @@ def _check_packed_gqa_attention(gen: torch.Generator) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="write results.json here")
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="only the kernel, packed-attention and RNG checks (no training or generation jobs)")
     args = parser.parse_args(argv)
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     try:
-        results = check_kernels() + check_packed(root) + check_graph_safe_rng() + check_training(root)
+        results = check_kernels() + check_packed(root) + check_graph_safe_rng()
+        if not args.kernels_only:
+            results += check_training(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     for r in results:
