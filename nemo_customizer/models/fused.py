@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import importlib
+from typing import Callable, Optional
 
 import torch
 
 
-def fused_on_cuda(fn: Callable, *, dynamic: bool = True) -> Callable:
+def fused_on_cuda(fn: Callable) -> Callable:
     """``fn``, run through ``torch.compile`` when its first argument is a CUDA tensor, eagerly otherwise.
 
     Eager, a chain like RMSNorm or RoPE is several kernels with temporaries in memory; compiled it is one kernel per
@@ -21,8 +22,8 @@ def fused_on_cuda(fn: Callable, *, dynamic: bool = True) -> Callable:
     (seen on an H200 as two stalls per layer from RMSNorm's ``eps``). ``.compiled(**constants)`` returns the compiled
     function itself (``scripts/gpu_check.py`` compares it with ``fn``).
 
-    ``dynamic=False`` compiles one kernel per input shape instead: for calls whose shape never changes (Inductor's
-    dynamic-shape kernels can be markedly slower, see ``models.loss``); every new shape is a recompilation.
+    Inductor's dynamic-shape kernels can run far below memory bandwidth (a fifth of it for RoPE on an H200): the
+    hottest of these functions have hand-written Triton kernels (``triton_kernel`` below) and keep this as fallback.
     """
     @functools.lru_cache(maxsize=None)
     def compiled_for(constants: tuple) -> Callable:
@@ -31,7 +32,7 @@ def fused_on_cuda(fn: Callable, *, dynamic: bool = True) -> Callable:
         def bound(*tensors):  # a closure, not functools.partial: dynamo's first frame must not take the constants
             return fn(*tensors, **values)
 
-        return torch.compile(bound, dynamic=dynamic)
+        return torch.compile(bound, dynamic=True)
 
     def compiled(**constants) -> Callable:
         return compiled_for(tuple(sorted(constants.items())))
@@ -42,3 +43,14 @@ def fused_on_cuda(fn: Callable, *, dynamic: bool = True) -> Callable:
 
     call.compiled = compiled
     return call
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernel(module: str, name: str) -> Optional[Callable]:
+    """``module.name``, a launcher of a hand-written Triton kernel, or None where Triton is not installed (CPU builds
+    of torch): callers then take their torch path. Imported on first use: CPU runs never load Triton."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    return getattr(importlib.import_module(module), name)

@@ -10,14 +10,13 @@ CUDA (``models.rope_kernel``).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from nemo_customizer.models.fused import fused_on_cuda
+from nemo_customizer.models.fused import fused_on_cuda, triton_kernel
 
 
 @dataclass
@@ -40,7 +39,7 @@ def rotate(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch
            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """RoPE (``transformers``' non-interleaved rotate-half form) on ``[t, heads, head_dim]`` query and key."""
     cos, sin = cos.to(query.dtype), sin.to(query.dtype)  # a model cast after it was built keeps its old params_dtype
-    if query.is_cuda and _triton_kernel() is not None and cos.shape[-1] == query.shape[-1]:
+    if query.is_cuda and _rotate_kernel() is not None and cos.shape[-1] == query.shape[-1]:
         return RotateHalf.apply(query, key, cos, sin)
     return _fused_rotate(query, key, cos, sin)
 
@@ -60,7 +59,7 @@ _fused_rotate = fused_on_cuda(_rotate)
 def rotate_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     """One tensor rotated (``inverse``: by the transposed rotation, which is the backward): the Triton kernel on
     CUDA, the same arithmetic in torch elsewhere (how CPU tests check ``RotateHalf``'s backward)."""
-    kernel = _triton_kernel() if x.is_cuda else None
+    kernel = _rotate_kernel() if x.is_cuda else None
     if kernel is not None:
         return kernel(x, cos, sin, inverse)
     if inverse:  # (x1 c1 + x2 s2, x2 c2 - x1 s1)
@@ -82,11 +81,5 @@ class RotateHalf(torch.autograd.Function):
         return rotate_one(grad_query, cos, sin, inverse=True), rotate_one(grad_key, cos, sin, inverse=True), None, None
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_kernel():
-    """``models.rope_kernel.rotate_half_triton``, or None where Triton is not installed (CPU builds of torch)."""
-    try:
-        from nemo_customizer.models.rope_kernel import rotate_half_triton
-    except ImportError:
-        return None
-    return rotate_half_triton
+def _rotate_kernel():
+    return triton_kernel("nemo_customizer.models.rope_kernel", "rotate_half_triton")

@@ -21,11 +21,9 @@ arithmetic.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from nemo_customizer.models.fused import fused_on_cuda
+from nemo_customizer.models.fused import fused_on_cuda, triton_kernel
 from nemo_customizer.models.gpt import upload
 
 
@@ -119,11 +117,5 @@ class Bf16AdamW(torch.optim.Optimizer):
         return state
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_update():
-    """``bf16_adamw_kernel.adamw_bf16_update``, or None where Triton is not installed (CPU builds of torch)."""
-    try:
-        from nemo_customizer.training.bf16_adamw_kernel import adamw_bf16_update
-    except ImportError:
-        return None
-    return adamw_bf16_update
+    return triton_kernel("nemo_customizer.training.bf16_adamw_kernel", "adamw_bf16_update")
