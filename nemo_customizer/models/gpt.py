@@ -155,8 +155,10 @@ def transformer_config(
         use_cpu_initialization=device.type == "cpu",
         perform_initialization=perform_initialization,
         init_method_std=init_method_std,
-        # On CUDA, mcore's SwiGLU is one torch.compile'd kernel per direction (and keeps only its input for backward).
-        bias_activation_fusion=device.type == "cuda",
+        # The MLP calls our SwiGLU module (models.swiglu, named in the layer spec) on fc1's whole output: mcore's hook
+        # for that is named after Transformer Engine, which is not involved.
+        bias_activation_fusion=False,
+        use_te_activation_func=True,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from nemo_customizer.models.attention import CoreAttention
 from nemo_customizer.models.norm import RMSNorm
+from nemo_customizer.models.swiglu import SwiGLU
 
 
 def llama_layer_spec() -> ModuleSpec:
@@ -38,7 +39,8 @@ def llama_layer_spec() -> ModuleSpec:
             pre_mlp_layernorm=RMSNorm,
             mlp=ModuleSpec(
                 module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, activation_func=SwiGLU,
+                                         linear_fc2=RowParallelLinear),
             ),
             mlp_bda=get_bias_dropout_add,
         ),
