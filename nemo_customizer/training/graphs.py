@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from nemo_customizer.distributed.parallel import rng_states_to_register, use_graph_safe_rng
@@ -90,41 +91,48 @@ def static_shape(batch, multiple: int) -> StaticShape:
     tokens = _round_up(real, multiple)
     segments = len(batch["cu_seqlens"]) - 1 + (tokens > real)  # the padding is a segment of its own
     segments = max(MIN_SEGMENTS, 1 << (segments - 1).bit_length())
-    loss_tokens = int((batch["loss_mask"] > 0).sum())
+    loss_tokens = int(np.count_nonzero(batch["loss_mask"].numpy() > 0))
     return StaticShape(tokens, segments, _round_up(loss_tokens, max(tokens // LOSS_BUCKETS, 1)))
 
 
 def pad_to_static(batch, shape: StaticShape, pad_id: int = 0) -> StaticInputs:
-    """``batch`` (a ``collate_packed`` row) padded to ``shape``; same loss and gradients as the batch itself."""
+    """``batch`` (a ``collate_packed`` row) padded to ``shape``; same loss and gradients as the batch itself.
+
+    In numpy: this runs on the host while the GPU waits for the step's graph, and torch's per-operator overhead on
+    4k-element tensors was ~0.3 ms per micro batch on an H200 machine's host (tens of microseconds in numpy).
+    """
     real = batch["tokens"].shape[1]
     extra = shape.tokens - real
     if extra < 0:
         raise ValueError(f"a packed micro batch of {real} tokens does not fit the static shape {shape}")
 
-    def pad(row: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(row, (0, extra), value=value)
+    def padded(row: torch.Tensor, tail) -> torch.Tensor:
+        values = row.numpy()
+        out = np.empty((values.shape[0], shape.tokens), dtype=values.dtype)
+        out[:, :real] = values
+        out[:, real:] = tail
+        return torch.from_numpy(out)
 
-    positions = batch["position_ids"]
-    if extra:
-        positions = torch.cat([positions, torch.arange(extra, dtype=positions.dtype)[None]], 1)
-    bounds = batch["cu_seqlens"].to(torch.int32)
-    if extra:
-        bounds = torch.cat([bounds, bounds.new_tensor([shape.tokens])])
-    if len(bounds) - 1 > shape.segments:
-        raise ValueError(f"a packed micro batch of {len(bounds) - 1} segments does not fit the static shape {shape}")
-    cu_seqlens = torch.cat([bounds, bounds[-1:].expand(shape.segments + 1 - len(bounds))])
-    index = (batch["loss_mask"].transpose(0, 1) > 0).flatten().nonzero().squeeze(1)
+    bounds = batch["cu_seqlens"].numpy().astype(np.int32)
+    segments = len(bounds) - 1 + (extra > 0)
+    if segments > shape.segments:
+        raise ValueError(f"a packed micro batch of {segments} segments does not fit the static shape {shape}")
+    cu_seqlens = np.full(shape.segments + 1, shape.tokens if extra else bounds[-1], dtype=np.int32)
+    cu_seqlens[: len(bounds)] = bounds  # then the padding's segment end, then empty segments
+    index = np.flatnonzero(batch["loss_mask"].numpy().T.reshape(-1) > 0)  # into the (s, b)-flattened positions
     if len(index) > shape.loss_positions:
         raise ValueError(f"a packed micro batch of {len(index)} loss positions does not fit the static shape {shape}")
-    weight = torch.zeros(shape.loss_positions, dtype=torch.float32)
+    loss_index = np.zeros(shape.loss_positions, dtype=np.int64)
+    loss_index[: len(index)] = index
+    weight = np.zeros(shape.loss_positions, dtype=np.float32)
     weight[: len(index)] = 1.0
     return StaticInputs(
-        tokens=pad(batch["tokens"], pad_id),
-        labels=pad(batch["labels"], pad_id),
-        position_ids=positions,
-        cu_seqlens=cu_seqlens,
-        loss_index=torch.nn.functional.pad(index, (0, shape.loss_positions - len(index))),
-        loss_weight=weight,
+        tokens=padded(batch["tokens"], pad_id),
+        labels=padded(batch["labels"], pad_id),
+        position_ids=padded(batch["position_ids"], np.arange(extra)),  # the padding's positions restart at 0
+        cu_seqlens=torch.from_numpy(cu_seqlens),
+        loss_index=torch.from_numpy(loss_index),
+        loss_weight=torch.from_numpy(weight),
         loss_tokens=len(index),
     )
 
@@ -161,8 +169,9 @@ class _ShapeRunner:
         # A fresh pinned block each time: the caching host allocator hands it out again only after the copy that
         # read it has run, so the next micro batch cannot overwrite data still on its way to the GPU.
         staging = torch.empty(self._buffer.shape, dtype=torch.uint8, pin_memory=self._pinned)
-        for view, value in zip(self._views(staging), host.tensors()):
-            view.copy_(value)
+        raw = staging.numpy()  # numpy views: a few microseconds for all six, torch's views and copies ~10x that
+        for (_, _, start, size), value in zip(self._layout, host.tensors()):
+            raw[start:start + size] = value.numpy().reshape(-1).view(np.uint8)
         self._buffer.copy_(staging, non_blocking=self._pinned)
         self.inputs.loss_tokens = host.loss_tokens
 
