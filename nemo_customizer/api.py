@@ -190,6 +190,7 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
                           max_val_examples=cfg.dataset.max_val_examples)
     train, train_stats = tokenize_examples(splits.train, tokenizer, cfg.model.max_seq_length)
     val, val_stats = tokenize_examples(splits.val, tokenizer, cfg.model.max_seq_length)
+    _check_token_ids_fit(train + val, tokenizer, cfg)
     if len(train) < hp.batch_size:
         raise DatasetError(f"{cfg.dataset.path}: {len(train)} usable training rows is fewer than "
                            f"hyperparameters.batch_size={hp.batch_size}; add data or lower the batch size.")
@@ -205,6 +206,19 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
                                  + (" (and without CUDA graphs)" if hp.cuda_graphs else ""),)
         log(f"warning: {warnings[0]}")
     return _Inputs(cfg, resolved, tokenizer, train, val, pack, warnings)
+
+
+def _check_token_ids_fit(examples: list, tokenizer: Any, cfg: Config) -> None:
+    """Every token id must be a row of the model's embedding: a larger one (a tokenizer with added tokens the
+    checkpoint never had) would fail as a device-side assert mid-step on a GPU, or be read as garbage by a kernel."""
+    from nemo_customizer.config import ConfigError
+
+    vocab_size = cfg.model.architecture.vocab_size
+    largest = max((max(e.input_ids) for e in examples if e.input_ids), default=-1)
+    if largest >= vocab_size:
+        raise ConfigError(f"the tokenizer ({cfg.model.tokenizer or cfg.model.name}, {len(tokenizer)} tokens) produced "
+                          f"token id {largest}, but model {cfg.model.name} has vocab_size {vocab_size}: use the "
+                          "tokenizer the checkpoint was trained with, or a checkpoint whose embedding covers it.")
 
 
 def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status: JobStatus, stop: StopSignals):

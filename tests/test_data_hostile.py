@@ -425,3 +425,27 @@ def test_output_dir_checks_pass_for_a_new_nested_directory(tmp_path):
 
     check_output_dir(str(tmp_path / "a" / "b" / "job"))  # created later by the job, not by the check
     assert not (tmp_path / "a").exists()
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_a_config_error(model_dir, tmp_path, monkeypatch):
+    """A tokenizer whose ids the checkpoint's embedding does not cover (here: one id past the tiny model's 320):
+    named before any model is built (on a GPU it would be a device-side assert mid-step, or garbage read by the loss
+    kernel)."""
+    from nemo_customizer import data
+    from nemo_customizer.api import customize
+    from nemo_customizer.config import ConfigError
+    from nemo_customizer.data.examples import TokenizedExample
+
+    real = data.tokenize_examples
+
+    def with_an_unknown_token(examples, tokenizer, max_seq_length):
+        tokenized, stats = real(examples, tokenizer, max_seq_length)
+        first = tokenized[0]
+        return [TokenizedExample(first.input_ids[:-1] + [320], first.loss_mask)] + tokenized[1:], stats
+
+    monkeypatch.setattr(data, "tokenize_examples", with_an_unknown_token)
+    job = tmp_path / "job"
+    with pytest.raises(ConfigError, match=r"produced token id 320, but model tiny-llama-test has vocab_size 320"):
+        customize("tiny-llama-test", dataset=str(CORPUS / "valid_prompt_completion.jsonl"), output_dir=str(job),
+                  model=_model(model_dir), device="cpu", progress_bar=False)
+    assert not job.exists()
