@@ -2,8 +2,9 @@
 
 mcore's MLP calls it on the whole fc1 output when the layer spec names it as ``MLPSubmodules.activation_func``
 (the hook mcore calls ``use_te_activation_func``; nothing of Transformer Engine is involved). On CUDA both
-directions are Triton kernels (``models.swiglu_kernel``), elsewhere the same arithmetic in torch. Like mcore's fused
-SwiGLU it keeps only its input for backward.
+directions are Triton kernels (``models.swiglu_kernel``) with a hand-written backward. Like mcore's fused
+SwiGLU it keeps only its input for backward. Elsewhere the module is autograd of the formula; ``SwiGLUFunction``'s
+torch path (what CPU tests check its hand-written backward with) does the same arithmetic as the kernels.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from nemo_customizer.models.fused import triton_kernel
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of ``x = [..., 2·width]`` (gate first, then up, as fc1 lays them out)."""
-    kernel = triton_kernel("nemo_customizer.models.swiglu_kernel", "swiglu_forward_triton") if x.is_cuda else None
+    kernel = _kernel("swiglu_forward_triton") if x.is_cuda else None
     if kernel is not None:
         return kernel(x)
     gate, up = x.chunk(2, dim=-1)
@@ -25,7 +26,7 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 
 def swiglu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The gradient of ``swiglu`` with respect to ``x`` for the output gradient ``grad``."""
-    kernel = triton_kernel("nemo_customizer.models.swiglu_kernel", "swiglu_backward_triton") if x.is_cuda else None
+    kernel = _kernel("swiglu_backward_triton") if x.is_cuda else None
     if kernel is not None:
         return kernel(grad, x)
     gate, up = x.chunk(2, dim=-1)
@@ -52,7 +53,14 @@ class SwiGLU(torch.nn.Module):
         super().__init__()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return SwiGLUFunction.apply(x)
+        if x.is_cuda and _kernel("swiglu_forward_triton") is not None:
+            return SwiGLUFunction.apply(x)
+        gate, up = x.chunk(2, dim=-1)  # autograd of the formula: fewer passes on a CPU than our torch backward
+        return F.silu(gate) * up
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         return {}  # mcore's MLP asks each submodule for its checkpoint shards: no parameters, no shards
+
+
+def _kernel(name: str):
+    return triton_kernel("nemo_customizer.models.swiglu_kernel", name)
