@@ -218,6 +218,11 @@ def check_graph_safe_rng() -> list[dict]:
                        f"replays draw anew {advances}", worst_rel=0.0, ok=kept and restored and advances)]
 
 
+def _worst_rel(pairs) -> float:
+    """The largest ``max|a - b| / max|b|`` over ``(ours, reference)`` pairs of tensors."""
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in pairs)
+
+
 def check_kernels() -> list[dict]:
     """GPU-only kernels against their CPU/eager reference on the same inputs."""
     from nemo_customizer.models.norm import fused_rms_norm, rms_norm
@@ -233,9 +238,7 @@ def check_kernels() -> list[dict]:
         x.grad = w.grad = None
         eager = rms_norm(x, w, 1e-5)
         eager.float().square().sum().backward()
-        worst = max(((fused - eager).abs().max() / eager.abs().max()).item(),
-                    ((grads[0] - x.grad).abs().max() / x.grad.abs().max()).item(),
-                    ((grads[1] - w.grad).abs().max() / w.grad.abs().max()).item())
+        worst = _worst_rel([(fused, eager), (grads[0], x.grad), (grads[1], w.grad)])
         results.append(dict(check=f"compiled RMSNorm vs eager, bf16, {tokens} tokens (fwd, d_x, d_w)",
                             worst_rel=worst, ok=worst <= 2e-2))
     from nemo_customizer.models.loss import (LOSS_CHUNK_TOKENS, _cross_entropy_fp32, _kernel_cross_entropy_and_grad,
@@ -250,20 +253,17 @@ def check_kernels() -> list[dict]:
         fused_grad, logits.grad = logits.grad.clone(), None
         reference = _cross_entropy_fp32(logits, targets)  # eager
         reference.sum().backward()
-        worst = max(((fused - reference).abs().max() / reference.abs().max()).item(),
-                    ((fused_grad.float() - logits.grad.float()).abs().max() / logits.grad.float().abs().max()).item())
+        worst = _worst_rel([(fused, reference), (fused_grad.float(), logits.grad.float())])
         results.append(dict(check=f"compiled cross-entropy vs eager fp32, bf16 logits, {tokens} tokens (loss, grad)",
                             worst_rel=worst, ok=worst <= 2e-2))
         # The frozen-output-weight loss head computes the logits' gradient in forward, compiled: against autograd.
         losses, grad = _fused_cross_entropy_and_grad.compiled()(logits.detach(), targets)
-        worst = max(((losses - reference.detach()).abs().max() / reference.abs().max()).item(),
-                    ((grad.float() - logits.grad.float()).abs().max() / logits.grad.float().abs().max()).item())
+        worst = _worst_rel([(losses, reference.detach()), (grad.float(), logits.grad.float())])
         results.append(dict(check=f"compiled cross-entropy + logits gradient in forward vs eager autograd, "
                                   f"{tokens} tokens (loss, grad)", worst_rel=worst, ok=worst <= 2e-2))
         # What the frozen-output loss head runs on CUDA: the Triton kernel (models.loss_kernel).
         losses, grad = _kernel_cross_entropy_and_grad()(logits.detach(), targets)
-        worst = max(((losses - reference.detach()).abs().max() / reference.abs().max()).item(),
-                    ((grad.float() - logits.grad.float()).abs().max() / logits.grad.float().abs().max()).item())
+        worst = _worst_rel([(losses, reference.detach()), (grad.float(), logits.grad.float())])
         results.append(dict(check=f"Triton cross-entropy + logits gradient vs eager autograd, {tokens} tokens "
                                   f"(loss, grad)", worst_rel=worst, ok=worst <= 2e-2))
     q = torch.randn(3000, 32, 64, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
@@ -279,7 +279,7 @@ def check_kernels() -> list[dict]:
 
     fused = outputs_and_grads(_fused_rotate.compiled())
     eager = outputs_and_grads(_rotate)  # autograd through the eager formula
-    worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(fused, eager))
+    worst = _worst_rel(zip(fused, eager))
     results.append(dict(check="compiled RoPE vs eager, bf16 (q, k, d_q, d_k)", worst_rel=worst,
                         ok=worst <= 2e-2))
     results.append(_check_triton_rope(gen))
@@ -309,7 +309,7 @@ def _check_triton_rope(gen: torch.Generator) -> dict:
         fp32 = [t.detach().float().requires_grad_() for t in (query, key)]
         ref_outs = _rotate(*fp32, cos.float(), sin.float())
         reference = [*ref_outs, *torch.autograd.grad(ref_outs, fp32, [u.float() for u in upstream])]
-        worst = max([worst] + [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference)])
+        worst = max(worst, _worst_rel((a.float(), b) for a, b in zip(ours, reference)))
     return dict(check="Triton RoPE vs fp32 eager autograd, bf16 strided q/k views (q, k, d_q, d_k)",
                 worst_rel=worst, ok=worst <= 1e-2)
 
@@ -330,7 +330,7 @@ def _check_triton_swiglu(gen: torch.Generator) -> dict:
         gate, up = x32.chunk(2, dim=-1)
         ref = F.silu(gate) * up
         reference = [ref, *torch.autograd.grad(ref, x32, upstream.float())]
-        worst = max([worst] + [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, reference)])
+        worst = max(worst, _worst_rel((a.float(), b) for a, b in zip(ours, reference)))
     return dict(check="Triton SwiGLU vs fp32 autograd, bf16 (out, d_x)", worst_rel=worst, ok=worst <= 1e-2)
 
 
@@ -361,8 +361,7 @@ def _check_bf16_adamw_kernel(gen: torch.Generator) -> dict:
     m = exp_avg.float() * 0.9 + g * 0.1
     v = exp_avg_sq.float() * 0.95 + g * g * 0.05
     expected = weight.float() * (1 - 1e-3 * 0.1) - (1e-3 / (1 - 0.9 ** 5)) * m / (v.sqrt() / (1 - 0.95 ** 5) ** 0.5 + 1e-8)
-    moments = max(((state["exp_avg"].float() - m).abs().max() / m.abs().max()).item(),
-                  ((state["exp_avg_sq"].float() - v).abs().max() / v.abs().max()).item())
+    moments = _worst_rel([(state["exp_avg"].float(), m), (state["exp_avg_sq"].float(), v)])
     # A bf16 step is at most 2^-7 of the value (8 significant bits). Near 0 the fp32 result itself carries the
     # cancellation error of weight - update, so the bound there is that of 1e-4.
     ulp = expected.abs().clamp(min=1e-4) * 2.0 ** -7
