@@ -15,15 +15,15 @@ checkpoints and mcore's optimizer wrappers treat it as one. Like torch's fused A
 gradients are divided by it) and ``found_inf`` (non-zero: nothing changes, ``step`` included) from attributes on
 the optimizer (``training.step._optimizer_step``), so a step needs no host sync.
 
-On CUDA the update is a Triton kernel (``training.bf16_adamw_kernel``); on CPU ``_update`` below does the same
-arithmetic.
+On CUDA the update is a Triton kernel (``training.bf16_adamw_kernel``); elsewhere (CPU) ``_update`` below does the
+same arithmetic.
 """
 
 from __future__ import annotations
 
 import torch
 
-from nemo_customizer.models.fused import fused_on_cuda, triton_kernel
+from nemo_customizer.models.fused import triton_kernel
 from nemo_customizer.models.gpt import upload
 
 
@@ -56,8 +56,6 @@ def _update(param, grad, exp_avg, exp_avg_sq, step, hyper, grad_scale, found_inf
     step.copy_(torch.where(skip, step, new_step))
 
 
-_fused_update = fused_on_cuda(_update)
-
 
 class Bf16AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam for bf16 parameters (see the module docstring); torch AdamW's hyperparameters."""
@@ -84,9 +82,6 @@ class Bf16AdamW(torch.optim.Optimizer):
                                         dtype=torch.float32), device)
             scale = grad_scale if grad_scale is not None else torch.ones((), device=device)
             inf = found_inf if found_inf is not None else torch.zeros((), device=device)
-            # Largest first: the compiled fallback compiles (dynamic shapes) on its first call, and Inductor picks
-            # its block sizes for that call's size; the big matrices are where the time goes.
-            params = sorted(params, key=torch.Tensor.numel, reverse=True)
             states = [self._state_of(param, device) for param in params]
             kernel = _triton_update() if device.type == "cuda" else None
             if kernel is not None:
@@ -101,7 +96,7 @@ class Bf16AdamW(torch.optim.Optimizer):
                 if kernel is not None:
                     kernel(*tensors, seeds[index:index + 1])
                 else:
-                    _fused_update(*tensors)
+                    _update(*tensors)
                 if flat is not param:
                     param.copy_(flat)
 

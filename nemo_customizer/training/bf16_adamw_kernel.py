@@ -6,7 +6,7 @@ writes 6 bytes per parameter, ~4 ms of traffic). This kernel is the same arithme
 
 Stochastic rounding draws from Philox (``tl.randint``) keyed by a per-tensor seed that the caller draws from torch's
 CUDA generator, so the numbers are checkpointed and replayed with that generator, as ``torch.rand_like`` was.
-Only imported where Triton exists (CUDA builds of torch); ``bf16_adamw`` falls back to the compiled function.
+Only imported where Triton exists (CUDA builds of torch); without it ``bf16_adamw._update`` runs in torch.
 """
 
 from __future__ import annotations
