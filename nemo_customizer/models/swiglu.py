@@ -55,8 +55,7 @@ class SwiGLU(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and _kernel("swiglu_forward_triton") is not None:
             return SwiGLUFunction.apply(x)
-        gate, up = x.chunk(2, dim=-1)  # autograd of the formula: fewer passes on a CPU than our torch backward
-        return F.silu(gate) * up
+        return swiglu(x)  # autograd of the formula: fewer passes on a CPU than our torch backward
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         return {}  # mcore's MLP asks each submodule for its checkpoint shards: no parameters, no shards
