@@ -166,7 +166,6 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         if graphs is not None:
             graphs.release()
         destroy_parallel(layout)
-        gc.collect()  # the model's modules and hooks reference each other
         torch.cuda.empty_cache()
 
 
