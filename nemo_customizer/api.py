@@ -151,6 +151,8 @@ def _check_before_work(cfg: Config, *, world_size: int, local_world_size: Option
             params_dtype(cfg.precision, resolve_device(cfg.device)) != torch.bfloat16:
         raise ConfigError("hyperparameters.fp32_master_weights=false updates bf16 weights in place; set precision=bf16 "
                           "(the default on GPUs) or fp32_master_weights=true.")
+    if cfg.model.attention_kernel == "fa4":
+        _check_flash_attn4(cfg)
     if cfg.hyperparameters.cuda_graphs:
         device = resolve_device(cfg.device)
         if device.type != "cuda":
@@ -173,6 +175,26 @@ class _Inputs:
     pack: bool = False
     """Train on packed sequences (asked for, and the model supports it)."""
     warnings: tuple = ()
+
+
+def _check_flash_attn4(cfg: Config) -> None:
+    """``model.attention_kernel=fa4`` asks for FlashAttention-4: refused now where it cannot run."""
+    import torch
+
+    from nemo_customizer.config import ConfigError
+    from nemo_customizer.distributed.parallel import params_dtype, resolve_device
+    from nemo_customizer.models.flash_attn4 import takes_head_dim, unavailable_reason
+
+    device = resolve_device(cfg.device)
+    arch = cfg.model.architecture
+    head_dim = arch.head_dim or arch.hidden_size // arch.num_attention_heads
+    why = unavailable_reason(device)
+    if not why and params_dtype(cfg.precision, device) == torch.float32:
+        why = "it runs bf16/fp16 attention and precision is fp32"
+    if not why and not cfg.model.architecture_from_checkpoint and not takes_head_dim(head_dim):
+        why = f"its kernels take head sizes 8-256 in steps of 8, and this model's is {head_dim}"
+    if why:
+        raise ConfigError(f"model.attention_kernel=fa4 cannot run: {why}. Set model.attention_kernel=auto or torch.")
 
 
 def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:

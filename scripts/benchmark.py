@@ -67,11 +67,13 @@ def model_flops_per_token(arch, kind: str, seq_lengths: list[int]) -> float:
 
 def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, warmup: int,
              profile_dir: str | None = None, bins_per_micro_batch: int = 1, tp: int = 1, sp: bool = False,
-             cuda_graphs: bool = False, activation_checkpointing: bool = False) -> dict:
+             cuda_graphs: bool = False, activation_checkpointing: bool = False,
+             attention_kernel: str = "auto") -> dict:
     from nemo_customizer.config import compose_config
     from nemo_customizer.data.examples import TokenizedExample
     from nemo_customizer.data import collate
     from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
+    from nemo_customizer.models.flash_attn4 import use_flash_attn4
     from nemo_customizer.models.gpt import build_model_for_job
     from nemo_customizer.training.finetuning import prepare_trainable
     from nemo_customizer.training.optim import build_optimizer, build_scheduler
@@ -83,7 +85,8 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     overrides = [f"model={model_name}", "model.random_weights=true", f"hyperparameters.finetuning_type={kind}",
                  "hyperparameters.lora.adapter_dim=16", "hyperparameters.lora.alpha=32",
                  "hyperparameters.lora.adapter_dropout=0.0", f"model.max_seq_length={seq}",
-                 f"model.tensor_parallel_size={tp}", f"model.use_sequence_parallel={str(sp).lower()}"]
+                 f"model.tensor_parallel_size={tp}", f"model.use_sequence_parallel={str(sp).lower()}",
+                 f"model.attention_kernel={attention_kernel}"]
     if targets:
         overrides.append(f"hyperparameters.lora.target_modules=[{','.join(targets)}]")
     overrides += MODE_OVERRIDES.get(mode, [])
@@ -156,6 +159,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
                     leftover_gb=round(leftover / 2**30, 1),
                     host_syncs=syncs, compiled=not os.environ.get("TORCHDYNAMO_DISABLE"),
                     cuda_graphs=graphs is not None, activation_checkpointing=activation_checkpointing,
+                    attention="fa4" if packed and use_flash_attn4(attention_kernel, device) else "torch",
                     losses=[round(r.loss, 5) for r in results[:4]])
         print(f"measured (before teardown): {json.dumps(row)}", file=sys.stderr, flush=True)
         return row
@@ -253,6 +257,9 @@ def main(argv=None) -> int:
                         help="recompute every transformer layer in backward (ours)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="packed: replay each micro batch's forward+backward as a CUDA graph (ours)")
+    parser.add_argument("--attention-kernel", choices=("auto", "torch", "fa4"), default="auto",
+                        help="model.attention_kernel for packed batches (ours): auto takes FlashAttention-4 where "
+                             "flash-attn-4 is installed")
     args = parser.parse_args(argv)
     if args.watchdog:
         faulthandler.dump_traceback_later(args.watchdog, exit=True)
@@ -281,7 +288,7 @@ def main(argv=None) -> int:
     for model_name, mode in configs:
         runs = [lambda: run_ours(model_name, mode, args.seq, args.packed or args.suite, args.steps, args.warmup,
                                  args.profile, args.bins_per_micro_batch, args.tp, args.sp, args.cuda_graphs,
-                                 args.activation_checkpointing)]
+                                 args.activation_checkpointing, args.attention_kernel)]
         if args.peer:
             runs.append(lambda: run_peer(model_name, mode, args.seq, args.bins_per_micro_batch))
         for fn in runs:

@@ -26,7 +26,8 @@ BF16_RTOL = 3e-2  # per-step loss, bf16 weights/activations against fp32
 GRAPHS_RTOL = 5e-3  # per-step loss, the same bf16 job with and without CUDA graphs (padded GEMM shapes round apart)
 
 
-def _job(root: Path, name: str, device: str, precision: str, finetuning: str, **hyperparameters) -> list[float]:
+def _job(root: Path, name: str, device: str, precision: str, finetuning: str, model: dict | None = None,
+         **hyperparameters) -> list[float]:
     from nemo_customizer.api import customize
 
     customize("tiny-llama-test", dataset=str(root / "data"), output_dir=str(root / name), device=device,
@@ -34,9 +35,19 @@ def _job(root: Path, name: str, device: str, precision: str, finetuning: str, **
               hyperparameters={"finetuning_type": finetuning, "epochs": 1, "batch_size": 8, "micro_batch_size": 4,
                                "learning_rate": 1e-3, "max_steps": 10, "lora": {"adapter_dropout": 0.0},
                                **hyperparameters},
-              model={"checkpoint": str(root / "model"), "random_weights": False})
-    rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+              model={"checkpoint": str(root / "model"), "random_weights": False, **(model or {})})
+    return _train_losses(root / name)
+
+
+def _train_losses(job_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["event"] == "train"]
+
+
+def _flash_attn4_runs() -> bool:
+    from nemo_customizer.models.flash_attn4 import unavailable_reason
+
+    return not unavailable_reason(torch.device("cuda"))
 
 
 def check_training(root: Path) -> list[dict]:
@@ -73,6 +84,15 @@ def check_training(root: Path) -> list[dict]:
                       "dropout-free losses)", worst_rel=worst,
                 ok=worst <= 0.05 and len(eager_dropout) == len(graphed_dropout) > 1 and graphed_dropout != graphed,
                 eager=eager_dropout, graphed=graphed_dropout))
+    if _flash_attn4_runs():  # the packed jobs above took FlashAttention-4 (model.attention_kernel=auto)
+        packed = dict(sequence_packing_enabled=True, batch_size=32, micro_batch_size=2, epochs=3, max_steps=9)
+        flash4 = _train_losses(root / "lora-packed")
+        flash2 = _job(root, "lora-packed-torch-attention", "cuda", "bf16", "lora", model={"attention_kernel": "torch"},
+                      **packed)
+        worst = max(abs(a - b) / abs(a) for a, b in zip(flash2, flash4))
+        results.append(dict(check=f"lora: packed cuda bf16, FlashAttention-4 vs torch's flash attention losses "
+                                  f"({len(flash4)} steps)", worst_rel=worst,
+                            ok=worst <= GRAPHS_RTOL and len(flash4) == len(flash2) > 1, fa4=flash4, torch=flash2))
     for finetuning in kinds:
         cpu = _job(root, f"{finetuning}-cpu", "cpu", "fp32", finetuning)
         gpu = gpu_losses[finetuning]
@@ -285,7 +305,9 @@ def check_kernels() -> list[dict]:
     results.append(_check_triton_rope(gen))
     results.append(_check_bf16_adamw_kernel(gen))
     results.append(_check_triton_swiglu(gen))
-    results.append(_check_packed_gqa_attention(gen))
+    results.append(_check_packed_gqa_attention(gen, "torch"))
+    if _flash_attn4_runs():
+        results.append(_check_packed_gqa_attention(gen, "fa4"))
     return results
 
 
@@ -374,10 +396,11 @@ def _check_bf16_adamw_kernel(gen: torch.Generator) -> dict:
                 worst_rel=moments, ok=ok)
 
 
-def _check_packed_gqa_attention(gen: torch.Generator) -> dict:
+def _check_packed_gqa_attention(gen: torch.Generator, kernel: str) -> dict:
     """Packed flash attention with 8 key/value heads for 32 query heads, as the model calls it (``CoreAttention``,
-    heads not expanded where torch's flash path takes GQA), bf16: outputs and q/k/v gradients against fp32 causal
-    attention per sequence with expanded heads."""
+    heads not expanded where the flash kernel takes GQA), bf16: outputs and q/k/v gradients against fp32 causal
+    attention per sequence with expanded heads. ``kernel``: ``model.attention_kernel`` (torch's or
+    FlashAttention-4)."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -386,8 +409,8 @@ def _check_packed_gqa_attention(gen: torch.Generator) -> dict:
     from nemo_customizer.models.gpt import transformer_config
 
     attention = CoreAttention(transformer_config(tiny_arch(heads=32, kv_heads=8, hidden=32 * 64)), 1,
-                              AttnMaskType.causal, "self")
-    lengths = [700, 13, 1500, 1, 380, 1502]
+                              AttnMaskType.causal, "self", attention_kernel=kernel)
+    lengths = [700, 13, 1500, 1, 380, 1502, 0, 0]  # empty segments at the end, as CUDA graphs pad cu_seqlens
     total = sum(lengths)
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
@@ -404,6 +427,8 @@ def _check_packed_gqa_attention(gen: torch.Generator) -> dict:
         k, v = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
         outs = []
         for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            if e == s:
+                continue
             outs.append(torch.nn.functional.scaled_dot_product_attention(
                 q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True
             ).transpose(0, 1).reshape(e - s, -1))
@@ -412,8 +437,9 @@ def _check_packed_gqa_attention(gen: torch.Generator) -> dict:
     ours = outputs_and_grads(torch.bfloat16, lambda q, k, v: attention(q, k, v, None, packed_seq_params=params))
     expected = outputs_and_grads(torch.float32, reference)
     worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(ours, expected))
-    return dict(check=f"packed flash attention, GQA 32/8 heads{'' if attention._varlen_native_gqa else ' (expanded)'}"
-                      ", bf16 vs fp32 per sequence (out, d_q, d_k, d_v)", worst_rel=worst, ok=worst <= 2e-2)
+    expanded = kernel == "torch" and not attention._varlen_native_gqa
+    return dict(check=f"packed flash attention ({kernel}), GQA 32/8 heads{' (expanded)' if expanded else ''}, bf16 vs "
+                      "fp32 per sequence (out, d_q, d_k, d_v)", worst_rel=worst, ok=worst <= 2e-2)
 
 
 def main(argv=None) -> int:

@@ -56,6 +56,7 @@ def test_llama_models_are_valid_given_a_checkpoint(name):
     ("model.tensor_parallel_size=4", "model.tensor_parallel_size=4 does not divide .*num_key_value_heads=2"),
     ("model.tensor_parallel_size=3", "model.tensor_parallel_size=3 does not divide .*num_attention_heads=4"),
     ("model.use_sequence_parallel=true", "model.use_sequence_parallel=true needs model.tensor_parallel_size > 1"),
+    ("model.attention_kernel=flash", "model.attention_kernel='flash' is not one of auto, torch, fa4"),
     ("model.max_seq_length=4096", "model.max_seq_length=4096 exceeds .*max_position_embeddings=2048"),
     ("model.pipeline_parallel_size=3", "pipeline_parallel_size=3 does not divide"),
     ("model.checkpoint=/ckpt", "model.checkpoint and model.random_weights=true are both set"),

@@ -54,6 +54,9 @@ class ArchitectureConfig:
     generation stops at any of them. ``None`` means just ``eos_token_id``."""
 
 
+ATTENTION_KERNELS = ("auto", "torch", "fa4")
+
+
 @dataclass
 class ModelConfig:
     """One customizable model: run defaults plus where its weights and tokenizer come from."""
@@ -72,6 +75,10 @@ class ModelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     use_sequence_parallel: bool = False
+    attention_kernel: str = "auto"
+    """Flash attention for packed batches on GPUs: ``auto`` (FlashAttention-4 where the ``flash-attn-4`` package is
+    installed and the GPU is a Hopper or Blackwell, else torch's FlashAttention-2), ``torch``, or ``fa4`` (required;
+    refused before any work where it cannot run). Extra: ``pip install 'nemo_customizer[fa4]'``."""
     sequence_packing_supported: bool = True
     chat_template: Optional[str] = None
     """Chat template overriding the tokenizer's own: a shipped name (``chatml-tools``: ChatML with Hermes-style tool

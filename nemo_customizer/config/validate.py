@@ -10,7 +10,8 @@ from __future__ import annotations
 import warnings
 
 from .errors import ConfigError, ConfigWarning
-from .schema import MISSING_PATH, ArchitectureConfig, Config, HyperparametersConfig, ModelConfig, ServingConfig
+from .schema import (ATTENTION_KERNELS, MISSING_PATH, ArchitectureConfig, Config, HyperparametersConfig, ModelConfig,
+                     ServingConfig)
 
 HF_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MEGATRON_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -123,6 +124,9 @@ def validate_model(model: ModelConfig) -> None:
     """Model settings: weight source, sequence length, parallelism against the architecture."""
     source, _ = model_source(model)
     _at_least("model.max_seq_length", model.max_seq_length, 1)
+    if model.attention_kernel not in ATTENTION_KERNELS:
+        raise ConfigError(f"model.attention_kernel={model.attention_kernel!r} is not one of "
+                          f"{', '.join(ATTENTION_KERNELS)}.")
     if model.architecture_from_checkpoint:
         if source != "checkpoint":
             raise ConfigError(f"model {model.name} takes its architecture from the checkpoint: pass "

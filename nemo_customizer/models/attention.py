@@ -19,6 +19,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_customizer.models.flash_attn4 import packed_causal_attention, use_flash_attn4
 from nemo_customizer.models.rope import PackedRotaryParams, rotate
 
 
@@ -57,7 +58,11 @@ def _expand_kv(tensor: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class CoreAttention(MegatronModule):
-    """Scaled dot-product attention with GQA, for padded and packed batches, on CPU and CUDA."""
+    """Scaled dot-product attention with GQA, for padded and packed batches, on CPU and CUDA.
+
+    ``attention_kernel`` (``model.attention_kernel``, passed through the layer spec) picks the flash attention that
+    packed batches get on GPUs: see ``models.flash_attn4``.
+    """
 
     def __init__(
         self,
@@ -69,6 +74,7 @@ class CoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        attention_kernel: str = "auto",
     ):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
@@ -76,6 +82,7 @@ class CoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.attention_kernel = attention_kernel
         varlen = _varlen_attn()
         self._varlen = varlen
         self._varlen_has_gqa = varlen is not None and "enable_gqa" in inspect.signature(varlen).parameters
@@ -137,8 +144,10 @@ class CoreAttention(MegatronModule):
         if isinstance(params, PackedRotaryParams):
             query, key = rotate(query, key, params.rotary_cos, params.rotary_sin)
         gqa = key.shape[1] != heads
-        flash = query.is_cuda and self._varlen is not None and query.dtype in (torch.float16, torch.bfloat16)
-        if query.is_cuda and gqa and not (flash and self._varlen_native_gqa):
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        flash4 = half and use_flash_attn4(self.attention_kernel, query.device, head_dim)
+        flash = flash4 or (query.is_cuda and self._varlen is not None and half)
+        if query.is_cuda and gqa and not (flash4 or (flash and self._varlen_native_gqa)):
             # Without native GQA, give every query head its own copy of its group's key/value head: CUDA SDPA
             # with enable_gqa falls back to the slow math kernel (fp32 bmm + softmax), ~30% of an 8B LoRA step.
             key, value = _expand_kv(key, heads), _expand_kv(value, heads)
@@ -148,12 +157,15 @@ class CoreAttention(MegatronModule):
             cu_k = params.cu_seqlens_kv.to(torch.int32)
             max_q = int(params.max_seqlen_q)
             max_k = int(params.max_seqlen_kv)
+            if self._dropout() > 0:
+                raise ValueError("attention dropout is not supported with packed sequences on CUDA")
+            if flash4:  # key/value heads of a group are read by each of its query heads in the kernel (GQA)
+                out = packed_causal_attention(query, key, value, cu_q, cu_k, max_q, max_k, self.softmax_scale)
+                return out.reshape(total, heads * head_dim)
             # Flash attention reads a group's key/value head for each of its query heads itself. torch 2.11's
             # varlen_attn has no enable_gqa flag but passes the heads through unchecked (same outputs and gradients
             # as expanded heads on an H200, without the copies); later versions want the flag.
             kwargs = {"enable_gqa": True} if gqa and self._varlen_has_gqa else {}
-            if self._dropout() > 0:
-                raise ValueError("attention dropout is not supported with packed sequences on CUDA")
             out = self._varlen(
                 query, key, value, cu_q, cu_k, max_q, max_k, scale=self.softmax_scale, window_size=(-1, 0), **kwargs
             )  # (t, heads, head_dim)

@@ -169,8 +169,10 @@ def transformer_config(
     )
 
 
-def build_gpt_model(arch: ArchitectureConfig, config: TransformerConfig, device: torch.device) -> CustomizerGPTModel:
-    """This rank's (TP/PP) shard of the model, on ``device``; weights random until a checkpoint is loaded."""
+def build_gpt_model(arch: ArchitectureConfig, config: TransformerConfig, device: torch.device, *,
+                    attention_kernel: str = "auto") -> CustomizerGPTModel:
+    """This rank's (TP/PP) shard of the model, on ``device``; weights random until a checkpoint is loaded.
+    ``attention_kernel``: ``model.attention_kernel`` (``models.flash_attn4``)."""
     if arch.vocab_size % config.tensor_model_parallel_size:
         raise ValueError(
             f"vocab_size {arch.vocab_size} is not divisible by tensor_parallel_size "
@@ -178,7 +180,7 @@ def build_gpt_model(arch: ArchitectureConfig, config: TransformerConfig, device:
         )
     model = CustomizerGPTModel(
         config=config,
-        transformer_layer_spec=llama_block_spec(config),
+        transformer_layer_spec=llama_block_spec(config, attention_kernel),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -268,7 +270,7 @@ def build_model_for_job(model_cfg, checkpoint_dir, *, device: torch.device, para
         perform_initialization=checkpoint_dir is None,
         activation_checkpointing=activation_checkpointing,
     )
-    model = build_gpt_model(arch, config, device)
+    model = build_gpt_model(arch, config, device, attention_kernel=model_cfg.attention_kernel)
     if checkpoint_dir is not None:
         load_hf_checkpoint(model, arch, str(checkpoint_dir))
     return model, config

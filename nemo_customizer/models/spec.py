@@ -18,8 +18,9 @@ from nemo_customizer.models.norm import RMSNorm
 from nemo_customizer.models.swiglu import SwiGLU
 
 
-def llama_layer_spec() -> ModuleSpec:
-    """Pre-norm decoder layer: RMSNorm, GQA self-attention with RoPE, RMSNorm, SwiGLU MLP (gate/up fused in fc1)."""
+def llama_layer_spec(attention_kernel: str = "auto") -> ModuleSpec:
+    """Pre-norm decoder layer: RMSNorm, GQA self-attention with RoPE, RMSNorm, SwiGLU MLP (gate/up fused in fc1).
+    ``attention_kernel``: ``model.attention_kernel``, the flash attention packed batches get on GPUs."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -29,7 +30,7 @@ def llama_layer_spec() -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=CoreAttention,
+                    core_attention=ModuleSpec(module=CoreAttention, params={"attention_kernel": attention_kernel}),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -47,7 +48,7 @@ def llama_layer_spec() -> ModuleSpec:
     )
 
 
-def llama_block_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
+def llama_block_spec(config: TransformerConfig, attention_kernel: str = "auto") -> TransformerBlockSubmodules:
     """This pipeline stage's layers plus our RMSNorm as the final norm (mcore would pick its own norm class)."""
     layers = get_num_layers_to_build(config)
-    return TransformerBlockSubmodules(layer_specs=[llama_layer_spec()] * layers, layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[llama_layer_spec(attention_kernel)] * layers, layer_norm=RMSNorm)
