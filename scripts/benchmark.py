@@ -10,7 +10,10 @@
 Random weights (no downloads), bf16. Packed mode fills each 4096-token micro batch with examples whose lengths
 follow a realistic distribution (mean ~600 tokens), boundary-respecting attention. Reports real tokens/s per GPU,
 model TFLOP/s (4·N per token for LoRA, 6·N for full SFT, + causal attention over the real lengths), MFU against
-989 TFLOP/s, peak memory and the card. Warm-up steps excluded; median of timed steps; CUDA-synchronized.
+989 TFLOP/s, peak memory and the card. Warm-up steps excluded; median of timed steps. A step's time is the
+interval between reading its numbers and the previous step's (each read waits for the GPU), with each step queued
+before the previous one is read, as the training loop runs (``--synced-steps``: synchronize before and after each
+step instead).
 After timing, one more step runs under CUDA's sync debug mode and the row reports how many times it made the host
 wait for the GPU (``host_syncs``) and where: each wait stops the CPU from queueing kernels ahead of the GPU.
 ``TORCHDYNAMO_DISABLE=1`` runs every compiled region (RMSNorm, RoPE, SwiGLU, cross-entropy) eagerly, for an A/B.
@@ -68,7 +71,7 @@ def model_flops_per_token(arch, kind: str, seq_lengths: list[int]) -> float:
 def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, warmup: int,
              profile_dir: str | None = None, bins_per_micro_batch: int = 1, tp: int = 1, sp: bool = False,
              cuda_graphs: bool = False, activation_checkpointing: bool = False,
-             attention_kernel: str = "auto") -> dict:
+             attention_kernel: str = "auto", synced_steps: bool = False) -> dict:
     from nemo_customizer.config import compose_config
     from nemo_customizer.data.examples import TokenizedExample
     from nemo_customizer.data import collate
@@ -78,6 +81,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     from nemo_customizer.training.finetuning import prepare_trainable
     from nemo_customizer.training.optim import build_optimizer, build_scheduler
     from nemo_customizer.training.graphs import GraphedForwardBackward
+    from nemo_customizer.training.step import queue_step
     from nemo_customizer.training.step import train_step as _train_step
     from nemo_customizer.training.wrap import wrap_for_training
 
@@ -134,14 +138,27 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         batches = [batch(i) for i in range(steps + warmup)]
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        times, results = [], []
-        for i, (micro, _) in enumerate(batches):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            results.append(train_step(ddp, optimizer, scheduler, micro, device))
-            torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - started)
+        if synced_steps:  # each step alone: the GPU idles while the host prepares the next one
+            times, results = [], []
+            for i, (micro, _) in enumerate(batches):
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                results.append(train_step(ddp, optimizer, scheduler, micro, device))
+                torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - started)
+        else:  # as the training loop runs: step N's numbers are read (a host sync) after step N+1 is queued
+            results, read_at, pending = [], [], None
+            for micro, _ in batches + [(None, None)]:
+                queued = None
+                if micro is not None:
+                    queued = queue_step(ddp, optimizer, scheduler, micro, device, graphs)
+                    queued.advance_schedule()
+                if pending is not None:
+                    results.append(pending.result())
+                    read_at.append(time.perf_counter())
+                pending = queued
+            times = [b - a for a, b in zip(read_at[warmup - 1:], read_at[warmup:])]  # one per step after warm-up
         step_s = statistics.median(times)
         syncs = _host_syncs(lambda: train_step(ddp, optimizer, scheduler, batches[-1][0], device))
         if profile_dir:
@@ -159,7 +176,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
                     leftover_gb=round(leftover / 2**30, 1),
                     host_syncs=syncs, compiled=not os.environ.get("TORCHDYNAMO_DISABLE"),
                     cuda_graphs=graphs is not None, activation_checkpointing=activation_checkpointing,
-                    attention="fa4" if packed and use_flash_attn4(attention_kernel, device) else "torch",
+                    step_timing="synced" if synced_steps else "queued", attention="fa4" if packed and use_flash_attn4(attention_kernel, device) else "torch",
                     losses=[round(r.loss, 5) for r in results[:4]])
         print(f"measured (before teardown): {json.dumps(row)}", file=sys.stderr, flush=True)
         return row
@@ -260,7 +277,12 @@ def main(argv=None) -> int:
     parser.add_argument("--attention-kernel", choices=("auto", "torch", "fa4"), default="auto",
                         help="model.attention_kernel for packed batches (ours): auto takes FlashAttention-4 where "
                              "flash-attn-4 is installed")
+    parser.add_argument("--synced-steps", action="store_true",
+                        help="time each step alone (sync before and after) instead of as the training loop runs, "
+                             "with the next step queued before a step's numbers are read")
     args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the first timed step starts when a warm-up step is read)")
     if args.watchdog:
         faulthandler.dump_traceback_later(args.watchdog, exit=True)
     if not torch.cuda.is_available():
@@ -288,7 +310,7 @@ def main(argv=None) -> int:
     for model_name, mode in configs:
         runs = [lambda: run_ours(model_name, mode, args.seq, args.packed or args.suite, args.steps, args.warmup,
                                  args.profile, args.bins_per_micro_batch, args.tp, args.sp, args.cuda_graphs,
-                                 args.activation_checkpointing, args.attention_kernel)]
+                                 args.activation_checkpointing, args.attention_kernel, args.synced_steps)]
         if args.peer:
             runs.append(lambda: run_peer(model_name, mode, args.seq, args.bins_per_micro_batch))
         for fn in runs:

@@ -167,6 +167,25 @@ def test_nan_stops_the_job_failed_before_the_update(tmp_path, model_dir, monkeyp
     assert (tmp_path / "job" / "adapter" / "adapter_model.safetensors").read_bytes() == saved["adapter"]
 
 
+def test_nan_read_after_the_next_step_was_queued_still_fails_the_job_at_its_step(tmp_path, model_dir, monkeypatch):
+    """Step 3 (no validation after it) is read only once step 4 is queued: the job still fails naming step 3, records
+    nothing after step 2 and saves nothing after step 2's validation."""
+    saved = {}
+
+    def poison(model, out):
+        saved["adapter"] = (tmp_path / "job" / "adapter" / "adapter_model.safetensors").read_bytes()
+        return torch.stack([torch.full_like(out[0], math.nan), out[1]])
+
+    _inject_at_step(monkeypatch, 3, poison)
+    with pytest.raises(FloatingPointError, match="training loss is nan at step 3; the update was not applied"):
+        _customize(tmp_path, model_dir, "job", early_stopping={"min_delta": 0.0, "patience": 100})
+    status = _status(tmp_path / "job")
+    assert status["status"] == "failed" and status["steps_completed"] == 2
+    assert [r["step"] for r in _records(tmp_path / "job", "train")] == [1, 2]
+    assert [r["step"] for r in _records(tmp_path / "job", "validation")] == [2]
+    assert (tmp_path / "job" / "adapter" / "adapter_model.safetensors").read_bytes() == saved["adapter"]
+
+
 def test_an_error_after_the_job_directory_exists_marks_it_failed(tmp_path, model_dir, monkeypatch):
     from nemo_customizer.data.errors import DatasetError
     from nemo_customizer.training import loop

@@ -70,3 +70,57 @@ def test_hf_llama_takes_the_architecture_from_any_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="max_seq_length=4096 exceeds the model's max_position_embeddings=512"):
         customize("hf-llama", dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "job2"),
                   model={"checkpoint": str(tmp_path / "model")})
+
+
+def test_the_next_step_is_queued_before_a_step_is_read(tmp_path, monkeypatch):
+    """The loop reads step N after queuing step N+1, except before a validation, an epoch's end or the job's end.
+    What it reads later equals what step N gave when queued (nothing of N+1 overwrote it), each validation sees
+    exactly the steps read so far, and the learning rate follows the schedule one step at a time."""
+    import json
+
+    from nemo_customizer.api import customize
+    from nemo_customizer.training import loop
+
+    events, eager = [], {}
+    real_queue, real_record, real_validate = loop._queue, loop._record, loop._validate
+
+    def queue(job, batches, step, epoch):
+        queued = real_queue(job, batches, step, epoch)
+        eager[step] = queued.work.numbers.tolist()  # step N's numbers before step N+1 exists
+        events.append(("queue", step))
+        return queued
+
+    def record(job, queued, result, counters):
+        assert queued.work.numbers.tolist() == eager[queued.step]
+        events.append(("read", queued.step))
+        real_record(job, queued, result, counters)
+
+    def validate(job, result, stopper, epoch, step, counters):
+        assert max(s for kind, s in events if kind == "queue") == result.steps == step
+        events.append(("validate", step))
+        real_validate(job, result, stopper, epoch, step, counters)
+
+    monkeypatch.setattr(loop, "_queue", queue)
+    monkeypatch.setattr(loop, "_record", record)
+    monkeypatch.setattr(loop, "_validate", validate)
+    write_tiny_model_dir(tmp_path / "model")
+    write_classification_data(tmp_path / "data", n_train=40, n_val=8)
+    result = customize(  # 5 steps per epoch, 2 epochs capped at 8 steps, validation every 3 steps
+        "tiny-llama-test", dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "job"), progress_bar=False,
+        hyperparameters={"epochs": 2, "batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "val_check_interval": 3,
+                         "learning_rate": 1e-3, "warmup_steps": 4, "early_stopping": {"patience": 100}},
+        model={"checkpoint": str(tmp_path / "model"), "random_weights": False},
+    )
+    assert result.steps == 8
+    assert events == [("queue", 1), ("queue", 2), ("read", 1), ("queue", 3), ("read", 2), ("read", 3),
+                      ("validate", 3), ("queue", 4), ("queue", 5), ("read", 4), ("read", 5),  # 5: end of epoch 0
+                      ("validate", 5), ("queue", 6), ("read", 6), ("validate", 6), ("queue", 7), ("queue", 8),
+                      ("read", 7), ("read", 8), ("validate", 8)]
+    rows = [json.loads(line) for line in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["event"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9)) and [r["epoch"] for r in train] == [0] * 5 + [1] * 3
+    assert [r["loss"] for r in train] == [eager[s][0] / eager[s][1] for s in range(1, 9)]
+    lrs = [r["lr"] for r in train]  # one schedule step per training step: linear warm-up over 4, then cosine decay
+    assert lrs[:5] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] > lrs[5] > lrs[6] > lrs[7]
+    assert all(r["tokens_per_s"] > 0 for r in train)

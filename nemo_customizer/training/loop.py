@@ -23,7 +23,7 @@ from nemo_customizer.training.metrics import MetricsLog, ProgressBar
 from nemo_customizer.training.signals import StopSignals
 from nemo_customizer.training.position import LoopPosition
 from nemo_customizer.training.status import JobStatus
-from nemo_customizer.training.step import NonFiniteStep, train_step, validation_loss
+from nemo_customizer.training.step import NonFiniteStep, QueuedStep, queue_step, validation_loss
 
 
 @dataclass
@@ -98,12 +98,41 @@ def _stop_requested(job: TrainingJob, result: FitResult) -> bool:
     return result.stopped_by_signal is not None
 
 
-def _checked_step(job: TrainingJob, batches, step: int):
+@dataclass
+class _Queued:
+    """A step queued on the device whose numbers the loop has not read yet."""
+
+    step: int
+    epoch: int
+    work: QueuedStep
+    queued_at: float
+
+
+def _queue(job: TrainingJob, batches, step: int, epoch: int) -> _Queued:
+    queued_at = time.perf_counter()
+    work = queue_step(job.model, job.optimizer, job.scheduler, batches, job.layout.device, graphs=job.graphs)
+    work.advance_schedule()  # the next step may be queued before this one is read
+    return _Queued(step, epoch, work, queued_at)
+
+
+def _record(job: TrainingJob, queued: _Queued, result: "FitResult", counters: "_Counters") -> None:
+    """Read a queued step's numbers (waiting for it), then log and count it; a NaN/inf step ends the job."""
     try:
-        return train_step(job.model, job.optimizer, job.scheduler, batches, job.layout.device, graphs=job.graphs)
+        out = queued.work.result()
     except NonFiniteStep as err:  # every rank raises it at the same step
-        raise FloatingPointError(f"{err} at step {step}; the update was not applied and the last saved checkpoint "
-                                 "is intact: lower the learning_rate or check the data") from None
+        raise FloatingPointError(f"{err} at step {queued.step}; the update was not applied and the last saved "
+                                 "checkpoint is intact: lower the learning_rate or check the data") from None
+    now = time.perf_counter()
+    elapsed = now - max(queued.queued_at, counters.last_read)  # steps overlap: count each moment once
+    counters.last_read = now
+    result.steps = queued.step
+    counters.tokens += out.real_tokens
+    counters.seconds += elapsed
+    result.final_train_loss = out.loss
+    job.metrics.write(event="train", step=queued.step, epoch=queued.epoch, loss=out.loss, lr=out.learning_rate,
+                      grad_norm=out.grad_norm, loss_tokens=out.loss_tokens, tokens=out.real_tokens,
+                      tokens_per_s=out.real_tokens / elapsed, skipped=out.skipped)
+    job.progress.update(result.steps, out.loss, counters.tokens / max(counters.seconds, 1e-9))
 
 
 def _training_batches(job: TrainingJob, items: Sequence, epoch: int, skip: int = 0):
@@ -167,6 +196,8 @@ class _Counters:
 
     tokens: int = 0
     seconds: float = 0.0
+    last_read: float = 0.0
+    """When the loop last read a step's numbers (``time.perf_counter``; not saved)."""
 
 
 def _data_order(job: TrainingJob) -> Tuple[int, int]:
@@ -229,30 +260,38 @@ def _fit(job: TrainingJob) -> FitResult:
     for epoch in range(first_epoch, hp.epochs):
         if result.steps >= total_steps or stopper.should_stop:
             break
+        # One step stays queued while the next is launched: its numbers are read after the next step is queued, so
+        # the GPU never waits for the host's logging and launching. A step that validation, the epoch's end or the
+        # job's end follows is read at once (those must see exactly its weights).
+        pending: Optional[_Queued] = None
         for batches in _training_batches(job, items, epoch, skip if epoch == first_epoch else 0):
-            if result.steps >= total_steps or _stop_requested(job, result):  # also a signal sent while loading
+            step = result.steps + (pending is not None) + 1
+            if step > total_steps or _stop_requested(job, result):  # also a signal sent while loading
                 break
-            started = time.perf_counter()
-            out = _checked_step(job, batches, result.steps + 1)
-            elapsed = time.perf_counter() - started
-            result.steps += 1
-            counters.tokens += out.real_tokens
-            counters.seconds += elapsed
-            result.final_train_loss = out.loss
-            job.metrics.write(event="train", step=result.steps, epoch=epoch, loss=out.loss,
-                              lr=out.learning_rate, grad_norm=out.grad_norm, loss_tokens=out.loss_tokens,
-                              tokens=out.real_tokens, tokens_per_s=out.real_tokens / elapsed, skipped=out.skipped)
-            job.progress.update(result.steps, out.loss, counters.tokens / max(counters.seconds, 1e-9))
-            if hp.val_check_interval and result.steps % hp.val_check_interval == 0:
+            queued = _queue(job, batches, step, epoch)
+            if pending is not None:
+                _record(job, pending, result, counters)
+            pending = queued
+            validate = bool(hp.val_check_interval) and step % hp.val_check_interval == 0
+            if validate or step % per_epoch == 0 or step == total_steps:
+                _record(job, pending, result, counters)
+                pending = None
+            if validate:
                 _validate(job, result, stopper, epoch, result.steps, counters)
                 if stopper.should_stop:
                     break
         else:
             # End of a full epoch: validate (unless the interval just did at this very step). Counted first, so
             # the validation's checkpoint records the finished epoch.
+            if pending is not None:  # (read already where the epoch has its planned number of steps)
+                _record(job, pending, result, counters)
+                pending = None
             result.epochs_completed = epoch + 1
             if result.steps > result.last_validated_step:
                 _validate(job, result, stopper, epoch, result.steps, counters)
+        if pending is not None:  # the loop broke with a step queued (a stop signal)
+            _record(job, pending, result, counters)
+            pending = None
         if stopper.should_stop:
             result.stopped_early = True
             job.progress.message(f"early stopping: no val_loss improvement > {stopper.min_delta} in "

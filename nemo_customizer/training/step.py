@@ -188,7 +188,51 @@ def train_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], dev
 
     ``graphs``: a ``training.graphs.GraphedForwardBackward`` of ``model`` to replay packed micro batches with.
     Raises ``NonFiniteStep`` (weights and optimizer state untouched) when the loss or gradient norm is not finite.
-    The host reads the step's numbers once, after the whole step is queued (see ``_optimizer_step``).
+    ``queue_step(...).result()``: the host reads the step's numbers once, after the whole step is queued.
+    """
+    return queue_step(model, optimizer, scheduler, micro_batches, device, graphs).result()
+
+
+@dataclass
+class QueuedStep:
+    """A training step whose work is queued on the device; ``result()`` reads its numbers (the step's one host
+    sync). The training loop queues the next step before reading this one, so the host's work between steps
+    (collating, launching, logging) overlaps the GPU's instead of leaving it idle."""
+
+    numbers: torch.Tensor
+    """float64 ``[loss sum, loss tokens, real tokens, gradient norm]`` on the device."""
+    learning_rate: float
+    update_ok: bool
+    scheduler: object
+    schedule_advanced: bool = False
+
+    def advance_schedule(self) -> None:
+        """Step the LR schedule now, before the numbers are read, so that the next step can be queued with its
+        learning rate. Should this step turn out non-finite, ``result()`` raises and the job ends: that schedule
+        step is never used. Without this call, ``result()`` steps the schedule once the step is known finite."""
+        if self.update_ok and not self.schedule_advanced:
+            self.scheduler.step(increment=1)
+        self.schedule_advanced = True
+
+    def result(self) -> StepResult:
+        """The step's numbers; raises ``NonFiniteStep`` when its loss or gradient norm is not finite (the update was
+        then skipped on the device: weights and optimizer state are as before this step)."""
+        loss_sum, loss_tokens, real, norm = self.numbers.tolist()
+        loss = loss_sum / max(loss_tokens, 1)
+        if not math.isfinite(loss):
+            raise NonFiniteStep(f"training loss is {loss}")
+        if self.update_ok and not math.isfinite(norm):
+            raise NonFiniteStep(f"gradient norm is {norm}")
+        self.advance_schedule()
+        return StepResult(loss=loss, loss_tokens=int(loss_tokens), real_tokens=int(real), grad_norm=norm,
+                          learning_rate=self.learning_rate, skipped=not self.update_ok)
+
+
+def queue_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], device: torch.device,
+               graphs=None) -> QueuedStep:
+    """``train_step`` up to reading its numbers: everything queued on the device; the LR schedule is stepped by
+    the returned ``QueuedStep``. Optimizers that need the host to read the gradient norm first (not torch's fused
+    Adam) sync inside ``_optimizer_step``.
     ``model.train()`` runs only when ``model`` itself is not in training mode: switch ``model`` to eval, not one of
     its inner modules.
     """
@@ -203,23 +247,8 @@ def train_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], dev
     real_tokens = _real_tokens(micro_batches, device)
     learning_rate = optimizer.param_groups[0]["lr"]
     update_ok, grad_norm = _optimizer_step(optimizer, totals, device)
-    loss_sum, loss_tokens, real, norm = torch.cat([totals, real_tokens.reshape(1), grad_norm.double().reshape(1)]
-                                                  ).tolist()
-    loss = loss_sum / max(loss_tokens, 1)
-    if not math.isfinite(loss):
-        raise NonFiniteStep(f"training loss is {loss}")
-    if update_ok and not math.isfinite(norm):
-        raise NonFiniteStep(f"gradient norm is {norm}")
-    if update_ok:
-        scheduler.step(increment=1)
-    return StepResult(
-        loss=loss,
-        loss_tokens=int(loss_tokens),
-        real_tokens=int(real),
-        grad_norm=norm,
-        learning_rate=learning_rate,
-        skipped=not update_ok,
-    )
+    numbers = torch.cat([totals, real_tokens.reshape(1), grad_norm.double().reshape(1)])
+    return QueuedStep(numbers, learning_rate, update_ok, scheduler)
 
 
 def _optimizer_step(optimizer, totals: torch.Tensor, device: torch.device) -> Tuple[bool, torch.Tensor]:
