@@ -118,6 +118,20 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         def train_step(*args):
             return _train_step(*args, graphs=graphs)
 
+        def queued_steps(micro_batches_per_step):
+            """Each step queued before the previous one is read; the results and when each was read."""
+            results, read_at, pending = [], [], None
+            for micro in micro_batches_per_step + [None]:
+                queued = None
+                if micro is not None:
+                    queued = queue_step(ddp, optimizer, scheduler, micro, device, graphs)
+                    queued.advance_schedule()
+                if pending is not None:
+                    results.append(pending.result())
+                    read_at.append(time.perf_counter())
+                pending = queued
+            return results, read_at
+
         vocab = cfg.model.architecture.vocab_size
         gen = torch.Generator().manual_seed(0)
 
@@ -148,22 +162,15 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
                 if i >= warmup:
                     times.append(time.perf_counter() - started)
         else:  # as the training loop runs: step N's numbers are read (a host sync) after step N+1 is queued
-            results, read_at, pending = [], [], None
-            for micro, _ in batches + [(None, None)]:
-                queued = None
-                if micro is not None:
-                    queued = queue_step(ddp, optimizer, scheduler, micro, device, graphs)
-                    queued.advance_schedule()
-                if pending is not None:
-                    results.append(pending.result())
-                    read_at.append(time.perf_counter())
-                pending = queued
+            results, read_at = queued_steps([micro for micro, _ in batches])
             times = [b - a for a, b in zip(read_at[warmup - 1:], read_at[warmup:])]  # one per step after warm-up
         step_s = statistics.median(times)
         syncs = _host_syncs(lambda: train_step(ddp, optimizer, scheduler, batches[-1][0], device))
         if profile_dir:
-            _profile(lambda micro: train_step(ddp, optimizer, scheduler, micro, device), batches[:3],
-                     Path(profile_dir) / (f"{model_name}-{mode}" + (f"-tp{tp}" if tp > 1 else "")))
+            few = [micro for micro, _ in batches[:3]]
+            run_few = (lambda: [train_step(ddp, optimizer, scheduler, m, device) for m in few]) if synced_steps \
+                else (lambda: queued_steps(few))
+            _profile(run_few, Path(profile_dir) / (f"{model_name}-{mode}" + (f"-tp{tp}" if tp > 1 else "")))
         lengths = [n for _, ls in batches[warmup:] for n in ls]
         tokens_per_step = sum(lengths) / steps
         tok_s = tokens_per_step / step_s / tp  # per GPU: the TP ranks share every token
@@ -210,14 +217,14 @@ def _host_syncs(step) -> dict:
     return dict(total=sum(sites.values()), sites=dict(sorted(sites.items(), key=lambda kv: -kv[1])[:8]))
 
 
-def _profile(step, batches, path: Path) -> None:
-    """Kernel time table (top 40 by CUDA time) and a Chrome trace of a few steps, for finding what to speed up."""
+def _profile(run_steps, path: Path) -> None:
+    """Kernel time table (top 40 by CUDA time) and a Chrome trace of a few steps (``run_steps()``), for finding what
+    to speed up."""
     from torch.profiler import ProfilerActivity, profile
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for micro, _ in batches:
-            step(micro)
+        run_steps()
         torch.cuda.synchronize()
     if int(os.environ.get("RANK", "0")):
         return  # every rank runs the steps (they meet in collectives); the first one writes

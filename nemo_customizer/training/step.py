@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +200,11 @@ class QueuedStep:
     (collating, launching, logging) overlaps the GPU's instead of leaving it idle."""
 
     numbers: torch.Tensor
-    """float64 ``[loss sum, loss tokens, real tokens, gradient norm]`` on the device."""
+    """float64 ``[loss sum, loss tokens, real tokens, gradient norm]`` in host memory, written by the device when
+    ``ready`` has passed."""
+    ready: Optional[torch.cuda.Event]
+    """Recorded after the copy to ``numbers`` (CUDA); reading waits for this event, not for the whole stream: the
+    stream already holds the next step's work, and a plain read would wait for that too."""
     learning_rate: float
     update_ok: bool
     scheduler: object
@@ -217,6 +221,8 @@ class QueuedStep:
     def result(self) -> StepResult:
         """The step's numbers; raises ``NonFiniteStep`` when its loss or gradient norm is not finite (the update was
         then skipped on the device: weights and optimizer state are as before this step)."""
+        if self.ready is not None:
+            self.ready.synchronize()
         loss_sum, loss_tokens, real, norm = self.numbers.tolist()
         loss = loss_sum / max(loss_tokens, 1)
         if not math.isfinite(loss):
@@ -248,7 +254,12 @@ def queue_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], dev
     learning_rate = optimizer.param_groups[0]["lr"]
     update_ok, grad_norm = _optimizer_step(optimizer, totals, device)
     numbers = torch.cat([totals, real_tokens.reshape(1), grad_norm.double().reshape(1)])
-    return QueuedStep(numbers, learning_rate, update_ok, scheduler)
+    ready = None
+    if numbers.is_cuda:
+        numbers = numbers.to("cpu", non_blocking=True)  # into pinned memory, ordered before the next step's work
+        ready = torch.cuda.Event()
+        ready.record()
+    return QueuedStep(numbers, ready, learning_rate, update_ok, scheduler)
 
 
 def _optimizer_step(optimizer, totals: torch.Tensor, device: torch.device) -> Tuple[bool, torch.Tensor]:
