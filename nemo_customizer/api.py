@@ -273,7 +273,8 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
             if inputs.pack else None
         model, tconfig = build_model_for_job(cfg.model, inputs.resolved.checkpoint_dir, device=device,
                                              params_dtype=dtype,
-                                             activation_checkpointing=hp.activation_checkpointing)
+                                             activation_checkpointing=hp.activation_checkpointing,
+                                             recompute_modules=tuple(hp.recompute_modules))
         trainable = prepare_trainable(model, cfg)
         log(f"model {cfg.model.name} on {device.type} ({dtype}), TP={layout.tensor_parallel_size} "
             f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {trainable}")

@@ -71,7 +71,7 @@ def model_flops_per_token(arch, kind: str, seq_lengths: list[int]) -> float:
 def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, warmup: int,
              profile_dir: str | None = None, bins_per_micro_batch: int = 1, tp: int = 1, sp: bool = False,
              cuda_graphs: bool = False, activation_checkpointing: bool = False,
-             attention_kernel: str = "auto", synced_steps: bool = False) -> dict:
+             attention_kernel: str = "auto", synced_steps: bool = False, recompute_modules: tuple = ()) -> dict:
     from nemo_customizer.config import compose_config
     from nemo_customizer.data.examples import TokenizedExample
     from nemo_customizer.data import collate
@@ -104,7 +104,8 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     graphs = None
     try:
         model, tconfig = build_model_for_job(cfg.model, None, device=device, params_dtype=torch.bfloat16,
-                                             activation_checkpointing=activation_checkpointing)
+                                             activation_checkpointing=activation_checkpointing,
+                                             recompute_modules=recompute_modules)
         prepare_trainable(model, cfg)
         graphs = GraphedForwardBackward(device, max_seqlen=seq, tensor_parallel_size=tp) \
             if cuda_graphs and packed else None
@@ -183,6 +184,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
                     leftover_gb=round(leftover / 2**30, 1),
                     host_syncs=syncs, compiled=not os.environ.get("TORCHDYNAMO_DISABLE"),
                     cuda_graphs=graphs is not None, activation_checkpointing=activation_checkpointing,
+                    recompute_modules=list(recompute_modules),
                     step_timing="synced" if synced_steps else "queued", attention="fa4" if packed and use_flash_attn4(attention_kernel, device) else "torch",
                     losses=[round(r.loss, 5) for r in results[:4]])
         print(f"measured (before teardown): {json.dumps(row)}", file=sys.stderr, flush=True)
@@ -284,6 +286,8 @@ def main(argv=None) -> int:
     parser.add_argument("--attention-kernel", choices=("auto", "torch", "fa4"), default="auto",
                         help="model.attention_kernel for packed batches (ours): auto takes FlashAttention-4 where "
                              "flash-attn-4 is installed")
+    parser.add_argument("--recompute-modules", default="", metavar="MODULES",
+                        help="selective recomputation, comma-separated: mlp, layernorm, core_attn (ours)")
     parser.add_argument("--synced-steps", action="store_true",
                         help="time each step alone (sync before and after) instead of as the training loop runs, "
                              "with the next step queued before a step's numbers are read")
@@ -317,7 +321,8 @@ def main(argv=None) -> int:
     for model_name, mode in configs:
         runs = [lambda: run_ours(model_name, mode, args.seq, args.packed or args.suite, args.steps, args.warmup,
                                  args.profile, args.bins_per_micro_batch, args.tp, args.sp, args.cuda_graphs,
-                                 args.activation_checkpointing, args.attention_kernel, args.synced_steps)]
+                                 args.activation_checkpointing, args.attention_kernel, args.synced_steps,
+                                 tuple(m for m in args.recompute_modules.split(",") if m))]
         if args.peer:
             runs.append(lambda: run_peer(model_name, mode, args.seq, args.bins_per_micro_batch))
         for fn in runs:

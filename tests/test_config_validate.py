@@ -57,6 +57,11 @@ def test_llama_models_are_valid_given_a_checkpoint(name):
     ("model.tensor_parallel_size=3", "model.tensor_parallel_size=3 does not divide .*num_attention_heads=4"),
     ("model.use_sequence_parallel=true", "model.use_sequence_parallel=true needs model.tensor_parallel_size > 1"),
     ("model.attention_kernel=flash", "model.attention_kernel='flash' is not one of auto, torch, fa4"),
+    ("hyperparameters.recompute_modules=[mlp,attention]",
+     "hyperparameters.recompute_modules: 'attention' is not one of core_attn, mlp"),
+    ("hyperparameters.recompute_modules=[mlp] hyperparameters.activation_checkpointing=true", "set one of them"),
+    ("hyperparameters.recompute_modules=[mlp] hyperparameters.cuda_graphs=true "
+     "hyperparameters.sequence_packing_enabled=true", "cuda_graphs=true and recompute_modules cannot be combined"),
     ("model.max_seq_length=4096", "model.max_seq_length=4096 exceeds .*max_position_embeddings=2048"),
     ("model.pipeline_parallel_size=3", "pipeline_parallel_size=3 does not divide"),
     ("model.checkpoint=/ckpt", "model.checkpoint and model.random_weights=true are both set"),
@@ -64,7 +69,7 @@ def test_llama_models_are_valid_given_a_checkpoint(name):
 ])
 def test_each_mistake_is_reported(override, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
-        _validate(override)
+        _validate(*override.split())  # some mistakes take two settings
     assert "\n" not in str(info.value)
 
 

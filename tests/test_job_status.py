@@ -176,6 +176,9 @@ def test_nan_read_after_the_next_step_was_queued_still_fails_the_job_at_its_step
         saved["adapter"] = (tmp_path / "job" / "adapter" / "adapter_model.safetensors").read_bytes()
         return torch.stack([torch.full_like(out[0], math.nan), out[1]])
 
+    from nemo_customizer.training import loop
+
+    monkeypatch.setattr(loop, "_overlaps", lambda job: True)  # as on a GPU
     _inject_at_step(monkeypatch, 3, poison)
     with pytest.raises(FloatingPointError, match="training loss is nan at step 3; the update was not applied"):
         _customize(tmp_path, model_dir, "job", early_stopping={"min_delta": 0.0, "patience": 100})

@@ -72,10 +72,12 @@ def test_hf_llama_takes_the_architecture_from_any_checkpoint(tmp_path):
                   model={"checkpoint": str(tmp_path / "model")})
 
 
-def test_the_next_step_is_queued_before_a_step_is_read(tmp_path, monkeypatch):
-    """The loop reads step N after queuing step N+1, except before a validation, an epoch's end or the job's end.
-    What it reads later equals what step N gave when queued (nothing of N+1 overwrote it), each validation sees
-    exactly the steps read so far, and the learning rate follows the schedule one step at a time."""
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_next_step_is_queued_before_a_step_is_read(tmp_path, monkeypatch, overlap):
+    """On GPUs the loop reads step N after queuing step N+1, except before a validation, an epoch's end or the job's
+    end (on a CPU it reads each step at once). What it reads later equals what step N gave when queued (nothing of
+    N+1 overwrote it), each validation sees exactly the steps read so far, and the learning rate follows the
+    schedule one step at a time."""
     import json
 
     from nemo_customizer.api import customize
@@ -100,6 +102,7 @@ def test_the_next_step_is_queued_before_a_step_is_read(tmp_path, monkeypatch):
         events.append(("validate", step))
         real_validate(job, result, stopper, epoch, step, counters)
 
+    monkeypatch.setattr(loop, "_overlaps", lambda job: overlap)  # True: as on a GPU
     monkeypatch.setattr(loop, "_queue", queue)
     monkeypatch.setattr(loop, "_record", record)
     monkeypatch.setattr(loop, "_validate", validate)
@@ -112,10 +115,14 @@ def test_the_next_step_is_queued_before_a_step_is_read(tmp_path, monkeypatch):
         model={"checkpoint": str(tmp_path / "model"), "random_weights": False},
     )
     assert result.steps == 8
-    assert events == [("queue", 1), ("queue", 2), ("read", 1), ("queue", 3), ("read", 2), ("read", 3),
-                      ("validate", 3), ("queue", 4), ("queue", 5), ("read", 4), ("read", 5),  # 5: end of epoch 0
-                      ("validate", 5), ("queue", 6), ("read", 6), ("validate", 6), ("queue", 7), ("queue", 8),
-                      ("read", 7), ("read", 8), ("validate", 8)]
+    if overlap:
+        assert events == [("queue", 1), ("queue", 2), ("read", 1), ("queue", 3), ("read", 2), ("read", 3),
+                          ("validate", 3), ("queue", 4), ("queue", 5), ("read", 4), ("read", 5),  # 5: epoch 0's end
+                          ("validate", 5), ("queue", 6), ("read", 6), ("validate", 6), ("queue", 7), ("queue", 8),
+                          ("read", 7), ("read", 8), ("validate", 8)]
+    else:
+        validations = {3: [("validate", 3)], 5: [("validate", 5)], 6: [("validate", 6)], 8: [("validate", 8)]}
+        assert events == [e for s in range(1, 9) for e in [("queue", s), ("read", s)] + validations.get(s, [])]
     rows = [json.loads(line) for line in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["event"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 9)) and [r["epoch"] for r in train] == [0] * 5 + [1] * 3

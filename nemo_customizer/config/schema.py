@@ -55,6 +55,7 @@ class ArchitectureConfig:
 
 
 ATTENTION_KERNELS = ("auto", "torch", "fa4")
+RECOMPUTE_MODULES = ("core_attn", "mlp")
 
 
 @dataclass
@@ -148,6 +149,13 @@ class HyperparametersConfig:
     activation_checkpointing: bool = False
     """Keep only each transformer layer's input for the backward pass and recompute the layer there: activation
     memory of one layer instead of all, for ~1/3 more compute (long sequences, full fine-tuning of large models)."""
+    recompute_modules: List[str] = field(default_factory=list)
+    """Selective activation recomputation: these parts of every layer keep no activations for the backward pass and
+    are recomputed there (mcore's ``recompute_granularity=selective``): ``mlp`` (the MLP; its fc1 output and
+    activation are the largest share of a layer's activations), ``core_attn`` (attention's core: with flash attention
+    it keeps little). Less memory than keeping everything, less compute than ``activation_checkpointing``; not with
+    it, nor with ``cuda_graphs``. (mcore's ``layernorm`` choice needs Transformer Engine in megatron-core 0.16.1: its
+    output-discarding checkpoint always takes the FP8 path.)"""
     fp32_master_weights: bool = True
     """bf16 runs keep an fp32 copy of every trained weight, fp32 gradients and fp32 Adam moments (mixed precision).
     false: the bf16 weights are updated in place, with bf16 gradients and moments and stochastically rounded updates

@@ -10,8 +10,8 @@ from __future__ import annotations
 import warnings
 
 from .errors import ConfigError, ConfigWarning
-from .schema import (ATTENTION_KERNELS, MISSING_PATH, ArchitectureConfig, Config, HyperparametersConfig, ModelConfig,
-                     ServingConfig)
+from .schema import (ATTENTION_KERNELS, MISSING_PATH, RECOMPUTE_MODULES, ArchitectureConfig, Config,
+                     HyperparametersConfig, ModelConfig, ServingConfig)
 
 HF_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MEGATRON_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -87,6 +87,17 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
     if hp.cuda_graphs and not hp.sequence_packing_enabled:
         raise ConfigError("hyperparameters.cuda_graphs=true replays packed micro batches (fixed shapes); set "
                           "hyperparameters.sequence_packing_enabled=true or cuda_graphs=false.")
+    unknown = [m for m in hp.recompute_modules if m not in RECOMPUTE_MODULES]
+    if unknown:
+        raise ConfigError(f"hyperparameters.recompute_modules: {unknown[0]!r} is not one of "
+                          f"{', '.join(RECOMPUTE_MODULES)}.")
+    if hp.recompute_modules and hp.activation_checkpointing:
+        raise ConfigError("hyperparameters.recompute_modules recomputes parts of each layer, activation_checkpointing "
+                          "whole layers: set one of them (recompute_modules=[] or activation_checkpointing=false).")
+    if hp.recompute_modules and hp.cuda_graphs:
+        raise ConfigError("hyperparameters.cuda_graphs=true and recompute_modules cannot be combined (recomputation "
+                          "replays forward code inside the captured backward); set recompute_modules=[] or "
+                          "cuda_graphs=false.")
     if hp.cuda_graphs and hp.activation_checkpointing:
         raise ConfigError("hyperparameters.cuda_graphs=true and activation_checkpointing=true cannot be combined "
                           "(recomputation saves and restores RNG state, which a graph capture refuses); set one to "

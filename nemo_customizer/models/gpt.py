@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from megatron.core import parallel_state
@@ -138,11 +138,15 @@ def transformer_config(
     perform_initialization: bool = True,
     init_method_std: float = 0.02,
     activation_checkpointing: bool = False,
+    recompute_modules: Sequence[str] = (),
 ) -> TransformerConfig:
     """mcore's config for ``arch``. ``activation_checkpointing``: keep only each layer's input for backward and
-    recompute the layer (mcore's full, uniform recomputation, one layer at a time)."""
+    recompute the layer (mcore's full, uniform recomputation, one layer at a time). ``recompute_modules``: recompute
+    only these parts of each layer (mcore's selective recomputation: ``mlp``, ``core_attn``)."""
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
         if activation_checkpointing else {}
+    if recompute_modules:
+        recompute = dict(recompute_granularity="selective", recompute_modules=list(recompute_modules))
     return TransformerConfig(
         **recompute,
         **llama.transformer_fields(arch),
@@ -254,7 +258,7 @@ def load_hf_checkpoint(model: CustomizerGPTModel, arch: ArchitectureConfig, dire
 
 
 def build_model_for_job(model_cfg, checkpoint_dir, *, device: torch.device, params_dtype: torch.dtype,
-                        activation_checkpointing: bool = False):
+                        activation_checkpointing: bool = False, recompute_modules: Sequence[str] = ()):
     """This rank's model for a job: built from ``model_cfg`` and, unless the weights are random, loaded.
 
     Returns ``(model, transformer_config)``.
@@ -269,6 +273,7 @@ def build_model_for_job(model_cfg, checkpoint_dir, *, device: torch.device, para
         device=device,
         perform_initialization=checkpoint_dir is None,
         activation_checkpointing=activation_checkpointing,
+        recompute_modules=recompute_modules,
     )
     model = build_gpt_model(arch, config, device, attention_kernel=model_cfg.attention_kernel)
     if checkpoint_dir is not None:

@@ -115,6 +115,13 @@ def _queue(job: TrainingJob, batches, step: int, epoch: int) -> _Queued:
     return _Queued(step, epoch, work, queued_at)
 
 
+def _overlaps(job: TrainingJob) -> bool:
+    """Whether a step's numbers are read after the next step is queued: on GPUs, where the device then works while
+    the host logs and launches. On a CPU every step runs as it is queued; reading at once keeps each step's time its
+    own (``tokens_per_s``)."""
+    return job.layout.device.type == "cuda"
+
+
 def _record(job: TrainingJob, queued: _Queued, result: "FitResult", counters: "_Counters") -> None:
     """Read a queued step's numbers (waiting for it), then log and count it; a NaN/inf step ends the job."""
     try:
@@ -131,7 +138,7 @@ def _record(job: TrainingJob, queued: _Queued, result: "FitResult", counters: "_
     result.final_train_loss = out.loss
     job.metrics.write(event="train", step=queued.step, epoch=queued.epoch, loss=out.loss, lr=out.learning_rate,
                       grad_norm=out.grad_norm, loss_tokens=out.loss_tokens, tokens=out.real_tokens,
-                      tokens_per_s=out.real_tokens / elapsed, skipped=out.skipped)
+                      tokens_per_s=out.real_tokens / max(elapsed, 1e-9), skipped=out.skipped)
     job.progress.update(result.steps, out.loss, counters.tokens / max(counters.seconds, 1e-9))
 
 
@@ -260,9 +267,10 @@ def _fit(job: TrainingJob) -> FitResult:
     for epoch in range(first_epoch, hp.epochs):
         if result.steps >= total_steps or stopper.should_stop:
             break
-        # One step stays queued while the next is launched: its numbers are read after the next step is queued, so
-        # the GPU never waits for the host's logging and launching. A step that validation, the epoch's end or the
-        # job's end follows is read at once (those must see exactly its weights).
+        # On GPUs one step stays queued while the next is launched: its numbers are read after the next step is
+        # queued, so the GPU never waits for the host's logging and launching. A step that validation, the epoch's
+        # end or the job's end follows is read at once (those must see exactly its weights).
+        overlap = _overlaps(job)
         pending: Optional[_Queued] = None
         for batches in _training_batches(job, items, epoch, skip if epoch == first_epoch else 0):
             step = result.steps + (pending is not None) + 1
@@ -273,7 +281,7 @@ def _fit(job: TrainingJob) -> FitResult:
                 _record(job, pending, result, counters)
             pending = queued
             validate = bool(hp.val_check_interval) and step % hp.val_check_interval == 0
-            if validate or step % per_epoch == 0 or step == total_steps:
+            if not overlap or validate or step % per_epoch == 0 or step == total_steps:
                 _record(job, pending, result, counters)
                 pending = None
             if validate:
