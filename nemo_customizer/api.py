@@ -184,10 +184,10 @@ def _check_flash_attn4(cfg: Config) -> None:
     from nemo_customizer.config import ConfigError
     from nemo_customizer.distributed.parallel import params_dtype, resolve_device
     from nemo_customizer.models.flash_attn4 import takes_head_dim, unavailable_reason
+    from nemo_customizer.models.llama import head_dim as head_dim_of
 
     device = resolve_device(cfg.device)
-    arch = cfg.model.architecture
-    head_dim = arch.head_dim or arch.hidden_size // arch.num_attention_heads
+    head_dim = head_dim_of(cfg.model.architecture)
     why = unavailable_reason(device)
     if not why and params_dtype(cfg.precision, device) == torch.float32:
         why = "it runs bf16/fp16 attention and precision is fp32"

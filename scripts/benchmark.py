@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from nemo_customizer.config.schema import ATTENTION_KERNELS, RECOMPUTE_MODULES
+
 PEAK_TFLOPS = 989.0
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODES = {"lora-qv": ("lora", ["q_proj", "v_proj"]), "lora-all": ("lora", ALL_LINEAR), "full": ("all_weights", None),
@@ -78,6 +80,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
     from nemo_customizer.models.flash_attn4 import use_flash_attn4
     from nemo_customizer.models.gpt import build_model_for_job
+    from nemo_customizer.models.llama import head_dim
     from nemo_customizer.training.finetuning import prepare_trainable
     from nemo_customizer.training.optim import build_optimizer, build_scheduler
     from nemo_customizer.training.graphs import GraphedForwardBackward
@@ -185,7 +188,9 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
                     host_syncs=syncs, compiled=not os.environ.get("TORCHDYNAMO_DISABLE"),
                     cuda_graphs=graphs is not None, activation_checkpointing=activation_checkpointing,
                     recompute_modules=list(recompute_modules),
-                    step_timing="synced" if synced_steps else "queued", attention="fa4" if packed and use_flash_attn4(attention_kernel, device) else "torch",
+                    step_timing="synced" if synced_steps else "queued",
+                    attention="fa4" if packed and use_flash_attn4(attention_kernel, device,
+                                                                  head_dim(cfg.model.architecture)) else "torch",
                     losses=[round(r.loss, 5) for r in results[:4]])
         print(f"measured (before teardown): {json.dumps(row)}", file=sys.stderr, flush=True)
         return row
@@ -283,11 +288,11 @@ def main(argv=None) -> int:
                         help="recompute every transformer layer in backward (ours)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="packed: replay each micro batch's forward+backward as a CUDA graph (ours)")
-    parser.add_argument("--attention-kernel", choices=("auto", "torch", "fa4"), default="auto",
+    parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="auto",
                         help="model.attention_kernel for packed batches (ours): auto takes FlashAttention-4 where "
                              "flash-attn-4 is installed")
     parser.add_argument("--recompute-modules", default="", metavar="MODULES",
-                        help="selective recomputation, comma-separated: mlp, layernorm, core_attn (ours)")
+                        help=f"selective recomputation, comma-separated: {', '.join(RECOMPUTE_MODULES)} (ours)")
     parser.add_argument("--synced-steps", action="store_true",
                         help="time each step alone (sync before and after) instead of as the training loop runs, "
                              "with the next step queued before a step's numbers are read")

@@ -65,9 +65,9 @@ def check_training(root: Path) -> list[dict]:
     results.append(dict(check="all_weights: cuda bf16 without fp32 master weights vs with (10 steps)", worst_rel=worst,
                         ok=worst <= BF16_RTOL and len(no_masters) == 10, mixed=gpu_losses["all_weights"],
                         bf16_weights=no_masters))
+    # 3 epochs of 3 steps of 8 micro batches: several static shapes, each replayed many times
+    packed = dict(sequence_packing_enabled=True, batch_size=32, micro_batch_size=2, epochs=3, max_steps=9)
     for kind in kinds:  # packed micro batches eagerly vs replayed from CUDA graphs (training.graphs)
-        # 3 epochs of 3 steps of 8 micro batches: several static shapes, each replayed many times
-        packed = dict(sequence_packing_enabled=True, batch_size=32, micro_batch_size=2, epochs=3, max_steps=9)
         eager = _job(root, f"{kind}-packed", "cuda", "bf16", kind, **packed)
         graphed = _job(root, f"{kind}-graphs", "cuda", "bf16", kind, cuda_graphs=True, **packed)
         worst = max(abs(a - b) / abs(a) for a, b in zip(eager, graphed))
@@ -85,7 +85,6 @@ def check_training(root: Path) -> list[dict]:
                 ok=worst <= 0.05 and len(eager_dropout) == len(graphed_dropout) > 1 and graphed_dropout != graphed,
                 eager=eager_dropout, graphed=graphed_dropout))
     if _flash_attn4_runs():  # the packed jobs above took FlashAttention-4 (model.attention_kernel=auto)
-        packed = dict(sequence_packing_enabled=True, batch_size=32, micro_batch_size=2, epochs=3, max_steps=9)
         flash4 = _train_losses(root / "lora-packed")
         flash2 = _job(root, "lora-packed-torch-attention", "cuda", "bf16", "lora", model={"attention_kernel": "torch"},
                       **packed)

@@ -56,7 +56,6 @@ def _update(param, grad, exp_avg, exp_avg_sq, step, hyper, grad_scale, found_inf
     step.copy_(torch.where(skip, step, new_step))
 
 
-
 class Bf16AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam for bf16 parameters (see the module docstring); torch AdamW's hyperparameters."""
 
