@@ -285,6 +285,7 @@ def check_kernels() -> list[dict]:
         worst = _worst_rel([(losses, reference.detach()), (grad.float(), logits.grad.float())])
         results.append(dict(check=f"Triton cross-entropy + logits gradient vs eager autograd, {tokens} tokens "
                                   f"(loss, grad)", worst_rel=worst, ok=worst <= 2e-2))
+    results.append(_check_loss_head(gen))
     q = torch.randn(3000, 32, 64, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
     k = torch.randn(3000, 8, 64, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
     angles = torch.rand(3000, 1, 64, generator=gen).cuda() * 6.28
@@ -308,6 +309,36 @@ def check_kernels() -> list[dict]:
     if _flash_attn4_runs():
         results.append(_check_packed_gqa_attention(gen, "fa4"))
     return results
+
+
+def _check_loss_head(gen: torch.Generator) -> dict:
+    """The training loss head on CUDA (bf16, the Triton cross-entropy, gradients computed in forward chunk by chunk)
+    with a trained output weight and position weights, against fp32 autograd over the whole logits."""
+    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
+
+    layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=torch.device("cuda"), seed=0)
+    try:
+        return _compare_loss_head(gen)
+    finally:
+        destroy_parallel(layout)
+
+
+def _compare_loss_head(gen: torch.Generator) -> dict:
+    from nemo_customizer.models.loss import masked_token_losses
+
+    tokens, hidden_size, vocab = 2500, 2048, 128256  # three chunks, the last one partial
+    hidden = torch.randn(tokens, hidden_size, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=gen) * 0.05).cuda().to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=gen).cuda()
+    position_weights = (torch.rand(tokens, generator=gen) > 0.1).float().cuda()  # 0: a graph's padding positions
+    losses = masked_token_losses(hidden, targets, weight, position_weights)
+    ours = [losses, *torch.autograd.grad(losses.sum(), (hidden, weight))]
+    hidden32, weight32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
+    reference = torch.nn.functional.cross_entropy(hidden32 @ weight32.t(), targets, reduction="none") * position_weights
+    expected = [reference, *torch.autograd.grad(reference.sum(), (hidden32, weight32))]
+    worst = _worst_rel((a.float(), b) for a, b in zip(ours, expected))
+    return dict(check=f"loss head, trained output weight, bf16, {tokens} tokens with position weights, against fp32 "
+                      "autograd (losses, d_hidden, d_weight)", worst_rel=worst, ok=worst <= 2e-2)
 
 
 def _check_triton_rope(gen: torch.Generator) -> dict:

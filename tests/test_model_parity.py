@@ -57,27 +57,49 @@ def test_loss_positions_index_the_flattened_sequence_major_layout():
 
 
 @pytest.mark.parametrize("weight_trains", [True, False], ids=["trained-weight", "frozen-weight"])
-def test_chunked_loss_matches_plain_cross_entropy(monkeypatch, weight_trains):
-    """Both loss-head paths (checkpointed chunks; gradient computed in forward for a frozen weight), chunked and
-    not, give torch's cross-entropy and its gradients, for any upstream gradient."""
+@pytest.mark.parametrize("weighted", [True, False], ids=["position-weights", "unweighted"])
+def test_chunked_loss_matches_plain_cross_entropy(monkeypatch, weight_trains, weighted):
+    """The loss head (gradients computed in forward, chunk by chunk), chunked and not, gives torch's cross-entropy
+    and its gradients: with a frozen weight for any upstream gradient, with a trained one for the summed loss (any
+    constant upstream gradient), with and without position weights (0 on a graph's padding positions)."""
     from nemo_customizer.models import loss
 
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(50, 8, generator=gen, requires_grad=True)
     weight = torch.randn(32, 8, generator=gen).requires_grad_(weight_trains)
     targets = torch.randint(0, 32, (50,), generator=gen)
-    upstream = torch.rand(50, generator=gen)  # e.g. loss weights, 0 on padding positions
+    position_weights = torch.rand(50, generator=gen) if weighted else None
+    if weighted:
+        position_weights[-5:] = 0.0
+    # A trained weight's gradient supports only sums of the losses (here times 3: a loss scale).
+    upstream = torch.full((50,), 3.0) if weight_trains else torch.rand(50, generator=gen)
     expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    if weighted:
+        expected = expected * position_weights
     wrt = (hidden, weight) if weight_trains else (hidden,)
     expected_grads = torch.autograd.grad(expected, wrt, upstream)
     for chunk in (1024, 7):
         monkeypatch.setattr(loss, "LOSS_CHUNK_TOKENS", chunk)
-        losses = loss.masked_token_losses(hidden, targets, weight)
+        losses = loss.masked_token_losses(hidden, targets, weight, position_weights)
         torch.testing.assert_close(losses, expected)
         for got, want in zip(torch.autograd.grad(losses, wrt, upstream), expected_grads):
             torch.testing.assert_close(got, want)
     with torch.no_grad():  # validation: plain losses
-        torch.testing.assert_close(loss.masked_token_losses(hidden, targets, weight), expected)
+        torch.testing.assert_close(loss.masked_token_losses(hidden, targets, weight, position_weights), expected)
+
+
+def test_trained_output_weight_refuses_an_upstream_gradient_that_differs_by_position(monkeypatch):
+    """The output weight's gradient is summed over positions in forward; backward can only scale it, so an upstream
+    gradient that is not one constant must fail, not give a wrong gradient."""
+    from nemo_customizer.models import loss
+
+    monkeypatch.setattr(loss, "LOSS_CHUNK_TOKENS", 7)
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(20, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(32, 8, generator=gen, requires_grad=True)
+    losses = loss.masked_token_losses(hidden, torch.randint(0, 32, (20,), generator=gen), weight)
+    with pytest.raises(RuntimeError, match="same upstream gradient at every position"):
+        torch.autograd.grad(losses, (hidden, weight), torch.rand(20, generator=gen))
 
 
 def test_left_padded_batch_with_attention_mask_matches_single_rows(tmp_path):
@@ -102,9 +124,10 @@ def test_left_padded_batch_with_attention_mask_matches_single_rows(tmp_path):
             assert (logits[i, width - len(row):] - expected).abs().max().item() <= 1e-4
 
 
-def _vocab_parallel_frozen_loss(rank: int, chunk: int) -> None:
-    """At TP=2 each rank holds half the vocabulary of a frozen output weight: the losses and the hidden states'
-    gradient (summed over ranks by the loss head) equal torch's cross-entropy over the whole vocabulary."""
+def _vocab_parallel_loss(rank: int, chunk: int, weight_trains: bool) -> None:
+    """At TP=2 each rank holds half the vocabulary of the output weight: the losses, the hidden states' gradient
+    (summed over ranks by the loss head) and, when the weight trains, each rank's shard of its gradient equal
+    torch's cross-entropy over the whole vocabulary."""
     from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
     from nemo_customizer.models import loss
 
@@ -113,22 +136,28 @@ def _vocab_parallel_frozen_loss(rank: int, chunk: int) -> None:
     try:
         gen = torch.Generator().manual_seed(5)
         hidden = torch.randn(50, 8, generator=gen, requires_grad=True)
-        weight = torch.randn(32, 8, generator=gen) * 3  # peaked softmaxes: the max subtraction matters
+        weight = (torch.randn(32, 8, generator=gen) * 3).requires_grad_(weight_trains)  # peaked softmaxes
         targets = torch.randint(0, 32, (50,), generator=gen)
         targets[:4] = torch.tensor([0, 15, 16, 31])  # both shards' first and last ids
-        upstream = torch.rand(50, generator=gen)
-        expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
-        (expected_grad,) = torch.autograd.grad(expected, hidden, upstream)
-        losses = loss.masked_token_losses(hidden, targets, weight[16 * rank:16 * (rank + 1)])
+        position_weights = torch.rand(50, generator=gen)
+        upstream = torch.full((50,), 2.0) if weight_trains else torch.rand(50, generator=gen)
+        expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none") * position_weights
+        wrt = (hidden, weight) if weight_trains else (hidden,)
+        expected_grads = torch.autograd.grad(expected, wrt, upstream)
+        shard = weight.detach()[16 * rank:16 * (rank + 1)].requires_grad_(weight_trains)
+        losses = loss.masked_token_losses(hidden, targets, shard, position_weights)
         torch.testing.assert_close(losses, expected)
-        (grad,) = torch.autograd.grad(losses, hidden, upstream)
-        torch.testing.assert_close(grad, expected_grad)
+        grads = torch.autograd.grad(losses, (hidden, shard) if weight_trains else (hidden,), upstream)
+        torch.testing.assert_close(grads[0], expected_grads[0])
+        if weight_trains:
+            torch.testing.assert_close(grads[1], expected_grads[1][16 * rank:16 * (rank + 1)])
     finally:
         destroy_parallel(layout)
 
 
+@pytest.mark.parametrize("weight_trains", [True, False], ids=["trained-weight", "frozen-weight"])
 @pytest.mark.parametrize("chunk", [1024, 7])
-def test_frozen_output_loss_head_over_a_vocab_split_in_two(chunk):
+def test_loss_head_over_a_vocab_split_in_two(chunk, weight_trains):
     from _multiproc import run_world
 
-    run_world(_vocab_parallel_frozen_loss, 2, chunk)
+    run_world(_vocab_parallel_loss, 2, chunk, weight_trains)

@@ -66,8 +66,7 @@ class CustomizerGPTModel(GPTModel):
         targets = labels.transpose(0, 1).flatten().index_select(0, index)  # (n,)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else \
             self.output_layer.weight
-        losses = masked_token_losses(hidden, targets, weight)
-        return losses if loss_weight is None else losses * loss_weight
+        return masked_token_losses(hidden, targets, weight, loss_weight)
 
 
 @dataclass

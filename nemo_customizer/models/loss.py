@@ -1,24 +1,26 @@
 """The loss head: output projection + fp32 cross-entropy of the loss positions, never all ``[tokens, vocab]`` logits.
 
-Two paths, the same losses:
-- the output weight trains (full fine-tuning): chunks of ``LOSS_CHUNK_TOKENS`` positions under activation
-  checkpointing, so a chunk's logits are recomputed in backward instead of kept;
-- the output weight is frozen (LoRA): ``FrozenOutputCrossEntropy`` computes each chunk's gradient with respect to
-  the hidden states in the forward pass, while its logits exist, and keeps only that ``(n, h)`` gradient. No
-  recomputation: one ``(n, h) x (h, vocab)`` GEMM fewer per step, ~10% of a Llama-3.2-1B LoRA step at a 128k
-  vocabulary. Under tensor parallelism each rank holds a vocabulary shard: the softmax's max, normalizer and target
-  logit are all-reduced over the TP group, and each rank's partial gradient is summed by the all-reduce that
-  ``copy_to_tensor_model_parallel_region`` does in backward.
+In training, ``OutputCrossEntropy`` computes every gradient in the forward pass, chunk by chunk of
+``LOSS_CHUNK_TOKENS`` positions, while the chunk's logits exist, and keeps only the ``(n, h)`` gradient of the hidden
+states and, when the output weight trains (full fine-tuning), its ``(vocab, h)`` gradient summed over the chunks. No
+logits are kept and none are recomputed in backward: against checkpointed chunks, one ``(n, h) x (h, vocab)`` GEMM
+fewer per step (~10% of a Llama-3.2-1B LoRA step at a 128k vocabulary, ~4% of a full fine-tuning one), and the
+cross-entropy is one pass that writes its gradient (``models.loss_kernel`` on CUDA). Under tensor parallelism each
+rank holds a vocabulary shard: the softmax's max, normalizer and target logit are all-reduced over the TP group,
+each rank's partial gradient of the hidden states is summed by the all-reduce that
+``copy_to_tensor_model_parallel_region`` does in backward, and each rank's weight gradient is its shard's own.
+Without gradients (validation) the losses come from one fused cross-entropy over the logits.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
-from torch.utils.checkpoint import checkpoint
 
 from nemo_customizer.models.fused import fused_on_cuda, triton_kernel
 
@@ -79,17 +81,23 @@ def _vocab_parallel_cross_entropy_and_grad(logits: torch.Tensor, targets: torch.
     return normalizer.log() - target_logit, buffer.to(dtype)
 
 
-class FrozenOutputCrossEntropy(torch.autograd.Function):
-    """Per-position cross-entropy (n,) of ``hidden @ weight.T`` against ``targets``; ``weight`` gets no gradient.
+class OutputCrossEntropy(torch.autograd.Function):
+    """Per-position cross-entropy (n,) of ``hidden @ weight.T`` against ``targets``, times ``position_weights`` (n,)
+    when given (e.g. 0 on a CUDA graph's padding positions); all gradients computed in forward (module docstring).
 
-    The backward is exact for any upstream gradient: position i's loss depends on hidden row i only, so its
-    gradient is the forward's row i scaled by the upstream gradient of loss i.
+    The hidden states' gradient is exact for any upstream gradient: position i's loss depends on hidden row i only,
+    so its gradient is the forward's row i scaled by the upstream gradient of loss i. The output weight's gradient
+    (when it trains) is a sum over all positions, which backward can only scale: it needs the same upstream gradient
+    at every position, as a sum of the losses gives (the training step sums them; weight positions with
+    ``position_weights``, not by scaling the losses afterwards). A different one fails an assertion on the device.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                position_weights: Optional[torch.Tensor]) -> torch.Tensor:
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
+        grad_weight = None  # (vocab/tp, h) in the weight's dtype, summed over chunks by the GEMMs' accumulation
         sharded = parallel_state.get_tensor_model_parallel_world_size() > 1
         for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS):
             rows = slice(start, start + LOSS_CHUNK_TOKENS)
@@ -99,15 +107,34 @@ class FrozenOutputCrossEntropy(torch.autograd.Function):
             else:
                 cross_entropy = _kernel_cross_entropy_and_grad() if logits.is_cuda else None
                 cross_entropy = cross_entropy or _fused_cross_entropy_and_grad
-            losses[rows], grad_logits = cross_entropy(logits, targets[rows])
+            chunk_losses, grad_logits = cross_entropy(logits, targets[rows])
+            del logits
+            # Position weights scale the (chunk, h) operands and results, not the (chunk, vocab) gradient.
+            scale = None if position_weights is None else position_weights[rows].unsqueeze(1).to(hidden.dtype)
+            losses[rows] = chunk_losses if scale is None else chunk_losses * position_weights[rows]
             grad_hidden[rows] = grad_logits @ weight
-        ctx.save_for_backward(grad_hidden)
+            if scale is not None:
+                grad_hidden[rows] *= scale
+            if ctx.needs_input_grad[1]:
+                chunk_hidden = hidden[rows] if scale is None else hidden[rows] * scale
+                if grad_weight is None:
+                    grad_weight = grad_logits.t() @ chunk_hidden
+                else:
+                    grad_weight.addmm_(grad_logits.t(), chunk_hidden)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_losses.unsqueeze(1).to(grad_hidden.dtype), None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_losses.unsqueeze(1).to(grad_hidden.dtype)
+        if grad_weight is not None:
+            # No host read of the check: it would stall the step (and a CUDA graph could not capture it).
+            torch._assert_async(torch.all(grad_losses == grad_losses[0]),
+                                "the loss head's output weight gradient needs the same upstream gradient at every "
+                                "position (sum the losses; weight positions with position_weights)")
+            grad_weight = grad_weight * grad_losses[0].to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None
 
 
 def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -118,18 +145,13 @@ def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Ten
     return vocab_parallel_cross_entropy(logits.float().unsqueeze(1), targets.unsqueeze(1)).squeeze(1)
 
 
-def masked_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (n,) of hidden states (n, h) against targets (n,) with a vocab-parallel output weight."""
-    if not torch.is_grad_enabled() or not hidden.requires_grad:
-        return _token_losses(hidden, targets, weight)
-    if not weight.requires_grad:
-        # identity forward; backward all-reduces the TP ranks' partial gradients (a no-op at TP=1)
-        return FrozenOutputCrossEntropy.apply(copy_to_tensor_model_parallel_region(hidden), weight, targets)
-    if hidden.shape[0] <= LOSS_CHUNK_TOKENS:
-        return _token_losses(hidden, targets, weight)
-    chunks = [
-        # No RNG in the loss head, so no RNG state to save and restore (which a CUDA graph capture would refuse).
-        checkpoint(_token_losses, h, t, weight, use_reentrant=False, preserve_rng_state=False)
-        for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))
-    ]
-    return torch.cat(chunks)
+def masked_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                        position_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy (n,) of hidden states (n, h) against targets (n,) with a vocab-parallel output weight, times
+    ``position_weights`` (n,) when given. With gradients, sum the result before backward when the weight trains
+    (``OutputCrossEntropy``)."""
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        losses = _token_losses(hidden, targets, weight)
+        return losses if position_weights is None else losses * position_weights
+    # identity forward; backward all-reduces the TP ranks' partial gradients (a no-op at TP=1)
+    return OutputCrossEntropy.apply(copy_to_tensor_model_parallel_region(hidden), weight, targets, position_weights)
