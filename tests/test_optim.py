@@ -172,3 +172,65 @@ def test_step_puts_a_model_left_in_eval_mode_back_in_training_mode(cpu_parallel)
     ddp.eval()
     train_step(ddp, optimizer, scheduler, _micro_batches(arch, 0), torch.device("cpu"))
     assert all(module.training for module in ddp.modules())
+
+
+def test_trained_linear_weights_add_their_gradients_straight_into_the_ddp_buffers(cpu_parallel):
+    """Every mcore linear layer whose weight trains accumulates its weight gradient into DDP's ``main_grad`` inside
+    the GEMM (gradient-accumulation fusion); over two micro batches each parameter's buffer holds exactly the
+    gradient plain autograd gives an identical model."""
+    import torch.nn.functional as F
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from _tiny import tiny_arch
+    from nemo_customizer.models.gpt import build_gpt_model, forward_logits, transformer_config
+    from nemo_customizer.training.step import forward_backward
+
+    ddp, _, _, arch = _tiny_job(True, 0.0)
+    linears = [m for m in ddp.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+               and m.weight is not None]
+    assert linears and all(m.gradient_accumulation_fusion for m in linears)
+    micro_batches = _micro_batches(arch, 0) + _micro_batches(arch, 1)
+    ddp.zero_grad_buffer()
+    forward_backward(ddp, micro_batches, torch.device("cpu"), forward_only=False)
+
+    torch.manual_seed(0)  # the weights _tiny_job built
+    reference = build_gpt_model(tiny_arch(), transformer_config(tiny_arch()), torch.device("cpu"))
+    for batch in micro_batches:
+        logits = forward_logits(reference, batch["tokens"], batch["position_ids"]).float()
+        mask = batch["loss_mask"].bool()
+        F.cross_entropy(logits[mask], batch["labels"][mask], reduction="sum").backward()
+    expected = dict(reference.named_parameters())
+    for name, param in ddp.module.named_parameters():
+        torch.testing.assert_close(param.main_grad, expected[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_frozen_linear_weights_keep_mcore_s_unfused_path(cpu_parallel):
+    """LoRA: the base weights compute no weight gradient, so their layers are left as mcore built them."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from _tiny import tiny_arch
+    from nemo_customizer.models.gpt import build_gpt_model, transformer_config
+    from nemo_customizer.training.wrap import wrap_for_training
+
+    arch = tiny_arch()
+    config = transformer_config(arch)
+    model = build_gpt_model(arch, config, torch.device("cpu"))
+    for name, param in model.named_parameters():
+        param.requires_grad_("linear_qkv" in name)
+    wrap_for_training(model, config)
+    fusion = {type(m).__name__ + ("-trained" if m.weight.requires_grad else "-frozen"): m.gradient_accumulation_fusion
+              for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+              and m.weight is not None}
+    assert fusion == {"ColumnParallelLinear-trained": True, "ColumnParallelLinear-frozen": False,
+                      "RowParallelLinear-frozen": False}
+
+
+def test_weight_gradient_accumulation_of_bf16_inputs_into_fp32_buffers():
+    """The CPU branch of the fused accumulation (no mixed-dtype GEMM there): bf16 inputs, fp32 buffer."""
+    from nemo_customizer.training.wrap import _WeightGradAccumulation
+
+    gen = torch.Generator().manual_seed(0)
+    total_input = torch.randn(12, 5, generator=gen).bfloat16()
+    grad_output = torch.randn(12, 3, generator=gen).bfloat16()
+    main_grad = torch.randn(3, 5, generator=gen)
+    expected = main_grad + grad_output.float().t() @ total_input.float()
+    _WeightGradAccumulation.wgrad_gemm_accum_fp32(total_input, grad_output, main_grad)
+    torch.testing.assert_close(main_grad, expected, rtol=1e-2, atol=1e-2)

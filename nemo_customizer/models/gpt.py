@@ -166,6 +166,7 @@ def transformer_config(
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        # Switched on per trained layer by training.wrap, once DDP has made the gradient buffers it adds into.
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
         calculate_per_token_loss=True,
