@@ -304,6 +304,7 @@ def check_kernels() -> list[dict]:
                         ok=worst <= 2e-2))
     results.append(_check_triton_rope(gen))
     results.append(_check_bf16_adamw_kernel(gen))
+    results.append(_check_master_adamw_kernel(gen))
     results.append(_check_triton_swiglu(gen))
     results.append(_check_packed_gqa_attention(gen, "torch"))
     if _flash_attn4_runs():
@@ -424,6 +425,37 @@ def _check_bf16_adamw_kernel(gen: torch.Generator) -> dict:
     return dict(check=f"Triton Bf16AdamW vs fp32 AdamW (moments; weights within one bf16 step: {within}, mean "
                       f"rounding offset {bias:.1e} steps; found_inf left all unchanged: {unchanged})",
                 worst_rel=moments, ok=ok)
+
+
+def _check_master_adamw_kernel(gen: torch.Generator) -> dict:
+    """``MasterAdamW``'s Triton update (fp32 masters) against torch's fused AdamW over the same masters, three steps:
+    masters and moments close, the bf16 model copy equal to the masters rounded to nearest; ``found_inf`` changes
+    nothing."""
+    from nemo_customizer.training.bf16_adamw import MasterAdamW
+
+    n = 3_000_001  # not a multiple of the kernel's block
+    start = (torch.randn(n, generator=gen) * 0.02).cuda()
+    grads = [torch.randn(n, generator=gen).cuda() for _ in range(3)]
+    reference = torch.nn.Parameter(start.clone())
+    torch_adamw = torch.optim.AdamW([reference], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
+    master = torch.nn.Parameter(start.clone())
+    model = start.to(torch.bfloat16)
+    ours = MasterAdamW([master], {id(master): model}, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for grad in grads:
+        reference.grad, master.grad = grad.clone(), grad.clone()
+        torch_adamw.step()
+        ours.step()
+    before = master.detach().clone(), model.clone()
+    ours.found_inf = torch.tensor(1.0, device="cuda")
+    ours.step()
+    unchanged = torch.equal(master.detach(), before[0]) and torch.equal(model, before[1])
+    state, ref_state = ours.state[master], torch_adamw.state[reference]
+    worst = _worst_rel([(master.detach() - start, reference.detach() - start),
+                        (state["exp_avg"], ref_state["exp_avg"]), (state["exp_avg_sq"], ref_state["exp_avg_sq"])])
+    copy_exact = torch.equal(model, master.detach().to(torch.bfloat16))
+    return dict(check=f"Triton MasterAdamW vs torch fused AdamW, fp32 masters, 3 steps (updates, moments; bf16 model "
+                      f"copy rounded to nearest: {copy_exact}; found_inf left all unchanged: {unchanged})",
+                worst_rel=worst, ok=worst <= 1e-4 and copy_exact and unchanged and float(state["step"]) == 3.0)
 
 
 def _check_packed_gqa_attention(gen: torch.Generator, kernel: str) -> dict:

@@ -87,3 +87,72 @@ def test_config_errors_before_any_work(tmp_path):
         customize("tiny-llama-test", dataset=str(tmp_path / "missing"), output_dir=str(tmp_path / "job"),
                   device="cpu", hyperparameters={"fp32_master_weights": False})  # CPU default precision: fp32
     assert not (tmp_path / "job").exists()
+
+
+def test_master_adamw_steps_like_torch_adamw_and_writes_the_model_copy():
+    """MasterAdamW (fp32 masters, mixed precision): torch AdamW's arithmetic, plus the bf16 model copy of each
+    updated master written in the same update; found_inf leaves masters, moments, step and copy unchanged."""
+    from nemo_customizer.training.bf16_adamw import MasterAdamW
+
+    gen = torch.Generator().manual_seed(4)
+    start = torch.randn(3, 40, generator=gen) * 0.02
+    grads = torch.randn(4, 3, 40, generator=gen)
+    reference = torch.nn.Parameter(start.clone())
+    torch_adamw = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    master = torch.nn.Parameter(start.clone())
+    model = start.to(torch.bfloat16)
+    ours = MasterAdamW([master], {id(master): model}, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for grad in grads[:3]:
+        reference.grad, master.grad = grad.clone(), grad.clone()
+        torch_adamw.step()
+        ours.step()
+        torch.testing.assert_close(master.detach(), reference.detach(), rtol=1e-6, atol=1e-8)
+        assert torch.equal(model, master.detach().to(torch.bfloat16))
+    before = master.detach().clone(), model.clone(), {k: v.clone() for k, v in ours.state[master].items()}
+    ours.found_inf, ours.grad_scale = torch.ones(()), torch.ones(())
+    master.grad = grads[3]
+    ours.step()
+    assert torch.equal(master.detach(), before[0]) and torch.equal(model, before[1])
+    assert all(torch.equal(ours.state[master][k], v) for k, v in before[2].items())
+
+
+def test_use_master_adamw_replaces_mcore_s_copy_of_the_masters():
+    """``use_master_adamw`` on mcore's mixed-precision optimizer (bf16 model weights, fp32 masters; built without
+    its constructor, which wants CUDA tensors): its step updates the masters with MasterAdamW, which writes each
+    bf16 model weight, and mcore's copy of the masters into the model no longer runs."""
+    from types import SimpleNamespace
+
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+    from nemo_customizer.config import HyperparametersConfig
+    from nemo_customizer.training import optim
+    from nemo_customizer.training.bf16_adamw import MasterAdamW
+
+    gen = torch.Generator().manual_seed(5)
+    models = [torch.nn.Parameter(torch.randn(6, 4, generator=gen).to(torch.bfloat16)) for _ in range(2)]
+    masters = [torch.nn.Parameter(m.detach().float()) for m in models]
+    part = object.__new__(Float16OptimizerWithFloat16Params)
+    part.config = SimpleNamespace(timers=None, reuse_grad_buf_for_mxfp8_param_ag=False)
+    part.is_stub_optimizer = False
+    part.float16_groups, part.fp32_from_float16_groups, part.fp32_from_fp32_groups = [models], [masters], [[]]
+    part.optimizer = torch.optim.AdamW(masters, lr=1e-2)
+    hp = HyperparametersConfig(learning_rate=1e-2)
+    optim.use_master_adamw(part, hp)
+    assert isinstance(part.optimizer, MasterAdamW) and part.optimizer.param_groups[0]["params"] == masters
+    reference = [torch.nn.Parameter(m.detach().clone()) for m in masters]
+    torch_adamw = torch.optim.AdamW(reference, lr=1e-2, betas=(hp.adam_beta1, hp.adam_beta2),
+                                    weight_decay=hp.weight_decay)
+    for p, r in zip(masters, reference):
+        p.grad = r.grad = torch.randn(p.shape, generator=gen)
+    part._dummy_overflow_buf = None
+    assert "_copy_main_params_to_model_params" in vars(part)  # mcore's copy, replaced on this part only
+    assert part.step_with_ready_grads()
+    torch_adamw.step()
+    for model, master, ref in zip(models, masters, reference):
+        torch.testing.assert_close(master.detach(), ref.detach(), rtol=1e-6, atol=1e-8)
+        assert torch.equal(model.detach(), master.detach().to(torch.bfloat16))
+    # A part with fp32 model weights of its own (no bf16 copy to write) keeps its Adam.
+    other = object.__new__(Float16OptimizerWithFloat16Params)
+    other.float16_groups, other.fp32_from_float16_groups = [models], [masters]
+    other.fp32_from_fp32_groups, other.optimizer = [[torch.nn.Parameter(torch.zeros(2))]], torch_adamw
+    optim.use_master_adamw(other, hp)
+    assert other.optimizer is torch_adamw

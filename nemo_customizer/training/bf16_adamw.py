@@ -37,8 +37,9 @@ def stochastic_round_to_bf16(value: torch.Tensor, noise: torch.Tensor) -> torch.
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def _update(param, grad, exp_avg, exp_avg_sq, step, hyper, grad_scale, found_inf):
-    """One AdamW step of one flat tensor, in place. ``hyper``: fp32 ``[lr, beta1, beta2, eps, weight_decay]``."""
+def _adam(param, grad, exp_avg, exp_avg_sq, step, hyper, grad_scale, found_inf) -> torch.Tensor:
+    """AdamW's arithmetic in fp32 for one flat tensor: updates the moments and ``step`` in place (unless
+    ``found_inf``) and returns the updated weight in fp32. ``hyper``: fp32 ``[lr, beta1, beta2, eps, weight_decay]``."""
     lr, beta1, beta2, eps, weight_decay = hyper.unbind()
     skip = found_inf > 0
     new_step = step + 1.0
@@ -49,15 +50,33 @@ def _update(param, grad, exp_avg, exp_avg_sq, step, hyper, grad_scale, found_inf
     bias_correction2_sqrt = (1.0 - beta2 ** new_step).sqrt()
     updated = param.float() * (1.0 - lr * weight_decay) - (lr / bias_correction1) * m / (
         v.sqrt() / bias_correction2_sqrt + eps)
-    noise = (torch.rand_like(updated) * 65536.0).to(torch.int32)
-    param.copy_(torch.where(skip, param, stochastic_round_to_bf16(updated, noise)))
     exp_avg.copy_(torch.where(skip, exp_avg, m.to(exp_avg.dtype)))
     exp_avg_sq.copy_(torch.where(skip, exp_avg_sq, v.to(exp_avg_sq.dtype)))
     step.copy_(torch.where(skip, step, new_step))
+    return torch.where(skip, param.float(), updated)
+
+
+def _update(param, grad, exp_avg, exp_avg_sq, step, hyper, grad_scale, found_inf):
+    """One ``Bf16AdamW`` step of one flat bf16 tensor, in place."""
+    updated = _adam(param, grad, exp_avg, exp_avg_sq, step, hyper, grad_scale, found_inf)
+    noise = (torch.rand_like(updated) * 65536.0).to(torch.int32)
+    # A skipped step's weight is already bf16: rounding it again leaves it as it is.
+    param.copy_(stochastic_round_to_bf16(updated, noise))
+
+
+def _update_master(param, grad, exp_avg, exp_avg_sq, step, hyper, grad_scale, found_inf, model_param):
+    """One ``MasterAdamW`` step of one flat fp32 master tensor, in place, and its model copy."""
+    param.copy_(_adam(param, grad, exp_avg, exp_avg_sq, step, hyper, grad_scale, found_inf))
+    model_param.copy_(param)
 
 
 class Bf16AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam for bf16 parameters (see the module docstring); torch AdamW's hyperparameters."""
+
+    param_dtype = torch.bfloat16
+    kernel_name = "adamw_bf16_update"
+    """The update's Triton launcher in ``training.bf16_adamw_kernel`` (CUDA); ``update_on_host`` elsewhere."""
+    update_on_host = staticmethod(_update)
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -65,15 +84,15 @@ class Bf16AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
-            raise ValueError("Bf16AdamW takes no closure")
+            raise ValueError(f"{type(self).__name__} takes no closure")
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if any(p.dtype != torch.bfloat16 for p in params):
-                raise TypeError("Bf16AdamW updates bf16 parameters only")
+            if any(p.dtype != self.param_dtype for p in params):
+                raise TypeError(f"{type(self).__name__} updates {self.param_dtype} parameters only")
             device = params[0].device
             beta1, beta2 = group["betas"]
             # One small host-to-device copy per group and step (pinned: no wait): the scheduler changes lr.
@@ -82,22 +101,30 @@ class Bf16AdamW(torch.optim.Optimizer):
             scale = grad_scale if grad_scale is not None else torch.ones((), device=device)
             inf = found_inf if found_inf is not None else torch.zeros((), device=device)
             states = [self._state_of(param, device) for param in params]
-            kernel = _triton_update() if device.type == "cuda" else None
+            kernel = triton_kernel("nemo_customizer.training.bf16_adamw_kernel", self.kernel_name) \
+                if device.type == "cuda" else None
             if kernel is not None:
                 # The kernel reads the step count it is in; a skipped step (found_inf) leaves the counts as they were.
                 # (A list of the increment, not the 0-d tensor itself: that overload reads it on the host.)
                 torch._foreach_add_([state["step"] for state in states], [(inf <= 0).float()] * len(states))
-                seeds = torch.randint(0, 2**62, (len(params),), dtype=torch.int64, device=device)
-            for index, (param, state) in enumerate(zip(params, states)):
+            extras = self._extra_arguments(params, device, kernel is not None)
+            for param, state, extra in zip(params, states, extras):
                 flat = param if param.is_contiguous() else param.contiguous()  # updated in place: a flat view
                 tensors = (flat.view(-1), param.grad.reshape(-1), state["exp_avg"].view(-1),
                            state["exp_avg_sq"].view(-1), state["step"], hyper, scale, inf)
                 if kernel is not None:
-                    kernel(*tensors, seeds[index:index + 1])
+                    kernel(*tensors, *extra)
                 else:
-                    _update(*tensors)
+                    self.update_on_host(*tensors, *extra)
                 if flat is not param:
                     param.copy_(flat)
+
+    def _extra_arguments(self, params, device: torch.device, on_kernel: bool) -> list:
+        """Per parameter, what the update takes after the common tensors: the kernel's random seed."""
+        if not on_kernel:
+            return [()] * len(params)
+        seeds = torch.randint(0, 2**62, (len(params),), dtype=torch.int64, device=device)
+        return [(seeds[index:index + 1],) for index in range(len(params))]
 
     def _state_of(self, param: torch.Tensor, device: torch.device) -> dict:
         state = self.state[param]  # mcore's checkpoint loading may have created the moments only
@@ -111,5 +138,34 @@ class Bf16AdamW(torch.optim.Optimizer):
         return state
 
 
-def _triton_update():
-    return triton_kernel("nemo_customizer.training.bf16_adamw_kernel", "adamw_bf16_update")
+class MasterAdamW(Bf16AdamW):
+    """AdamW over fp32 master weights (mcore's mixed precision) that also writes each updated weight into its bf16
+    model copy, in the same pass over memory.
+
+    mcore's mixed-precision optimizer runs its inner Adam over the fp32 masters, then copies every master into the
+    bf16 model weights: a second pass that reads 4 and writes 2 bytes per parameter. Here the update writes the
+    model copy itself (rounded to nearest, as that copy does), and ``optim.build_optimizer`` turns mcore's copy off.
+    On CUDA the update is a Triton kernel; torch's fused Adam over the same tensors moved its 28 bytes per parameter
+    at about half the H200's bandwidth. The state (``step``, fp32 ``exp_avg``, ``exp_avg_sq``) is torch AdamW's.
+
+    ``model_params``: for each master parameter (by identity), its bf16 model parameter, contiguous, same shape.
+    """
+
+    param_dtype = torch.float32
+    kernel_name = "adamw_master_update"
+    update_on_host = staticmethod(_update_master)
+
+    def __init__(self, params, model_params: dict, **hyperparameters):
+        super().__init__(params, **hyperparameters)
+        self.model_params = model_params
+
+    def _extra_arguments(self, params, device: torch.device, on_kernel: bool) -> list:
+        """Per parameter, its model copy as a flat view."""
+        copies = []
+        for param in params:
+            model = self.model_params[id(param)]
+            if not model.is_contiguous() or model.shape != param.shape:
+                raise ValueError(f"MasterAdamW writes model copies in place: a {tuple(model.shape)} model copy of a "
+                                 f"{tuple(param.shape)} master must be contiguous and of the same shape")
+            copies.append((model.data.view(-1),))
+        return copies

@@ -6,12 +6,14 @@ from typing import List
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from nemo_customizer.config.schema import HyperparametersConfig
 from nemo_customizer.distributed.collectives import all_reduce_sum_
-from nemo_customizer.training.bf16_adamw import Bf16AdamW
+from nemo_customizer.models.fused import triton_kernel
+from nemo_customizer.training.bf16_adamw import Bf16AdamW, MasterAdamW
 
 
 def build_optimizer(model_chunks: List[torch.nn.Module], hp: HyperparametersConfig, params_dtype: torch.dtype, *,
@@ -22,7 +24,8 @@ def build_optimizer(model_chunks: List[torch.nn.Module], hp: HyperparametersConf
 
     bf16 weights train with fp32 master copies (mcore's mixed precision) unless ``hp.fp32_master_weights`` is false:
     then mcore's plain optimizer steps the bf16 weights themselves with ``Bf16AdamW`` (bf16 moments, stochastic
-    rounding)."""
+    rounding). With fp32 masters on CUDA, ``MasterAdamW`` updates them and writes the bf16 weights in the same pass
+    (``use_master_adamw``)."""
     masters = params_dtype != torch.bfloat16 or hp.fp32_master_weights
     config = OptimizerConfig(
         optimizer="adam",
@@ -44,7 +47,33 @@ def build_optimizer(model_chunks: List[torch.nn.Module], hp: HyperparametersConf
                                        eps=inner.defaults["eps"], weight_decay=hp.weight_decay)
     elif fused:
         _use_fused_adam(optimizer)
+        if all(p.is_cuda for chunk in model_chunks for p in chunk.parameters()) and \
+                triton_kernel("nemo_customizer.training.bf16_adamw_kernel", MasterAdamW.kernel_name) is not None:
+            use_master_adamw(optimizer, hp)
     return optimizer
+
+
+def use_master_adamw(optimizer, hp: HyperparametersConfig) -> None:
+    """In each mixed-precision part of ``optimizer`` (mcore's ``Float16OptimizerWithFloat16Params``: bf16 weights,
+    fp32 masters, not the distributed optimizer), step with ``MasterAdamW``, which writes the bf16 weights itself, and
+    turn off mcore's copy of the masters into them. A part with masters of no bf16 weight keeps its Adam.
+
+    Called by ``build_optimizer`` on CUDA; on a CPU the same update runs in torch (tests)."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(part, Float16OptimizerWithFloat16Params) or any(part.fp32_from_fp32_groups):
+            continue
+        model_params = {id(main): model for models, mains in zip(part.float16_groups, part.fp32_from_float16_groups)
+                        for model, main in zip(models, mains)}
+        inner = part.optimizer
+        part.optimizer = MasterAdamW(inner.param_groups, model_params, lr=hp.learning_rate,
+                                     betas=(hp.adam_beta1, hp.adam_beta2), eps=inner.defaults["eps"],
+                                     weight_decay=hp.weight_decay)
+        part._copy_main_params_to_model_params = _model_weights_written_by_the_update
+
+
+def _model_weights_written_by_the_update() -> None:
+    """Stands in for mcore's copy of the fp32 masters into the bf16 model weights after each step:
+    ``MasterAdamW`` already wrote them."""
 
 
 def torch_adams(optimizer) -> list:
