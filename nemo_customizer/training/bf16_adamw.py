@@ -17,6 +17,9 @@ the optimizer (``training.step._optimizer_step``), so a step needs no host sync.
 
 On CUDA the update is a Triton kernel (``training.bf16_adamw_kernel``); elsewhere (CPU) ``_update`` below does the
 same arithmetic.
+
+``MasterAdamW`` is the same update for mixed precision's fp32 master weights and fp32 moments: it also writes each
+updated master's bf16 model weight, which mcore would otherwise copy in a second pass.
 """
 
 from __future__ import annotations
