@@ -316,15 +316,6 @@ def _check_loss_head(gen: torch.Generator) -> dict:
     """The training loss head on CUDA (bf16, the Triton cross-entropy, gradients computed in forward chunk by chunk)
     with a trained output weight and position weights, against fp32 autograd over the whole logits."""
     from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
-
-    layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=torch.device("cuda"), seed=0)
-    try:
-        return _compare_loss_head(gen)
-    finally:
-        destroy_parallel(layout)
-
-
-def _compare_loss_head(gen: torch.Generator) -> dict:
     from nemo_customizer.models.loss import masked_token_losses
 
     tokens, hidden_size, vocab = 2500, 2048, 128256  # three chunks, the last one partial
@@ -332,8 +323,12 @@ def _compare_loss_head(gen: torch.Generator) -> dict:
     weight = (torch.randn(vocab, hidden_size, generator=gen) * 0.05).cuda().to(torch.bfloat16).requires_grad_()
     targets = torch.randint(0, vocab, (tokens,), generator=gen).cuda()
     position_weights = (torch.rand(tokens, generator=gen) > 0.1).float().cuda()  # 0: a graph's padding positions
-    losses = masked_token_losses(hidden, targets, weight, position_weights)
-    ours = [losses, *torch.autograd.grad(losses.sum(), (hidden, weight))]
+    layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=torch.device("cuda"), seed=0)
+    try:
+        losses = masked_token_losses(hidden, targets, weight, position_weights)
+        ours = [losses, *torch.autograd.grad(losses.sum(), (hidden, weight))]
+    finally:
+        destroy_parallel(layout)
     hidden32, weight32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
     reference = torch.nn.functional.cross_entropy(hidden32 @ weight32.t(), targets, reduction="none") * position_weights
     expected = [reference, *torch.autograd.grad(reference.sum(), (hidden32, weight32))]
