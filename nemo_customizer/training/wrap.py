@@ -60,7 +60,8 @@ def accumulate_weight_grads_in_place(model: torch.nn.Module) -> None:
 
     Without it a layer's backward writes its weight gradient to a new tensor, and DDP's hook then adds that into the
     layer's ``main_grad`` buffer: one more pass over every trained weight's gradient (bf16 gradient read, buffer read
-    and written) per micro batch, ~2 ms of a Llama-3.2-1B full fine-tuning step on an H200. Fused, the GEMM adds its
+    and written) per micro batch. Into fp32 buffers those adds took 4.9 ms of a Llama-3.2-1B full fine-tuning step on
+    an H200, 1.2 ms of kernels of that kind once fused (docs/PERFORMANCE.md). Fused, the GEMM adds its
     result into the buffer (``beta=1``) and returns a placeholder gradient that DDP's hook skips
     (``grad_added_to_main_grad``, reset by ``zero_grad_buffer``). mcore takes the GEMM from apex's
     ``fused_weight_gradient_mlp_cuda`` where installed, else from ``_WeightGradAccumulation``. Call after DDP has
