@@ -351,8 +351,10 @@ def _packing_plan(cfg: Config, train: list, dp_size: int, pad_multiple: int, log
                          f"one packed batch of {plan.global_batch_size} bins; add data or disable packing.")
     log(plan.describe())
     metrics.write(event="packing", packing_factor=plan.packing_factor, bins=len(plan.bins),
-                  batch_size=plan.global_batch_size, micro_batch_size=plan.micro_batch_size,
-                  steps_per_epoch=plan.steps_per_epoch, padding_before=plan.padding_before,
+                  bin_capacity=plan.bin_capacity, batch_size=plan.global_batch_size,
+                  micro_batch_size=plan.micro_batch_size, steps_per_epoch=plan.steps_per_epoch,
+                  requested_steps_per_epoch=plan.requested_steps_per_epoch, tokens_per_step=plan.tokens_per_step,
+                  requested_tokens_per_step=plan.requested_tokens_per_step, padding_before=plan.padding_before,
                   padding_after=plan.padding_after)
     return plan
 

@@ -156,3 +156,65 @@ def test_padding_fraction():
     assert padding_fraction([1, 3], batch_size=2, micro_batch_size=1, seed=0, packed=True) == 0.0
     assert padding_fraction([3, 3], batch_size=2, micro_batch_size=2, seed=0, packed=True,
                             pad_to_multiple_of=4) == pytest.approx(2 / 8)
+
+
+def _examples(lengths):
+    return [_example([1] * n, n - 1) for n in lengths]
+
+
+@pytest.mark.parametrize("low, high, max_seq_length, batch_size, micro, dp", [
+    (40, 120, 2048, 16, 1, 1),    # short rows, ~27 per full bin: one bin would be 1.7 steps' worth
+    (40, 120, 2048, 16, 16, 1),
+    (40, 120, 2048, 16, 1, 2),    # one smaller bin per data-parallel rank
+    (40, 120, 2048, 16, 4, 2),
+    (5, 30, 8192, 64, 8, 4),
+    (10, 40, 4096, 8, 1, 2),
+    (300, 1500, 2048, 16, 1, 1),  # long rows: full bins of ~2 examples, already close
+    (300, 1500, 2048, 16, 2, 2),
+    (100, 3000, 4096, 32, 4, 1),  # mixed
+])
+def test_packing_keeps_tokens_per_step_and_steps_per_epoch(low, high, max_seq_length, batch_size, micro, dp):
+    rng = random.Random(low + high + dp)
+    lengths = [rng.randint(low, high) for _ in range(1500)]
+    plan = plan_packing(_examples(lengths), max_seq_length=max_seq_length, batch_size=batch_size,
+                        micro_batch_size=micro, dp_size=dp, seed=0)
+    assert sorted(i for b in plan.bins for i in b) == list(range(len(lengths)))
+    assert max(lengths) <= plan.bin_capacity <= max_seq_length
+    assert all(sum(lengths[i] for i in b) <= plan.bin_capacity for b in plan.bins)
+    unpacked_tokens_per_step = batch_size * sum(lengths) / len(lengths)
+    assert plan.tokens_per_step == pytest.approx(unpacked_tokens_per_step, rel=0.10)
+    assert plan.requested_tokens_per_step == pytest.approx(unpacked_tokens_per_step)
+    assert plan.steps_per_epoch == pytest.approx(len(lengths) // batch_size, rel=0.10)
+    assert plan.requested_steps_per_epoch == len(lengths) // batch_size
+    # peak activation memory: a packed micro batch is never more than an unpacked one can be
+    assert plan.micro_batch_size <= micro
+    assert plan.micro_batch_size * plan.bin_capacity <= micro * max_seq_length
+    assert plan.global_batch_size % (plan.micro_batch_size * dp) == 0
+
+
+def test_short_examples_get_bins_of_a_step_and_the_log_states_requested_and_actual():
+    # 720 rows of ~75 tokens, batch 16, 2048-token context: full bins hold ~27 rows, so one bin per step took 1.7x
+    # the tokens and 40% fewer steps. Now a bin holds 16 rows.
+    rng = random.Random(0)
+    lengths = [rng.randint(45, 105) for _ in range(720)]
+    plan = plan_packing(_examples(lengths), max_seq_length=2048, batch_size=16, micro_batch_size=1, dp_size=1,
+                        seed=0)
+    assert plan.bin_capacity < 2048 and plan.global_batch_size == 1
+    assert plan.steps_per_epoch == 45 and plan.packing_factor == pytest.approx(16, rel=0.02)
+    text = plan.describe()
+    assert f"steps per epoch 45 (unpacked: 45)" in text
+    assert f"tokens per step {plan.tokens_per_step:,.0f} (unpacked: {plan.requested_tokens_per_step:,.0f})" in text
+    assert f"smaller than max_seq_length 2048" in text
+    two_ranks = plan_packing(_examples(lengths), max_seq_length=2048, batch_size=16, micro_batch_size=1, dp_size=2,
+                             seed=0)
+    assert two_ranks.global_batch_size == 2 and two_ranks.packing_factor == pytest.approx(8, rel=0.02)
+    assert two_ranks.steps_per_epoch == 45
+
+
+def test_full_length_bins_stay_when_they_already_keep_the_step():
+    rng = random.Random(1)
+    lengths = [rng.randint(300, 1500) for _ in range(600)]
+    plan = plan_packing(_examples(lengths), max_seq_length=2048, batch_size=16, micro_batch_size=1, dp_size=1,
+                        seed=0)
+    assert plan.bin_capacity == 2048 and plan.bins == pack_lengths(lengths, 2048)
+    assert "smaller than max_seq_length" not in plan.describe()

@@ -138,8 +138,10 @@ class HyperparametersConfig:
     val_check_interval: Optional[int] = None
     """Also validate every N optimizer steps (validation always runs at the end of each epoch)."""
     sequence_packing_enabled: bool = False
-    """Pack training examples into bins of ``max_seq_length`` tokens (attention, positions and labels never cross an
-    example); ``batch_size`` is converted to bins so each step sees about as many tokens. Validation stays unpacked.
+    """Pack training examples into bins of at most ``max_seq_length`` tokens (attention, positions and labels never
+    cross an example); ``batch_size`` is converted to bins so each step sees about as many tokens, and each epoch as
+    many steps, as unpacked (bins shrink where a full-length one would hold more than a step's examples). A packed
+    micro batch holds at most ``micro_batch_size`` bins. Validation stays unpacked.
     Ignored, with a warning, for a model whose ``sequence_packing_supported`` is false."""
     cuda_graphs: bool = False
     """Replay each packed micro batch's forward and backward as a captured CUDA graph (one per padded shape; the

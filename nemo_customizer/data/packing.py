@@ -1,4 +1,5 @@
-"""Sequence packing: bins of whole examples, and the batch-size rule that keeps tokens per optimizer step.
+"""Sequence packing: bins of whole examples, sized and counted so that an optimizer step keeps the tokens (and an
+epoch the steps) of the same job unpacked.
 
 Pure functions of example lengths (no torch, no megatron); they work for any format, since they only see
 ``TokenizedExample`` lengths. ``collate_packed`` (in ``collate``) turns a micro batch of bins into one THD row whose
@@ -108,6 +109,9 @@ class PackingPlan:
     bins: list[list[int]]
     """Example indices of each bin."""
     max_seq_length: int
+    bin_capacity: int
+    """Most input tokens a bin holds: ``max_seq_length``, or less where full-length bins would hold more than a
+    step's worth of examples (``bin_capacity_for_step``)."""
     batch_size: int
     """The requested global batch size, in examples."""
     global_batch_size: int
@@ -119,8 +123,10 @@ class PackingPlan:
     padding_after: float
     """Padding share of packed rows (only the rounding to ``pad_to_multiple_of``)."""
     bin_fill: float
-    """Mean share of ``max_seq_length`` a bin fills."""
+    """Mean share of ``bin_capacity`` a bin fills."""
     n_examples: int
+    n_tokens: int
+    """Input tokens of all examples."""
 
     @property
     def packing_factor(self) -> float:
@@ -135,12 +141,74 @@ class PackingPlan:
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(len(self.bins), self.global_batch_size)
 
+    @property
+    def tokens_per_step(self) -> float:
+        """Input tokens an optimizer step sees, on average."""
+        return self.global_batch_size * self.n_tokens / max(len(self.bins), 1)
+
+    @property
+    def requested_steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch of the same job unpacked."""
+        return steps_per_epoch(self.n_examples, self.batch_size)
+
+    @property
+    def requested_tokens_per_step(self) -> float:
+        """Input tokens an optimizer step of the same job unpacked sees, on average (``batch_size`` examples)."""
+        return self.batch_size * self.n_tokens / max(self.n_examples, 1)
+
     def describe(self) -> str:
-        return (f"sequence packing: {self.n_examples} examples in {len(self.bins)} bins of <= {self.max_seq_length} "
-                f"tokens, packing factor {self.packing_factor:.2f}; batch_size {self.batch_size} examples -> "
-                f"{self.global_batch_size} bins per step (micro batch {self.micro_batch_size} bins), "
-                f"{self.steps_per_epoch} steps per epoch; padding {100 * self.padding_before:.1f}% (padded batches) "
-                f"-> {100 * self.padding_after:.1f}% (packed; bins {100 * self.bin_fill:.1f}% full)")
+        capacity = (f"{self.bin_capacity} tokens (smaller than max_seq_length {self.max_seq_length}, so that a step "
+                    "keeps its tokens)" if self.bin_capacity < self.max_seq_length else f"{self.bin_capacity} tokens")
+        return (f"sequence packing: {self.n_examples} examples in {len(self.bins)} bins of <= {capacity}, packing "
+                f"factor {self.packing_factor:.2f}; batch_size {self.batch_size} examples -> "
+                f"{self.global_batch_size} bins per step (micro batch {self.micro_batch_size} bins); tokens per step "
+                f"{self.tokens_per_step:,.0f} (unpacked: {self.requested_tokens_per_step:,.0f}), steps per epoch "
+                f"{self.steps_per_epoch} (unpacked: {self.requested_steps_per_epoch}); padding "
+                f"{100 * self.padding_before:.1f}% (padded batches) -> {100 * self.padding_after:.1f}% (packed; bins "
+                f"{100 * self.bin_fill:.1f}% full)")
+
+
+TOKENS_PER_STEP_TOLERANCE = 0.05
+"""Full-length bins are kept while their rounded bin count per step is within this share of the requested tokens per
+step; beyond it the bins shrink (``bin_capacity_for_step``)."""
+
+
+def bin_capacity_for_step(lengths: Sequence[int], max_seq_length: int, batch_size: int,
+                          dp_size: int) -> tuple[int, list[list[int]]]:
+    """The bin capacity (and its bins) that lets whole bins make up a step of ``batch_size`` examples' tokens.
+
+    With full-length bins of ``factor`` examples each, a step takes ``round(batch_size / factor)`` bins, at least one
+    per data-parallel rank. Where that rounding moves the tokens per step by more than
+    ``TOKENS_PER_STEP_TOLERANCE`` (short examples: one bin already holds more than a step's examples), the step gets
+    ``k`` bins per rank, ``k = ceil(batch_size / (dp_size * factor))``, and the bins shrink until they hold
+    ``batch_size / (k * dp_size)`` examples on average: the capacity is the smallest whose bin count does not exceed
+    the target, or the next smaller one where that is closer (bisection; bin counts fall as capacity grows). The
+    capacity never exceeds ``max_seq_length``, nor falls below the longest example.
+    """
+    full = pack_lengths(lengths, max_seq_length)
+    if not lengths:
+        return max_seq_length, full
+    factor = len(lengths) / len(full)
+    rounded_bins = max(dp_size, _round_half_up(batch_size / factor / dp_size) * dp_size)
+    if abs(rounded_bins * factor / batch_size - 1) <= TOKENS_PER_STEP_TOLERANCE:
+        return max_seq_length, full
+    bins_per_step = dp_size * math.ceil(batch_size / (dp_size * factor))
+    target_bins = len(lengths) * bins_per_step / batch_size  # bins of batch_size / bins_per_step examples each
+    low, high = max(lengths), max_seq_length  # the answer lies in [low, high]; high's bins are few enough
+    packed = {high: full}
+    while low < high:
+        middle = (low + high) // 2
+        packed[middle] = pack_lengths(lengths, middle)
+        if len(packed[middle]) <= target_bins:
+            high = middle
+        else:
+            low = middle + 1
+    below = high - 1
+    if below >= max(lengths):
+        packed.setdefault(below, pack_lengths(lengths, below))
+        if abs(len(packed[below]) - target_bins) < abs(len(packed[high]) - target_bins):
+            return below, packed[below]
+    return high, packed[high]
 
 
 def plan_packing(
@@ -153,19 +221,24 @@ def plan_packing(
     seed: int,
     pad_to_multiple_of: int = 1,
 ) -> PackingPlan:
-    """Pack ``examples``; derive the bin batch sizes that keep tokens per optimizer step (``packed_batch_sizes``)."""
+    """Pack ``examples`` into bins that keep the tokens per optimizer step and the steps per epoch of the unpacked
+    job (``bin_capacity_for_step``), and derive the bin batch sizes (``packed_batch_sizes``).
+
+    Peak activation memory never exceeds the unpacked job's worst case: a packed micro batch holds at most
+    ``micro_batch_size`` bins of at most ``max_seq_length`` tokens.
+    """
     lengths = [len(e.input_ids) for e in examples]
-    bins = pack_lengths(lengths, max_seq_length)
+    capacity, bins = bin_capacity_for_step(lengths, max_seq_length, batch_size, dp_size)
     factor = len(examples) / max(len(bins), 1)
     global_bins, micro_bins = packed_batch_sizes(batch_size, micro_batch_size, dp_size, max(factor, 1.0))
     example_positions = [max(n - 1, 0) for n in lengths]
     bin_positions = [sum(example_positions[i] for i in b) for b in bins]
     return PackingPlan(
-        bins=bins, max_seq_length=max_seq_length, batch_size=batch_size, global_batch_size=global_bins,
-        micro_batch_size=micro_bins,
+        bins=bins, max_seq_length=max_seq_length, bin_capacity=capacity, batch_size=batch_size,
+        global_batch_size=global_bins, micro_batch_size=micro_bins,
         padding_before=padding_fraction(example_positions, batch_size=batch_size, micro_batch_size=micro_batch_size,
                                         seed=seed, pad_to_multiple_of=pad_to_multiple_of),
         padding_after=padding_fraction(bin_positions, batch_size=global_bins, micro_batch_size=micro_bins,
                                        seed=seed, pad_to_multiple_of=pad_to_multiple_of, packed=True),
-        bin_fill=sum(lengths) / max(len(bins) * max_seq_length, 1), n_examples=len(examples),
+        bin_fill=sum(lengths) / max(len(bins) * capacity, 1), n_examples=len(examples), n_tokens=sum(lengths),
     )
