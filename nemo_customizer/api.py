@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from nemo_customizer.config import Config, check_batch_layout, config_from_kwargs, validate_config
@@ -43,6 +44,9 @@ class CustomizationResult:
     warnings: tuple = ()
     status: str = COMPLETED
     """``completed``, or ``cancelled`` for the partial result a ``JobCancelled`` carries."""
+    evaluation: Optional[dict] = None
+    """Held-out metrics when ``evaluation`` is on: ``{"base": {...}, "customized": {...}}`` (the best checkpoint);
+    every answer is in ``<job_dir>/evaluation.json``."""
 
 
 def customize(
@@ -109,8 +113,14 @@ def run(cfg: Config) -> CustomizationResult:
     # From here on an exception marks the job failed (cancelled for JobCancelled / KeyboardInterrupt), and a stop
     # signal during model loading already counts.
     with status.tracking(), StopSignals(job.path / CANCEL_FILE if is_main else None) as stop:
+        # One process evaluates the base before training; in a multi-process job the main rank does it after.
+        single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        base = _evaluate_base(cfg, inputs, status, log) if single_process else None
         fit_result, trainable, layout, peak_gib = _train(cfg, inputs, job, log, status, stop)
         kind = cfg.hyperparameters.finetuning_type
+        evaluation = None
+        if inputs.evaluation is not None and layout.is_main and not fit_result.stopped_by_signal:
+            evaluation = _evaluate_customized(cfg, inputs, job, status, base, log)
         result = CustomizationResult(
             job_dir=str(job.path), metrics_path=str(job.metrics_path),
             adapter_path=str(job.adapter_path) if kind != "all_weights" else "",
@@ -122,6 +132,7 @@ def run(cfg: Config) -> CustomizationResult:
             train_seconds=fit_result.train_seconds, peak_memory_gib=peak_gib,
             trainable_parameters=trainable.trainable_parameters, total_parameters=trainable.total_parameters,
             warnings=inputs.warnings, status=CANCELLED if fit_result.stopped_by_signal else COMPLETED,
+            evaluation=evaluation,
         )
         if fit_result.stopped_by_signal:
             raise JobCancelled(fit_result.stopped_by_signal, fit_result.steps, result, fit_result.stop_reason)
@@ -175,6 +186,8 @@ class _Inputs:
     pack: bool = False
     """Train on packed sequences (asked for, and the model supports it)."""
     warnings: tuple = ()
+    evaluation: Any = None
+    """The checked held-out evaluation (``evaluation.evaluate.PreparedEvaluation``) when it is on."""
 
 
 def _check_flash_attn4(cfg: Config) -> None:
@@ -221,13 +234,51 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
         f"validation {val_stats.describe()}")
     for origin in (train_stats.dropped_origins + val_stats.dropped_origins)[:5]:
         log(f"  dropped (no trainable token fits in max_seq_length): {origin}")
+    evaluation = _prepare_evaluation(cfg, dataset_path)
     pack, warnings = hp.sequence_packing_enabled, ()
     if pack and not cfg.model.sequence_packing_supported:  # the seed's behaviour: train anyway, unpacked
         pack, warnings = False, (f"model {cfg.model.name} does not support sequence packing; "
                                  "hyperparameters.sequence_packing_enabled is ignored and training runs unpacked"
                                  + (" (and without CUDA graphs)" if hp.cuda_graphs else ""),)
         log(f"warning: {warnings[0]}")
-    return _Inputs(cfg, resolved, tokenizer, train, val, pack, warnings)
+    return _Inputs(cfg, resolved, tokenizer, train, val, pack, warnings, evaluation)
+
+
+def _prepare_evaluation(cfg: Config, dataset_path):
+    """The held-out evaluation, read and checked now (bad rows or metrics fail before any model is built); None
+    when ``evaluation`` is off."""
+    if not (cfg.evaluation.enabled or cfg.evaluation.dataset):
+        return None
+    from nemo_customizer.evaluation.evaluate import prepare_evaluation, resolve_heldout_path
+
+    path = resolve_heldout_path(cfg.evaluation.dataset, str(dataset_path))
+    return prepare_evaluation(cfg, path, progress=cfg.progress_bar)
+
+
+def _evaluate_base(cfg: Config, inputs: _Inputs, status: JobStatus, log: "_Log"):
+    """The base model on the held-out rows (``evaluation.compare_base``), recorded in status.json at once."""
+    if inputs.evaluation is None or not cfg.evaluation.compare_base:
+        return None
+    from nemo_customizer.evaluation.evaluate import evaluate_model
+
+    base = evaluate_model(cfg, inputs.evaluation, "base", log)
+    status.record_evaluation({"base": dict(base.metrics)})
+    return base
+
+
+def _evaluate_customized(cfg: Config, inputs: _Inputs, job: JobDirectory, status: JobStatus, base, log: "_Log"):
+    """The best checkpoint's export (adapter, or model for full fine-tuning) on the held-out rows, beside the base;
+    written into the job. Returns the metrics summary."""
+    from nemo_customizer.evaluation.evaluate import record_in_job, run_evaluation
+
+    full = cfg.hyperparameters.finetuning_type == "all_weights"
+    report = run_evaluation(cfg, Path(inputs.evaluation.heldout.path), prepared=inputs.evaluation, base=base,
+                            adapter=None if full else str(job.adapter_path),
+                            model_dir=job.model_path if full else None,
+                            compare_base=cfg.evaluation.compare_base, log=log)
+    status.record_evaluation(report.summary())
+    record_in_job(job.path, report, update_status=False)
+    return report.summary()
 
 
 def _check_token_ids_fit(examples: list, tokenizer: Any, cfg: Config) -> None:

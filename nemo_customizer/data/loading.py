@@ -82,6 +82,22 @@ def load_dataset(
     )
 
 
+def load_examples(path: str | Path) -> tuple[str, list[Any]]:
+    """Read and validate every row of one JSONL file, as strictly as training data: ``(format name, examples)``.
+
+    For held-out evaluation files. All problems found are raised together as one ``DatasetError`` naming file:line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a regular file"
+        raise_one(str(path), f"evaluation file {what}", "Pass a JSONL file of held-out rows in the training format.")
+    issues = IssueLog()
+    with _gc_paused():
+        fmt, examples = _read_file(path, issues)
+    issues.raise_if_any()
+    return fmt.name, examples
+
+
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while rows are parsed.

@@ -61,24 +61,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _init_process_group(device: torch.device) -> None:
+def _init_process_group(device: torch.device, single_process: bool = False) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=30)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not single_process:
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timeout)
         return
     if device.type == "cuda":
-        torch.cuda.set_device(0)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     store = dist.TCPStore("127.0.0.1", free_port(), world_size=1, is_master=True)
     dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
 
 
 def initialize_parallel(
-    *, tensor_parallel_size: int, pipeline_parallel_size: int, device: torch.device, seed: int
+    *, tensor_parallel_size: int, pipeline_parallel_size: int, device: torch.device, seed: int,
+    single_process: bool = False,
 ) -> ParallelLayout:
-    """Start torch.distributed (if needed) and mcore's parallel groups; seed every RNG mcore uses."""
+    """Start torch.distributed (if needed) and mcore's parallel groups; seed every RNG mcore uses.
+
+    ``single_process``: a world of this process alone even under a launcher (RANK/WORLD_SIZE set), for work one
+    process does by itself (generation, evaluation on the main rank after training).
+    """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -88,7 +93,7 @@ def initialize_parallel(
         apply_cpu_patches()
     owns_process_group = not dist.is_initialized()
     if owns_process_group:
-        _init_process_group(device)
+        _init_process_group(device, single_process)
     world_size = dist.get_world_size()
     model_parallel = tensor_parallel_size * pipeline_parallel_size
     if world_size % model_parallel:

@@ -267,8 +267,9 @@ def check_metrics(names: Sequence[str], data_format: str, *, labels: Sequence[st
             raise ValueError(f"{where}: metric {name!r} applies to {' and '.join(metric.formats)} data, "
                              f"not {data_format}")
         if metric.needs_labels and labels is None:
-            raise ValueError(f"{where}: metric {name!r} needs the completions to be a small label set, and these "
-                             "are not (see label_set)")
+            raise ValueError(f"{where}: metric {name!r} needs the completions to be a small label set (at most 20 "
+                             "short distinct labels, each on several rows), and these completions are not a small "
+                             "label set; use exact_match or the free-text metrics (squad_f1, bleu, chrf, rouge_l)")
         if metric.needs_tool_calls and not has_tool_calls:
             raise ValueError(f"{where}: metric {name!r} needs reference turns with tool calls, and none has any")
     return tuple(dict.fromkeys(names))

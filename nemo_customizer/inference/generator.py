@@ -51,6 +51,7 @@ class Generator:
         self.lora = None  # a MultiLoRA once attach_adapters() was called: each row then picks its adapter
         self._layout = None  # the parallel state from_config started, if any
         self._chat_templates = {}  # tool_syntax override -> ChatTemplate, built on the first chat()
+        self.has_adapter = False  # a single adapter attached with load_adapter()
 
     @classmethod
     def from_config(cls, cfg: Config, adapter: Optional[str] = None) -> "Generator":
@@ -67,31 +68,44 @@ class Generator:
 
         resolved = resolve_model(cfg.model, cfg.cache_dir)
         tokenizer = load_tokenizer(resolved.tokenizer_dir, resolved.config.chat_template)
-        adapter_lora = read_lora_config(adapter) if adapter is not None else None
-        # One process holds the whole model: generation is latency-bound and small models fit one device.
+        if adapter is not None:
+            read_lora_config(adapter)  # an unusable adapter fails before the model is built
+        # One process holds the whole model: generation is latency-bound and small models fit one device. Its own
+        # one-process world, also inside a launcher's job (the main rank evaluating after training).
         model_cfg = dataclasses.replace(resolved.config, tensor_parallel_size=1, pipeline_parallel_size=1,
                                         use_sequence_parallel=False)
         device = resolve_device(cfg.device)
         layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=device,
-                                     seed=cfg.hyperparameters.seed)
+                                     seed=cfg.hyperparameters.seed, single_process=True)
         try:
             model, _ = build_model_for_job(model_cfg, resolved.checkpoint_dir, device=device,
                                            params_dtype=params_dtype(cfg.precision, device))
-            if adapter_lora is not None:
-                from nemo_customizer.peft.apply import apply_lora
-                from nemo_customizer.peft.export import load_peft_adapter
-
-                apply_lora(model, model_cfg.architecture, adapter_lora, seed=0)
-                load_peft_adapter(model, adapter)
+            arch = model_cfg.architecture
+            eos = _eos_ids(tokenizer, arch, resolved.checkpoint_dir)
+            generator = cls(model, tokenizer, eos_ids=eos, max_context=arch.max_position_embeddings, device=device,
+                            architecture=arch)
+            generator._layout = layout
+            if adapter is not None:
+                generator.load_adapter(adapter)
         except BaseException:
             destroy_parallel(layout)
             raise
-        arch = model_cfg.architecture
-        eos = _eos_ids(tokenizer, arch, resolved.checkpoint_dir)
-        generator = cls(model, tokenizer, eos_ids=eos, max_context=arch.max_position_embeddings, device=device,
-                        architecture=arch)
-        generator._layout = layout
         return generator
+
+    def load_adapter(self, adapter: str) -> None:
+        """Attach the HF PEFT LoRA adapter in directory ``adapter`` (its r / lora_alpha / target_modules) to this
+        generator's model: the base model becomes the customized one, without loading the base weights again."""
+        from nemo_customizer.peft.apply import apply_lora
+        from nemo_customizer.peft.export import load_peft_adapter, read_lora_config
+
+        if self.lora is not None or self.has_adapter:
+            raise ValueError("this generator already has an adapter attached")
+        if self.architecture is None:
+            raise ValueError("load_adapter needs the model's architecture: build the Generator with from_config")
+        apply_lora(self.model, self.architecture, read_lora_config(adapter), seed=0)
+        load_peft_adapter(self.model, adapter)
+        self.model.eval()
+        self.has_adapter = True
 
     def attach_adapters(self, max_rank: int):
         """Serve many LoRA adapters from this one copy of the base weights: wraps the model's linears once and
@@ -147,7 +161,7 @@ class Generator:
         on a CPU costs about as much per step as one row (a decode step is bound by reading the weights). Each row
         samples with its own generator seeded by ``seed``, so a row's result is what ``complete`` gives.
         """
-        return self._complete_ids([self.encode(prompt) for prompt in prompts], max_tokens=max_tokens,
+        return self.complete_ids([self.encode(prompt) for prompt in prompts], max_tokens=max_tokens,
                                   temperature=temperature, top_p=top_p, stop=stop, seed=seed, batch_size=batch_size)
 
     def chat_prompt(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None,
@@ -169,7 +183,7 @@ class Generator:
         A template that does not render tools is an error when ``tools`` are given.
         """
         prompt_ids, template = self.chat_prompt(messages, tools, tool_syntax)
-        completion, = self._complete_ids([prompt_ids], max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+        completion, = self.complete_ids([prompt_ids], max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                          stop=stop, seed=seed, eos_ids=self.eos_ids | template.end_of_turn_ids)
         return chat_completion(completion, tool_syntax=template.tool_syntax if tools else None)
 
@@ -179,10 +193,10 @@ class Generator:
             self._chat_templates[tool_syntax] = ChatTemplate(self.tokenizer, tool_syntax)
         return self._chat_templates[tool_syntax]
 
-    def _complete_ids(self, encoded: Sequence[List[int]], *, max_tokens: int, temperature: float, top_p: float,
+    def complete_ids(self, encoded: Sequence[List[int]], *, max_tokens: int, temperature: float, top_p: float,
                       stop: Optional[List[str]], seed: Optional[int], batch_size: int = 16,
                       eos_ids: Optional[frozenset] = None) -> List[Completion]:
-        """``complete_batch`` on token ids; ``eos_ids`` (default: the model's) end a completion."""
+        """``complete_batch`` on prompts given as token ids; ``eos_ids`` (default: the model's) end a completion."""
         rows = [self.new_row(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed,
                              eos_ids=eos_ids) for ids in encoded]  # checks every prompt before any work
         for first in range(0, len(rows), batch_size):

@@ -145,6 +145,11 @@ class JobStatus:
                                   else None)
             self._write()
 
+    def record_evaluation(self, summary: dict) -> None:
+        """Held-out metrics per model (``{"base": {...}, "customized": {...}}``), merged into ``evaluation``."""
+        self.state["evaluation"] = {**(self.state.get("evaluation") or {}), **summary}
+        self._write()
+
     def completed(self) -> None:
         self.state["percentage_done"] = 100.0
         self._set(COMPLETED)

@@ -1,0 +1,1 @@
+"""Evaluation of a model and its adapter on held-out data: task metrics, loss and perplexity, before and after."""
