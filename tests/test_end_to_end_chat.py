@@ -75,6 +75,22 @@ def test_tool_calling_dataset_trains_and_chat_offers_tools(tmp_path):
     for call in reply.message.get("tool_calls", []):
         json.loads(call["function"]["arguments"])  # arguments come back as a JSON string, as OpenAI returns them
 
+    # held-out conversations that end in the assistant's tool call: tool-call metrics from the job's adapter
+    from nemo_customizer import evaluate
+    from nemo_customizer.evaluation.metrics import function_name_accuracy, tool_call_exact_match
+
+    heldout = tmp_path / "tool_calls.jsonl"
+    heldout.write_text("".join(json.dumps({"tools": r["tools"], "messages": r["messages"][:2]}) + "\n"
+                               for r in rows[32:]))
+    report = evaluate(str(heldout), job_dir=str(tmp_path / "job"), max_tokens=48, progress=False)
+    assert report.format == "chat" and report.rows == 8
+    assert report.metrics == ("exact_match", "loss", "perplexity", "tool_call_exact_match", "function_name_accuracy")
+    references = [r["messages"][1]["tool_calls"] for r in rows[32:]]
+    calls = report.customized.predicted_calls
+    assert report.customized.metrics["tool_call_exact_match"] == tool_call_exact_match(calls, references)
+    assert report.customized.metrics["function_name_accuracy"] == function_name_accuracy(calls, references)
+    assert json.loads((tmp_path / "job" / "status.json").read_text())["evaluation"] == report.summary()
+
 
 def test_chat_template_setting_takes_a_shipped_name_a_path_or_jinja_text(tmp_path):
     from nemo_customizer.checkpoints.resolve import read_chat_template
