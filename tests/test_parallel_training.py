@@ -136,18 +136,25 @@ def test_num_gpus_errors_come_back_to_the_caller(reference):
         customize(**settings, num_gpus=2)
 
 
-def test_too_few_packed_bins_for_the_data_parallel_ranks_is_a_dataset_error(reference):
-    """16 short rows pack into one bin; two data-parallel ranks need at least two per step."""
+def test_short_rows_packed_at_two_data_parallel_ranks_keep_the_unpacked_steps(reference):
+    """16 short rows, batch 16, two data-parallel ranks: one full-length bin would hold every row (a step of two
+    bins could not be formed); bins shrink to 8 rows, one per rank, and an epoch is one step, as unpacked."""
     from nemo_customizer.api import customize
-    from nemo_customizer.data import DatasetError
 
     root, _ = reference
     (root / "short-data").mkdir()
     (root / "short-data/training.jsonl").write_text(''.join(
         f'{{"prompt": "p{i}", "completion": "c"}}\n' for i in range(16)))
-    settings = _settings(root, "few-bins", 1)
-    settings["dataset"] = {"path": str(root / "short-data"), "val_fraction": 0.0}
-    settings["hyperparameters"].update(batch_size=16, sequence_packing_enabled=True)
+    (root / "short-data/validation.jsonl").write_text('{"prompt": "p", "completion": "c"}\n' * 2)
+    settings = _settings(root, "short-packed", 1)
+    settings["dataset"] = str(root / "short-data")
+    settings["hyperparameters"].update(batch_size=16, epochs=2, max_steps=None, sequence_packing_enabled=True)
     settings["model"]["max_seq_length"] = 1024
-    with pytest.raises(DatasetError, match="fewer than one packed batch of 2 bins"):
-        customize(**settings, num_gpus=2)
+    result = customize(**settings, num_gpus=2)
+    assert result.steps == 2
+    records = [json.loads(line) for line in (root / "short-packed/metrics.jsonl").read_text().splitlines()]
+    (plan,) = [r for r in records if r["event"] == "packing"]
+    assert (plan["bins"], plan["batch_size"], plan["packing_factor"]) == (2, 2, 8.0)
+    assert plan["steps_per_epoch"] == plan["requested_steps_per_epoch"] == 1
+    assert plan["tokens_per_step"] == pytest.approx(plan["requested_tokens_per_step"])
+    assert plan["bin_capacity"] < 1024

@@ -62,7 +62,7 @@ def evaluate_config(cfg: Config, dataset: Optional[str] = None, *, adapter: Opti
                    max_examples=max_examples)
     settings = dataclasses.replace(cfg.evaluation, **{k: (list(v) if isinstance(v, (list, tuple)) else v)
                                                       for k, v in options.items() if v is not None})
-    path = resolve_heldout_path(dataset, cfg.dataset.path if job_dir else None)
+    path = resolve_heldout_path(dataset, _training_data(cfg) if job_dir else None)
     report = run_evaluation(dataclasses.replace(cfg, evaluation=settings), path, adapter=adapter,
                             model_dir=model_dir, compare_base=compare_base, progress=progress, log=_stderr)
     if output:
@@ -199,6 +199,17 @@ def _architecture(cfg: Config):
     from nemo_customizer.checkpoints.resolve import resolve_model
 
     return resolve_model(cfg.model, cfg.cache_dir).config.architecture
+
+
+def _training_data(cfg: Config) -> Optional[str]:
+    """The job's training data path (a stored dataset's name resolved to its folder), or None when it is gone."""
+    from nemo_customizer.data.errors import DatasetError
+    from nemo_customizer.data.store import resolve_dataset_path
+
+    try:
+        return str(resolve_dataset_path(cfg.dataset.path, cfg.dataset.store_dir))
+    except (DatasetError, ConfigError, FileNotFoundError):
+        return None
 
 
 def job_config(job_dir: str, overrides: Sequence[str] = ()) -> Config:
