@@ -204,6 +204,7 @@ def test_evaluation_inside_a_job_before_and_after_training(tiny, tmp_path):
     (event,) = [r for r in records if r["event"] == "evaluation"]
     assert event["customized"] == result.evaluation["customized"]
     assert json.loads((job / "result.json").read_text())["evaluation"] == result.evaluation
+    assert (job / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the bar chart (matplotlib)
     saved = json.loads((job / "evaluation.json").read_text())
     assert saved["metrics"] == result.evaluation and saved["adapter"] == str(job / "adapter")
     # the same evaluation from the job directory, by the command line, gives the same numbers

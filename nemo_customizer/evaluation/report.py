@@ -78,6 +78,7 @@ class EvaluationReport:
         for axis, metric in zip(axes[0], shown):
             values = [m.metrics.get(metric, float("nan")) for m in self.models]
             axis.bar([m.model for m in self.models], values, color=["#999999", "#76b900"][-len(values):])
+            axis.set_ylim(0, 1.1 * max([v for v in values if v == v] + [1.0]))  # shares (0..1) on a full axis
             axis.set_title(metric, fontsize=9)
             axis.tick_params(labelsize=8)
         figure.suptitle(f"held-out evaluation ({self.rows} rows)", fontsize=10)
