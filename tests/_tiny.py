@@ -113,3 +113,21 @@ def tiny_generator_config(directory: Path, arch: ArchitectureConfig):
     from nemo_customizer.config.schema import Config, ModelConfig
 
     return Config(model=ModelConfig(checkpoint=str(directory), architecture=arch), device="cpu")
+
+
+def write_random_peft_adapter(model_dir: Path, adapter_dir: Path, target_modules, *, r: int = 4, alpha: int = 8,
+                              seed: int = 3):
+    """A peft LoRA adapter with random A and B (B is zero when peft creates it: give the adapter an effect) for the
+    HF checkpoint in ``model_dir``, saved to ``adapter_dir``; returns the peft model (fp32, eval mode)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(str(model_dir)),
+                           LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.3)
+    model.save_pretrained(str(adapter_dir))
+    return model.eval()

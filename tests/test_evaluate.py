@@ -9,7 +9,7 @@ import torch
 from nemo_customizer.config import ConfigError
 from nemo_customizer.data import DatasetError
 
-from _tiny import TINY_VOCAB, tiny_arch, write_classification_data, write_tiny_model_dir
+from _tiny import TINY_VOCAB, tiny_arch, write_classification_data, write_random_peft_adapter, write_tiny_model_dir
 
 MODEL = {"checkpoint": None, "random_weights": False}
 
@@ -17,22 +17,12 @@ MODEL = {"checkpoint": None, "random_weights": False}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(root, HF base model, HF peft model) with data/, test.jsonl and a random LoRA adapter in adapter/."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("evaluate")
     hf = write_tiny_model_dir(root / "model")
     write_classification_data(root / "data", n_train=48, n_val=8)
     write_classification_data(root / "heldout", n_train=12, n_val=1, seed=5)
     (root / "test.jsonl").write_text((root / "heldout" / "training.jsonl").read_text())
-    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(str(root / "model")),
-                                LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(3)
-    with torch.no_grad():  # B starts at zero: give the adapter an effect
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, 0.3)
-    peft_model.save_pretrained(str(root / "adapter"))
+    peft_model = write_random_peft_adapter(root / "model", root / "adapter", ["q_proj", "v_proj"])
     return root, hf.eval(), peft_model.eval()
 
 

@@ -9,7 +9,7 @@ from nemo_customizer.inference import Completion, Generator, generate
 from nemo_customizer.inference.sampling import find_stop, next_token
 from nemo_customizer.models.gpt import forward_logits
 
-from _tiny import TINY_VOCAB, tiny_arch, tiny_generator_config, write_tiny_model_dir
+from _tiny import TINY_VOCAB, tiny_arch, tiny_generator_config, write_random_peft_adapter, write_tiny_model_dir
 
 PROMPTS = ["hello world", "The quick brown fox jumps over", "x"]
 
@@ -66,19 +66,11 @@ def test_kv_cache_greedy_matches_no_cache_loop_and_transformers(generator, tiny)
 
 
 def test_adapter_greedy_matches_peft(tiny, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from transformers import LlamaForCausalLM
 
     directory, arch, _ = tiny
-    trained = get_peft_model(LlamaForCausalLM.from_pretrained(str(directory)),
-                             LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                        target_modules=["q_proj", "v_proj", "down_proj"]))
-    torch.manual_seed(3)
-    with torch.no_grad():  # B starts at zero: give the adapter an effect
-        for name, param in trained.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, 0.3)
-    trained.save_pretrained(str(tmp_path / "adapter"))
+    write_random_peft_adapter(directory, tmp_path / "adapter", ["q_proj", "v_proj", "down_proj"])
     reference = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(directory)),
                                           str(tmp_path / "adapter")).eval()
     with Generator.from_config(tiny_generator_config(directory, arch), adapter=str(tmp_path / "adapter")) as gen:
