@@ -75,6 +75,7 @@ def test_base_and_adapter_scores_equal_transformers_and_peft(tiny, tmp_path):
     written = json.loads((tmp_path / "out.json").read_text())
     assert written["metrics"] == report.summary() and len(written["predictions"]) == len(rows)
     assert written["predictions"][0]["customized"] == report.customized.predictions[0]
+    assert [row["reference"] for row in written["predictions"]] == [r["completion"] for r in rows]
     table = report.table()
     assert "label_logprob_accuracy" in table and "base" in table and "customized" in table and "change" in table
 

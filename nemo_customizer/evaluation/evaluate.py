@@ -22,7 +22,7 @@ TEST_PREFIXES = ("test",)
 
 def evaluate(dataset: Optional[str] = None, *, config: str = "smollm2-135m-instruct", adapter: Optional[str] = None,
              job_dir: Optional[str] = None, compare_base: bool = False, metrics: Optional[Sequence[str]] = None,
-             max_tokens: Optional[int] = None, stop: Optional[Sequence[str]] = None, batch_size: int = 16,
+             max_tokens: Optional[int] = None, stop: Optional[Sequence[str]] = None, batch_size: Optional[int] = None,
              max_examples: Optional[int] = None, output: Optional[str] = None, progress: bool = True,
              **overrides: Any) -> EvaluationReport:
     """Evaluate model config ``config`` (with LoRA ``adapter``, an HF PEFT folder) on the held-out JSONL ``dataset``.
@@ -141,7 +141,8 @@ def run_evaluation(cfg: Config, path: Path, *, adapter: Optional[str] = None, mo
                                                                    embedded=None, tokenizer=None))
         customized_result = evaluate_model(tuned, prepared, "customized", log)
     report = EvaluationReport(dataset=str(path), format=prepared.heldout.format, metrics=prepared.options.metrics,
-                              rows=len(prepared.heldout.examples), base=base_result, customized=customized_result,
+                              rows=len(prepared.heldout.examples), references=list(prepared.heldout.references),
+                              base=base_result, customized=customized_result,
                               adapter=str(adapter or model_dir) if customized else None)
     log(report.table())
     return report

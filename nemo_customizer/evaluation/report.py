@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from nemo_customizer.evaluation.runner import ModelEvaluation
@@ -17,6 +17,8 @@ class EvaluationReport:
     format: str
     metrics: tuple[str, ...]
     rows: int
+    references: list[str] = field(default_factory=list)
+    """Each row's reference answer (the completion, or the last assistant message's content)."""
     base: Optional[ModelEvaluation] = None
     customized: Optional[ModelEvaluation] = None
     adapter: Optional[str] = None
@@ -50,7 +52,7 @@ class EvaluationReport:
         """Everything, the answers row by row included."""
         rows = []
         for index in range(self.rows):
-            row: dict[str, Any] = {"index": index}
+            row: dict[str, Any] = {"index": index, "reference": self.references[index] if self.references else None}
             for m in self.models:
                 row[m.model] = m.predictions[index]
                 if m.predicted_calls is not None:
