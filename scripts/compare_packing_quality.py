@@ -50,21 +50,21 @@ def main(argv=None) -> int:
     hyperparameters = {"epochs": 1, "batch_size": 16, "micro_batch_size": args.micro_batch_size,
                        "learning_rate": lr, "min_learning_rate": lr / 10,
                        "lora": {"adapter_dim": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}}
+    summary = root / "summary.json"
+    previous = json.loads(summary.read_text()) if summary.is_file() else {}  # runs of earlier invocations
     rows = {}
     for seed in args.training_seeds:
-        first = seed == args.training_seeds[0]
         for packed in (False, True):
             name = f"ours, {'packed' if packed else 'unpacked'}, seed {seed}"
+            need_base = "base model (no training)" not in {**previous, **rows}  # the base is evaluated once
             rows[name] = _ours(root, data, {**hyperparameters, "seed": seed}, packed, max_tokens, args.device,
-                               compare_base=first and not packed, job_name=f"{name.split(', ')[1]}-{seed}")
+                               compare_base=need_base, job_name=f"{name.split(', ')[1]}-{seed}")
             if "base" in rows[name]:
                 rows["base model (no training)"] = rows[name].pop("base")
     if not args.skip_baseline:
         rows["transformers+peft"] = _baseline(root, data, {**hyperparameters, "seed": args.training_seeds[0]},
                                               max_tokens, args.device, args.task)
-    summary = root / "summary.json"
-    previous = json.loads(summary.read_text()) if summary.is_file() else {}
-    rows = {**previous, **rows}  # runs of other seeds (earlier invocations) are kept
+    rows = {**previous, **rows}
     summary.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\n| {args.task} run | optimizer steps | tokens per step | val loss | "
           + " | ".join(f"held-out {m}" for m in shown) + " |")
