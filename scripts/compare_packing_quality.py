@@ -73,6 +73,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {row.get('steps', '-')} | {_fmt(row.get('tokens_per_step'), '{:,.0f}')} | "
               f"{_fmt(row.get('val_loss'), '{:.3f}')} | "
               + " | ".join(_fmt(row['metrics'].get(m), '{:.3f}' if m == 'loss' else '{:.4g}') for m in shown) + " |")
+    _paired_bootstrap(rows, data, shown[0], args.task)
     for kind in ("unpacked", "packed"):  # mean and range over training seeds
         runs = [row for name, row in rows.items() if name.startswith(f"ours, {kind}, seed")]
         if len(runs) > 1:
@@ -95,7 +96,9 @@ def _ours(root: Path, data: Path, hyperparameters: dict, packed: bool, max_token
                        progress_bar=False)
     records = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["event"] == "train"]
+    answers = [r["customized"] for r in json.loads((job / "evaluation.json").read_text())["predictions"]]
     row = {"steps": result.steps, "val_loss": result.best_val_loss, "metrics": result.evaluation["customized"],
+           "answers": answers,
            "tokens_per_step": sum(r["tokens"] for r in train) / len(train) if train and "tokens" in train[0]
            else None}
     if compare_base:
@@ -120,7 +123,36 @@ def _baseline(root: Path, data: Path, hyperparameters: dict, max_tokens: int, de
     names = ["accuracy"] if task == "classification" else ["bleu", "chrf", "rouge_l"]
     metrics = compute_generation_metrics(names, run["predictions"], heldout.references, labels=heldout.labels)
     return {"steps": run["steps"], "tokens_per_step": run.get("tokens_per_step"), "val_loss": run.get("val_loss"),
-            "metrics": metrics}
+            "metrics": metrics, "answers": run["predictions"]}
+
+
+def _paired_bootstrap(rows: dict, data: Path, metric: str, task: str, resamples: int = 1000) -> None:
+    """How far each run's ``metric`` is from the first unpacked run's by chance of the test rows: the mean and 95%
+    interval of the difference over ``resamples`` resamplings of the rows (the same rows for both runs)."""
+    import random
+
+    from nemo_customizer.evaluation.heldout import read_heldout
+    from nemo_customizer.evaluation.metrics import compute_generation_metrics
+
+    heldout = read_heldout(data / "test.jsonl")
+    runs = {name: row["answers"] for name, row in rows.items() if row.get("answers")}
+    reference = next((name for name in runs if name.startswith("ours, unpacked")), None)
+    if reference is None:
+        return
+    rng = random.Random(0)
+
+    def score(answers, index):
+        return compute_generation_metrics([metric], [answers[i] for i in index],
+                                          [heldout.references[i] for i in index], labels=heldout.labels)[metric]
+
+    samples = [[rng.randrange(len(heldout.references)) for _ in heldout.references] for _ in range(resamples)]
+    for name, answers in runs.items():
+        if name == reference:
+            continue
+        differences = sorted(score(answers, index) - score(runs[reference], index) for index in samples)
+        print(f"{task}: {metric} of '{name}' minus '{reference}': {sum(differences) / resamples:+.4g} (95% of "
+              f"resamplings of the test rows: {differences[int(0.025 * resamples)]:+.4g} to "
+              f"{differences[int(0.975 * resamples) - 1]:+.4g})")
 
 
 def _fmt(value, pattern: str) -> str:
