@@ -35,12 +35,13 @@ class TokenScores:
 
 @torch.inference_mode()
 def score_targets(model: torch.nn.Module, sequences: Sequence[Sequence[int]], target_masks: Sequence[Sequence[int]],
-                  *, device: torch.device, batch_tokens: int = 8192) -> List[TokenScores]:
+                  *, device: torch.device, batch_tokens: int = 2048) -> List[TokenScores]:
     """Scores of the target tokens of every sequence: ``target_masks[k][i] == 1`` marks token ``i`` of sequence ``k``
     as a target, predicted from tokens ``0..i-1`` (so ``target_masks[k][0]`` must be 0).
 
-    ``batch_tokens`` bounds the padded tokens per forward (rows × longest row); a longer row runs alone. The logits
-    of target positions only are taken to fp32, so memory is one batch's logits in the model's dtype.
+    ``batch_tokens`` bounds the padded tokens per forward (rows × longest row); a longer row runs alone. A forward
+    holds ``batch_tokens × vocab`` logits in the model's dtype (only the target positions' are taken to fp32), so
+    this bounds the memory scoring adds to the model's.
     """
     from nemo_customizer.models.gpt import forward_logits
 
