@@ -25,9 +25,10 @@ import argparse
 import json
 import pathlib
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from nemo_customizer._package_data import package_file
+from nemo_customizer.data.jsonl import write_jsonl
 
 INSTALL = "pip install --no-deps chitchat-dataset"
 
@@ -54,10 +55,6 @@ def read_rows(path: pathlib.Path, max_turns: int) -> list[dict]:
     return [row for row in rows if row is not None]
 
 
-def write_jsonl(path: pathlib.Path, rows: Iterable[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:

