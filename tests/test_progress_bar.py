@@ -4,7 +4,10 @@ the last) in a log file or CI."""
 from __future__ import annotations
 
 import io
+import os
 from types import SimpleNamespace
+
+import pytest
 
 from nemo_customizer.training import metrics
 from nemo_customizer.training.metrics import ProgressBar
@@ -33,6 +36,24 @@ def test_a_terminal_gets_one_line_redrawn_in_place():
     assert text.endswith("\n") and "step 8/8" in lines[-2].split("\r")[-1]
     assert "loss 0.1250, 1,234 tok/s" in lines[-2].split("\r")[-1]
     assert sum(line.count("step 8/8") for line in lines) == 1  # one final line, not one line per step
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_a_terminal_that_reports_no_size_still_shows_the_bar():
+    """A pseudo-terminal nobody sized (``script``, some containers) reports 0 x 0; tqdm alone would hide the bar."""
+    controller, terminal = os.openpty()
+    try:
+        with os.fdopen(terminal, "w", closefd=False) as stream:
+            assert os.get_terminal_size(terminal) == (0, 0)
+            bar = ProgressBar(2, stream=stream)
+            bar.update(1, loss=0.5, tokens_per_s=10.0)
+            bar.update(2, loss=0.25, tokens_per_s=10.0)
+            bar.close()
+        shown = os.read(controller, 1 << 16).decode()
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert "step 2/2" in shown and "loss 0.2500" in shown
 
 
 def test_a_log_file_gets_a_line_every_log_interval_steps_and_at_the_last():

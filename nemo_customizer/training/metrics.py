@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,8 +85,8 @@ class ProgressBar:
         postfix = f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s"
         if self.interactive:
             if self._bar is None:
-                self._bar = tqdm(total=self.total, initial=self._initial, file=self.stream, dynamic_ncols=True,
-                                 bar_format=self.TERMINAL_FORMAT)
+                self._bar = tqdm(total=self.total, initial=self._initial, file=self.stream,
+                                 bar_format=self.TERMINAL_FORMAT, **_terminal_size(self.stream))
             self._bar.set_postfix_str(postfix, refresh=False)
             self._bar.update(step - self._bar.n)  # redraws at most every 0.1 s (tqdm's mininterval)
             return
@@ -111,6 +112,16 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _terminal_size(stream) -> dict:
+    """tqdm's size arguments: the width measured at each redraw, unless the terminal reports no size (a
+    pseudo-terminal nobody sized: ``script``, some containers), where tqdm would hide the bar; then 80 x 24."""
+    try:
+        columns, lines = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # no file descriptor: tqdm measures nothing either
+        return {"dynamic_ncols": True}
+    return {"dynamic_ncols": True} if columns and lines else {"ncols": 80, "nrows": 24}
 
 
 def _is_terminal(stream) -> bool:
