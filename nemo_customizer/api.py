@@ -343,8 +343,8 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
                    f"micro_batch_size={packing.micro_batch_size} bins" if packing else
                    f"batch_size={hp.batch_size}, micro_batch_size={hp.micro_batch_size}")
         log(f"training {total_steps} steps: epochs={hp.epochs}, {batches}, learning_rate={hp.learning_rate}")
-        progress = ProgressBar(total_steps, enabled=layout.is_main and cfg.progress_bar, every=cfg.log_interval,
-                               log=layout.is_main)
+        progress = ProgressBar(total_steps, enabled=layout.is_main and cfg.progress_bar, stream=sys.stderr,
+                               every=cfg.log_interval, log=layout.is_main)
         save_checkpoint, resume = _checkpoints(cfg, job, model, optimizer, scheduler, layout, metrics, log)
         fit_result = fit(TrainingJob(
             model=ddp, optimizer=optimizer, scheduler=scheduler, train_examples=inputs.train,

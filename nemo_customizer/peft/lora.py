@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
@@ -198,10 +198,3 @@ def adapter_parameters(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
         for name, p in module.adapter_params().items():
             params[f"{prefix}.{name}"] = p
     return params
-
-
-def find_pair(model: torch.nn.Module, module_name: str, projection: str) -> Optional[LoraPair]:
-    module = dict(model.named_modules()).get(module_name)
-    if isinstance(module, LoraModule) and projection in module.adapters:
-        return module.adapters[projection]
-    return None

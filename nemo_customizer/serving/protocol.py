@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from nemo_customizer.data.chat_rows import ROLES
 from nemo_customizer.serving.errors import bad_request
 
 
@@ -114,9 +115,14 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def template_messages(self) -> List[Dict[str, Any]]:
         """The messages as chat templates expect them: OpenAI content parts (``[{"type": "text", "text": ...}]``)
-        joined into one string; any other content is refused."""
+        joined into one string; any other content is refused, and so is a role that training data may not have (a
+        template would render it as text and the model generate on until its token limit)."""
         messages = []
         for k, message in enumerate(self.messages):
+            role = message.get("role")
+            if isinstance(role, str) and role not in ROLES:  # a missing or non-string role: ChatTemplate refuses it
+                raise bad_request(f"Invalid value for messages[{k}].role: {role!r}. Supported values are: "
+                                  f"{', '.join(map(repr, ROLES))}.", param=f"messages[{k}].role", code="invalid_value")
             content = message.get("content")
             if isinstance(content, list):
                 if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)

@@ -1,12 +1,15 @@
-"""Job metrics: ``metrics.jsonl`` records and a one-line terminal progress bar (main rank only)."""
+"""Job metrics: ``metrics.jsonl`` records and the steps' progress bar (main rank only)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+from tqdm import tqdm
 
 
 class MetricsLog:
@@ -49,54 +52,78 @@ class MetricsLog:
 
 
 class ProgressBar:
-    """``[#####.....] step 12/82 | loss 0.734 | 160 tok/s | ETA 6m12s`` redrawn in place on a terminal."""
+    """The training steps' progress (main rank), drawn by ``tqdm``.
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream=None, width: int = 24, every: int = 1,
-                 log: bool = True):
+    On a terminal, one line redrawn in place: ``41%|████▏     | step 34/82 [00:12<00:17, loss 0.7340, 160 tok/s]``.
+    Elsewhere (a log file, CI), one line per ``every`` steps and at the last step:
+    ``step 34/82 (41%) [00:12<00:17, loss 0.7340, 160 tok/s]``.
+    """
+
+    TERMINAL_FORMAT = "{l_bar}{bar}| step {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+    LOG_FORMAT = "step {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}{postfix}]"
+
+    def __init__(self, total_steps: int, enabled: bool = True, stream=None, every: int = 1, log: bool = True):
         self.total = max(total_steps, 1)
         self.enabled = enabled
-        """Draw the bar (main rank, unless turned off)."""
+        """Show the progress (main rank, unless turned off)."""
         self.log = log
         """Print ``message`` lines (main rank only)."""
         self.every = max(every, 1)
         """In a log file (not a terminal) print only every N-th step, and the last."""
         self.stream = stream if stream is not None else sys.stderr  # looked up now: tests swap sys.stderr
-        self.width = width
-        self.start = time.perf_counter()
-        self._interactive = bool(getattr(stream, "isatty", lambda: False)())
+        self.interactive = _is_terminal(self.stream)
+        """A terminal: redraw one line in place."""
+        self._start = time.perf_counter()
+        self._initial: Optional[int] = None  # steps done before this process's first (a resumed job)
+        self._bar = None  # the terminal's tqdm bar, from the first step on
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         if not self.enabled:
             return
-        if not self._interactive and step % self.every and step != self.total:
+        if self._initial is None:
+            self._initial = step - 1
+        postfix = f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s"
+        if self.interactive:
+            if self._bar is None:
+                self._bar = tqdm(total=self.total, initial=self._initial, file=self.stream,
+                                 bar_format=self.TERMINAL_FORMAT, **_terminal_size(self.stream))
+            self._bar.set_postfix_str(postfix, refresh=False)
+            self._bar.update(step - self._bar.n)  # redraws at most every 0.1 s (tqdm's mininterval)
             return
-        done = int(self.width * step / self.total)
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
-        line = (f"[{'#' * done}{'.' * (self.width - done)}] step {step}/{self.total} | loss {loss:.4f} | "
-                f"{tokens_per_s:,.0f} tok/s | ETA {_duration(eta)}")
-        if self._interactive:
-            self.stream.write("\r" + line)
-        else:
-            self.stream.write(line + "\n")
+        if step % self.every and step != self.total:
+            return
+        line = tqdm.format_meter(step, self.total, time.perf_counter() - self._start, initial=self._initial,
+                                 postfix=postfix, bar_format=self.LOG_FORMAT)
+        self.stream.write(line + "\n")
         self.stream.flush()
 
     def message(self, text: str) -> None:
         """A log line that does not fight with the bar."""
         if not self.log:
             return
-        if self.enabled and self._interactive:
-            self.stream.write("\n")
-        print(text, file=self.stream, flush=True)
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)  # clears the bar, prints, redraws it below
+            self.stream.flush()
+        else:
+            print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.enabled and self._interactive:
-            self.stream.write("\n")
-            self.stream.flush()
+        """Leave the terminal's bar as its last state (a finished job: full) and move to the next line."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    minutes, sec = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+def _terminal_size(stream) -> dict:
+    """tqdm's size arguments: the width measured at each redraw, unless the terminal reports no size (a
+    pseudo-terminal nobody sized: ``script``, some containers), where tqdm would hide the bar; then 80 x 24."""
+    try:
+        columns, lines = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # no file descriptor: tqdm measures nothing either
+        return {"dynamic_ncols": True}
+    return {"dynamic_ncols": True} if columns and lines else {"ncols": 80, "nrows": 24}
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty()) if callable(isatty) else False
