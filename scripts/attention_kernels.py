@@ -4,7 +4,7 @@
 
 4,096 packed tokens (lengths drawn with mean 600), bf16, 32 query / 8 key-value heads; the sum of GPU kernel time
 over 20 forward+backward calls under the torch profiler, divided by 20, and the four largest kernels. The numbers in
-docs/PERFORMANCE.md ("FlashAttention-4 for packed attention") came from this code.
+docs/PERFORMANCE.md ("Packed attention kernels alone") come from this code.
 """
 import math, torch
 from torch.profiler import profile, ProfilerActivity

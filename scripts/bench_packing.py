@@ -7,11 +7,11 @@ reader; first `--max-turns` turns), turned into prompt/completion rows: the prom
 median ~120, from under 10 to several hundred), which is where padded batches waste compute.
 
 Both kinds of optimizer step run on one model in one process, alternating (padded, packed, padded, ...), so both see
-the same machine load (this box is shared); the first step of each kind warms up and is not timed. Both use the same
-rows (epoch 0's seeded order), model, LoRA and hyperparameters; packed steps use the bin batch sizes that
-``customize(..., hyperparameters={"sequence_packing_enabled": True})`` derives, so each sees about as many tokens as
-a padded step. Reported: real (non-padding) tokens/s, seconds per step, and the wall time of one epoch of the
-training rows at that rate (epoch tokens / tokens/s), with the packing factor and padding fractions.
+the same machine load (other work on a shared machine slows both alike); the first step of each kind warms up and is
+not timed. Both use the same rows (epoch 0's seeded order), model, LoRA and hyperparameters; packed steps use the bin
+batch sizes that ``customize(..., hyperparameters={"sequence_packing_enabled": True})`` derives, so each sees about
+as many tokens as a padded step. Reported: real (non-padding) tokens/s, seconds per step, and the wall time of one
+epoch of the training rows at that rate (epoch tokens / tokens/s), with the packing factor and padding fractions.
 
 Usage: python scripts/bench_packing.py [--train 300 --steps 5 --batch-size 32 --micro-batch-size 8
 --max-seq-length 512 --output-dir /tmp/bench_packing]

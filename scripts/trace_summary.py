@@ -5,7 +5,7 @@
 
 Per step: kernel time by name; over the trace: the span from the first to the last GPU event, the time some kernel,
 copy or memset ran ("busy"), the rest ("idle"), and the largest gaps. The idle and per-kernel numbers of
-docs/PERFORMANCE.md's profiles came from this code (run from outside the repo, added to scripts/ afterwards).
+docs/PERFORMANCE.md's step profiles come from this code.
 """
 import json, sys, re, collections
 trace = json.load(open(sys.argv[1]))

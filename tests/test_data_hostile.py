@@ -158,7 +158,7 @@ def test_ten_megabyte_lines(tmp_path, model_dir):
     f.write_text(json.dumps({"prompt": big, "completion": " yes"}) + "\n")
     splits = load_dataset(f, val_fraction=0.0)
     assert len(splits.train[0].prompt) == 10_000_000
-    # Tokenizing 10 MB takes ~10 s on the byte tokenizer; the 1 MB case exercises the same truncation path.
+    # Tokenizing 10 MB is slow on the byte tokenizer; the 1 MB case exercises the same truncation path.
     one_mb = [type(splits.train[0])(prompt=big[:1_000_000], completion=" yes", origin=f"{f}:1")]
     tokenized, stats = tokenize_examples(one_mb, tiny_tokenizer(model_dir), max_seq_length=128)
     assert stats.truncated == 1 and len(tokenized[0].input_ids) == 128
@@ -180,7 +180,7 @@ def test_a_million_tiny_rows_load_in_seconds(tmp_path):
     seconds = time.perf_counter() - start
     print(f"loaded 1,000,000 rows in {seconds:.1f}s")
     assert (len(splits.train), len(splits.val)) == (900_000, 100_000)
-    assert seconds < 60  # ~5 s on one core of a shared 2-core CI box
+    assert seconds < 60  # a wide margin over the load's time on one core of a shared CI machine
 
     with f.open("a") as handle:
         handle.write('{"prompt": "p", "completion": 7}\n')

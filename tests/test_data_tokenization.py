@@ -1,4 +1,5 @@
-"""Tokenization, completion-only loss masks and the seed's truncation rule, checked by hand on a tiny real tokenizer."""
+"""Tokenization, completion-only loss masks and the prompt-from-the-left truncation rule, checked by hand on a tiny real
+tokenizer."""
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors

@@ -23,7 +23,7 @@ needs_smollm2 = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Convert once per module (~25 s on 2 CPU cores) into a private cache."""
+    """Convert once per module (the slow part of these tests) into a private cache."""
     cache = tmp_path_factory.mktemp("cache")
     return cache, resolve_embedded_checkpoint(NAME, cache)
 

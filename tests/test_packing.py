@@ -193,8 +193,8 @@ def test_packing_keeps_tokens_per_step_and_steps_per_epoch(low, high, max_seq_le
 
 
 def test_short_examples_get_bins_of_a_step_and_the_log_states_requested_and_actual():
-    # 720 rows of ~75 tokens, batch 16, 2048-token context: full bins hold ~27 rows, so one bin per step took 1.7x
-    # the tokens and 40% fewer steps. Now a bin holds 16 rows.
+    # 720 rows of ~75 tokens, batch 16, 2048-token context: full bins would hold ~27 rows, so one bin per step would
+    # carry 1.7x a step's tokens in 40% fewer steps. The bins shrink to a step's 16 rows instead.
     rng = random.Random(0)
     lengths = [rng.randint(45, 105) for _ in range(720)]
     plan = plan_packing(_examples(lengths), max_seq_length=2048, batch_size=16, micro_batch_size=1, dp_size=1,

@@ -72,7 +72,8 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     """Tokenizer directory; defaults to the checkpoint directory."""
     max_seq_length: int = 2048
-    """Longest training sequence (prompt + completion tokens); longer rows are truncated by the seed's rules."""
+    """Longest training sequence (prompt + completion tokens); longer rows lose prompt tokens from the left (chat rows:
+    trailing turns), and rows whose completion alone is longer are dropped."""
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     use_sequence_parallel: bool = False
@@ -92,7 +93,7 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapter settings (the seed's ``hyperparameters.lora``)."""
+    """LoRA adapter settings (NeMo Customizer's ``hyperparameters.lora``)."""
 
     adapter_dim: int = 8
     """Rank r of the low-rank update."""

@@ -82,8 +82,8 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
         _at_least("hyperparameters.max_steps", hp.max_steps, 1)
     if hp.val_check_interval is not None:
         _at_least("hyperparameters.val_check_interval", hp.val_check_interval, 1)
-    # sequence_packing_enabled on a model without packing support is not an error: as the seed does, the job trains
-    # unpacked and says so in its log and result (api._load_inputs).
+    # sequence_packing_enabled on a model without packing support is not an error: the job trains unpacked and says
+    # so in its log and result (api._load_inputs).
     if hp.cuda_graphs and not hp.sequence_packing_enabled:
         raise ConfigError("hyperparameters.cuda_graphs=true replays packed micro batches (fixed shapes); set "
                           "hyperparameters.sequence_packing_enabled=true or cuda_graphs=false.")

@@ -1,7 +1,7 @@
 """Datasets (prompt/completion and chat): find files, validate rows, tokenize with loss masks, batch, collate.
 
 Files: ``discovery`` (which files), ``jsonl`` (read lines, strict JSON), ``formats/`` (one module per row format),
-``loading`` (``load_dataset``), ``split`` (seeded validation hold-out), ``truncation`` (the seed's length rule),
+``loading`` (``load_dataset``), ``split`` (seeded validation hold-out), ``truncation`` (the length rule),
 ``tokenization`` (``tokenize_examples``), ``batching`` (shuffle and DP sharding), ``packing`` (bins of examples
 and packed batch sizes), ``collate`` (tensors, padded or packed),
 ``errors`` (``DatasetError``).

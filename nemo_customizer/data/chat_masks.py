@@ -160,7 +160,7 @@ def truncate_chat(encoder: ChatEncoder, messages: Sequence[Message], tools: Opti
                   max_seq_length: int) -> tuple[Optional[TokenizedExample], str]:
     """The conversation as a ``TokenizedExample`` of at most ``max_seq_length`` tokens, and what happened to it.
 
-    Returns ``(example, "unchanged" | "truncated")`` or ``(None, "dropped")``. The seed's rule for chat, keeping the
+    Returns ``(example, "unchanged" | "truncated")`` or ``(None, "dropped")``. The rule for chat, keeping the
     template's formatting intact: drop whole trailing turns so the conversation still ends on an assistant message; if
     even the first assistant message does not fit, cut inside it and still close it with its end-of-turn token(s).
     A row that keeps no assistant content token is dropped (it would add nothing but a NaN-prone empty loss).

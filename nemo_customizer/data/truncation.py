@@ -1,4 +1,4 @@
-"""The seed's truncation rule for prompt/completion rows, as a pure function on token ids."""
+"""The truncation rule for prompt/completion rows (prompt tokens go from the left), as a pure function on token ids."""
 
 from __future__ import annotations
 

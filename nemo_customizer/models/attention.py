@@ -149,7 +149,7 @@ class CoreAttention(MegatronModule):
         flash = flash4 or (query.is_cuda and self._varlen is not None and half)
         if query.is_cuda and gqa and not (flash4 or (flash and self._varlen_native_gqa)):
             # Without native GQA, give every query head its own copy of its group's key/value head: CUDA SDPA
-            # with enable_gqa falls back to the slow math kernel (fp32 bmm + softmax), ~30% of an 8B LoRA step.
+            # with enable_gqa falls back to the slow math kernel (fp32 bmm + softmax), a large share of a step.
             key, value = _expand_kv(key, heads), _expand_kv(value, heads)
             gqa = False
         if flash:
@@ -163,16 +163,16 @@ class CoreAttention(MegatronModule):
                 out = packed_causal_attention(query, key, value, cu_q, cu_k, max_q, max_k, self.softmax_scale)
                 return out.reshape(total, heads * head_dim)
             # Flash attention reads a group's key/value head for each of its query heads itself. torch 2.11's
-            # varlen_attn has no enable_gqa flag but passes the heads through unchecked (same outputs and gradients
-            # as expanded heads on an H200, without the copies); later versions want the flag.
+            # varlen_attn has no enable_gqa flag but passes the heads through unchecked (the same outputs and
+            # gradients as expanded heads, without the copies); later versions want the flag.
             kwargs = {"enable_gqa": True} if gqa and self._varlen_has_gqa else {}
             out = self._varlen(
                 query, key, value, cu_q, cu_k, max_q, max_k, scale=self.softmax_scale, window_size=(-1, 0), **kwargs
             )  # (t, heads, head_dim)
             return out.reshape(total, heads * head_dim)
         # One causal SDPA per sequence (same result as SDPA with packed_causal_mask): the work grows with the sum of
-        # squared lengths instead of t², and SDPA can take its fused causal kernel. On CPU, 8 sequences in 1,000
-        # tokens run fwd+bwd ~6x faster than with the block-diagonal [t, t] mask.
+        # squared lengths instead of t², and SDPA can take its fused causal kernel; a block-diagonal [t, t] mask
+        # would compute and then discard every cross-sequence score.
         q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)  # (heads | kv_heads, t, head_dim)
         bounds = params.cu_seqlens_q.tolist()
         outs = [

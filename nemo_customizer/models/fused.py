@@ -19,10 +19,10 @@ def fused_on_cuda(fn: Callable) -> Callable:
     Positional arguments are tensors; keyword arguments are constants baked into the compiled graph (one graph per
     distinct set of values). A Python float passed positionally would become a graph input, and with dynamic shapes
     dynamo turns it into a 0-d tensor that the graph reads back with ``.item()``: a host sync inside every call
-    (seen on an H200 as two stalls per layer from RMSNorm's ``eps``). ``.compiled(**constants)`` returns the compiled
-    function itself (``tests/gpu/test_kernels_gpu.py`` compares it with ``fn``).
+    (RMSNorm's ``eps`` passed that way stalled the host twice per layer). ``.compiled(**constants)`` returns the
+    compiled function itself (``tests/gpu/test_kernels_gpu.py`` compares it with ``fn``).
 
-    Inductor's dynamic-shape kernels can run far below memory bandwidth (a fifth of it for RoPE on an H200): the
+    Inductor's dynamic-shape kernels can run far below memory bandwidth (RoPE's did): the
     hottest of these functions have hand-written Triton kernels (``triton_kernel`` below) and keep this as fallback.
     """
     @functools.lru_cache(maxsize=None)

@@ -4,9 +4,9 @@ In training, ``OutputCrossEntropy`` computes every gradient in the forward pass,
 ``LOSS_CHUNK_TOKENS`` positions, while the chunk's logits exist, and keeps only the ``(n, h)`` gradient of the hidden
 states and, when the output weight trains (full fine-tuning), its ``(vocab, h)`` gradient summed over the chunks. No
 logits are kept and none are recomputed in backward: against checkpointed chunks, one ``(n, h) x (h, vocab)`` GEMM
-fewer per step (~10% of a Llama-3.2-1B LoRA step at a 128k vocabulary, ~4% of a full fine-tuning one), and the
-cross-entropy is one pass that writes its gradient (``models.loss_kernel`` on CUDA). Under tensor parallelism each
-rank holds a vocabulary shard: the softmax's max, normalizer and target logit are all-reduced over the TP group,
+fewer per step (a noticeable part of a small model's step at a large vocabulary), and the cross-entropy is one
+pass that writes its gradient (``models.loss_kernel`` on CUDA). Under tensor parallelism each rank holds a vocabulary
+shard: the softmax's max, normalizer and target logit are all-reduced over the TP group,
 each rank's partial gradient of the hidden states is summed by the all-reduce that
 ``copy_to_tensor_model_parallel_region`` does in backward, and each rank's weight gradient is its shard's own.
 Without gradients (validation) the losses come from one fused cross-entropy over the logits.

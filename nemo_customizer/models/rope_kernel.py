@@ -1,9 +1,8 @@
 """RoPE as a Triton kernel: one program per token rotates all its heads, reading query/key where mcore left them.
 
 Why not ``torch.compile``: the rotation must serve a different packed token count every micro batch, and Inductor's
-dynamic-shape kernel for it ran at a fifth of the memory bandwidth on an H200 (55 us forward for the 1B model's
-query and key at 4,096 tokens, against 12 us here and 13 us for a kernel compiled for that one shape): ~1.7 ms of a
-1B LoRA step. This kernel takes any token count at full speed.
+dynamic-shape kernel for it runs far below memory bandwidth, where a kernel compiled for one fixed shape does not.
+This kernel takes any token count at the speed of the fixed-shape one (docs/PERFORMANCE.md profiles a step).
 
 The backward is the inverse rotation (the transpose of a rotation), the same kernel with ``inverse=True``.
 Only imported where Triton exists (CUDA builds of torch); ``models.rope`` falls back to the compiled function.

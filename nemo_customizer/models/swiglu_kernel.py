@@ -3,8 +3,8 @@
 Why not mcore's compiled ``swiglu_back``: it builds the input gradient as ``cat(d_gate, d_up)``, and Inductor's
 kernel for that computes each output element from the index of the half it falls in, so it loads the incoming
 gradient and the gate twice (7 tensor-sized passes over memory where 5 do). Here one program computes both halves of
-a row block from one load of each: 128 against 171 us forward and backward for the 1B model's 4,096 x 2 x 8,192 on an
-H200. Forward and backward keep only the input, as mcore's does.
+a row block from one load of each, so the backward makes only the passes it needs (the step profiles in
+docs/PERFORMANCE.md show its share). Forward and backward keep only the input, as mcore's does.
 Only imported where Triton exists (CUDA builds of torch); ``models.swiglu`` computes the same in torch elsewhere.
 """
 

@@ -1,7 +1,7 @@
 """Prompt/completion rows ``{"prompt": str, "completion": str}``: validation, parsing, tokenization.
 
-The loss is on completion tokens only (the model learns to answer, not to reproduce prompts), and over-long rows follow
-the seed's rule: drop prompt tokens from the left (see ``truncation.truncate_prompt_left``).
+The loss is on completion tokens only (the model learns to answer, not to reproduce prompts), and over-long rows lose
+prompt tokens from the left (see ``truncation.truncate_prompt_left``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def tokenize(
 
     The prompt is tokenized with ``add_special_tokens=True`` so the model sees the BOS it was trained with; the
     completion without, then EOS is appended so the model learns to stop. Rows longer than ``max_seq_length`` are
-    truncated or dropped by the seed's rule; the stats say how many.
+    truncated or dropped by ``truncation.truncate_prompt_left``; the stats say how many.
     """
     eos = tokenizer.eos_token_id
     if eos is None:

@@ -1,0 +1,65 @@
+"""docs/PERFORMANCE.md is what docs/performance/results.jsonl renders, and benchmark rows can be added to it."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "performance_tables.py"
+
+
+def _tables():
+    spec = importlib.util.spec_from_file_location("performance_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_performance_doc_is_what_the_results_render():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_hand_edit_of_a_table_fails_the_check(tmp_path):
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text((ROOT / "docs" / "PERFORMANCE.md").read_text().replace("| 8B LoRA r16 q,v | H200 | 19,352",
+                                                                        "| 8B LoRA r16 q,v | H200 | 21,000"))
+    assert _tables().main(["--check", "--doc", str(doc)]) == 1
+
+
+def _benchmark_output(tok_s: int) -> str:
+    """What ``scripts/benchmark.py --peer`` prints for one configuration: a card line, ours, the baseline."""
+    ours = dict(impl="nemo_customizer", model="llama-3.2-1b-instruct", mode="lora-qv", seq=4096, packed=True, tp=1,
+                sp=False, bins_per_micro_batch=1, tok_s=tok_s, tflops=500, mfu=0.506, peak_gb=6.9, step_ms=40.0,
+                host_syncs={"total": 1}, compiled=True, cuda_graphs=True, activation_checkpointing=False,
+                recompute_modules=[], step_timing="queued", attention="fa4", losses=[12.0],
+                card="NVIDIA H100 80GB HBM3")
+    baseline = dict(impl="hf+peft", model="llama-3.2-1b-instruct", mode="lora-qv", seq=4096, packed=False, rows=1,
+                    tok_s=40000, tflops=300, mfu=0.3, peak_gb=14.9, step_ms=102.4, card="NVIDIA H100 80GB HBM3")
+    return "card: NVIDIA H100 80GB HBM3  torch 2.11.0\n" + json.dumps(ours) + "\n" + json.dumps(baseline) + "\n"
+
+
+def test_benchmark_rows_are_added_and_a_new_measurement_replaces_the_old(tmp_path):
+    results, doc = tmp_path / "results.jsonl", tmp_path / "PERFORMANCE.md"
+    shutil.copy(ROOT / "docs" / "performance" / "results.jsonl", results)
+    before = len(results.read_text().splitlines())
+    command = "python scripts/benchmark.py --packed --cuda-graphs --peer"
+    for tok_s in (90000, 100000):
+        rows = tmp_path / f"rows-{tok_s}.jsonl"
+        rows.write_text(_benchmark_output(tok_s))
+        args = ["--add", str(rows), "--command", command, "--date", "2026-12-08", "--commit", "abc1234",
+                "--results", str(results), "--doc", str(doc)]
+        assert _tables().main(args) == 0
+    added = [json.loads(line) for line in results.read_text().splitlines()[before:]]
+    assert len(added) == 1  # the second run replaced the first: one row per configuration and card
+    assert added[0]["card"] == "H100" and added[0]["tokens_per_s"] == 100000
+    assert added[0]["baseline_tokens_per_s"] == 40000 and added[0]["commit"] == "abc1234"
+    text = doc.read_text()
+    assert "| 1B LoRA r16 q,v | H100 | 100,000 | 50.6% | 6.9 | 40,000 | 2.50× |" in text
+    assert "| 1B LoRA r16 q,v | H200 | 103,273 |" in text  # another card's row stays
+    assert f"2026-12-08, H100, at `abc1234`: `{command}`" in text
+    assert _tables().main(["--check", "--results", str(results), "--doc", str(doc)]) == 0
