@@ -27,8 +27,9 @@ def _parallel_state_is_up() -> bool:
 def test_a_training_session_builds_what_the_job_trains(model_dir):
     from nemo_customizer.training.session import TrainingSession
 
-    cfg = _config(model_dir, "hyperparameters.lora.adapter_dim=4", "hyperparameters.lora.target_modules=[q_proj,v_proj]",
-                  "hyperparameters.learning_rate=1e-3", "hyperparameters.warmup_steps=2")
+    cfg = _config(model_dir, "hyperparameters.lora.adapter_dim=4",
+                  "hyperparameters.lora.target_modules=[q_proj,v_proj]", "hyperparameters.learning_rate=1e-3",
+                  "hyperparameters.warmup_steps=2")
     with TrainingSession(cfg, checkpoint_dir=model_dir) as session:
         assert _parallel_state_is_up() and session.layout.world_size == 1
         model = session.build_model()
