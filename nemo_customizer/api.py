@@ -295,89 +295,73 @@ def _check_token_ids_fit(examples: list, tokenizer: Any, cfg: Config) -> None:
 
 
 def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status: JobStatus, stop: StopSignals):
-    """Start the parallel state, build the model (+ LoRA), train; returns (fit result, trainable summary, layout,
-    peak memory in GiB of the process that used the most)."""
+    """Build the job's training session (parallel state, model + LoRA, DDP, optimizer, schedule), train; returns
+    (fit result, trainable summary, layout, peak memory in GiB of the process that used the most)."""
     from nemo_customizer.distributed.collectives import all_reduce_max
-    from nemo_customizer.distributed.parallel import (destroy_parallel, initialize_parallel, params_dtype,
-                                                       resolve_device)
-    from nemo_customizer.models.gpt import build_model_for_job
-    from nemo_customizer.training.finetuning import best_checkpoint_saver, prepare_trainable
+    from nemo_customizer.training.finetuning import best_checkpoint_saver
     from nemo_customizer.training.loop import TrainingJob, fit, planned_steps
     from nemo_customizer.training.metrics import MetricsLog, ProgressBar
-    from nemo_customizer.training.optim import build_optimizer, build_scheduler
     from nemo_customizer.training.plots import JobPlots
-    from nemo_customizer.training.wrap import wrap_for_training
+    from nemo_customizer.training.session import TrainingSession
 
     hp = cfg.hyperparameters
-    device = resolve_device(cfg.device)
-    dtype = params_dtype(cfg.precision, device)
-    layout = initialize_parallel(tensor_parallel_size=cfg.model.tensor_parallel_size,
-                                 pipeline_parallel_size=cfg.model.pipeline_parallel_size, device=device, seed=hp.seed)
-    plots = JobPlots(job if layout.is_main else None, status.series_points, log)  # loss.png, TensorBoard
-    metrics = MetricsLog(job.metrics_path if layout.is_main else None,
-                         listeners=(status.record, plots.record) if layout.is_main else ())
-    graphs = None
-    try:
-        check_batch_layout(hp.batch_size, hp.micro_batch_size, layout.data_parallel_size)
-        pad_multiple = layout.tensor_parallel_size if cfg.model.use_sequence_parallel else 1
-        packing = _packing_plan(cfg, inputs.train, layout.data_parallel_size, pad_multiple, log, metrics) \
-            if inputs.pack else None
-        model, tconfig = build_model_for_job(cfg.model, inputs.resolved.checkpoint_dir, device=device,
-                                             params_dtype=dtype,
-                                             activation_checkpointing=hp.activation_checkpointing,
-                                             recompute_modules=tuple(hp.recompute_modules))
-        trainable = prepare_trainable(model, cfg)
-        log(f"model {cfg.model.name} on {device.type} ({dtype}), TP={layout.tensor_parallel_size} "
-            f"PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; {trainable}")
-        graphs = _cuda_graphs(cfg, layout, _pad_id(inputs.tokenizer), log) if packing else None
-
-        def build_ddp():
-            return wrap_for_training(model, tconfig, distributed_optimizer=hp.use_distributed_optimizer,
-                                     fp32_grads=hp.fp32_master_weights)
-
-        ddp = graphs.wrap(build_ddp) if graphs else build_ddp()
-        optimizer = build_optimizer([ddp], hp, dtype)
-        total_steps = planned_steps(len(inputs.train), hp, packing)
-        scheduler = build_scheduler(optimizer, hp, total_steps)
-        batches = (f"batch_size={packing.global_batch_size} bins (packed from {hp.batch_size} examples), "
-                   f"micro_batch_size={packing.micro_batch_size} bins" if packing else
-                   f"batch_size={hp.batch_size}, micro_batch_size={hp.micro_batch_size}")
-        log(f"training {total_steps} steps: epochs={hp.epochs}, {batches}, learning_rate={hp.learning_rate}")
-        progress = ProgressBar(total_steps, enabled=layout.is_main and cfg.progress_bar, stream=sys.stderr,
-                               every=cfg.log_interval, log=layout.is_main)
-        save_checkpoint, resume = _checkpoints(cfg, job, model, optimizer, scheduler, layout, metrics, log)
-        fit_result = fit(TrainingJob(
-            model=ddp, optimizer=optimizer, scheduler=scheduler, train_examples=inputs.train,
-            val_examples=inputs.val, hyperparameters=hp, layout=layout, pad_id=_pad_id(inputs.tokenizer),
-            pad_to_multiple_of=pad_multiple, metrics=metrics, progress=progress, packing=packing, status=status,
-            stop=stop, save_checkpoint=save_checkpoint, resume=resume, graphs=graphs,
-            save_best=best_checkpoint_saver(model, cfg, job, source_dir=inputs.resolved.checkpoint_dir,
-                                            tokenizer=inputs.tokenizer),
-        ))
-        # The busiest process's peak: pipeline stages and rank 0 (which writes the exports) differ.
-        (peak_gib,) = all_reduce_max([peak_memory_gib(device.type)])
-        if graphs is not None:
-            shapes = graphs.captured_shapes
-            log(f"CUDA graphs: {len(shapes)} micro-batch shape(s) captured: "
-                + ", ".join(f"{shape.tokens} tokens/{shape.segments} segments/{shape.loss_positions} loss positions"
-                            for shape in shapes))
-    finally:
-        metrics.close()
-        plots.close()
-        if graphs is not None:
-            graphs.release()
-        destroy_parallel(layout)
-    return fit_result, trainable, layout, peak_gib
+    pad_id = _pad_id(inputs.tokenizer)
+    with TrainingSession(cfg, checkpoint_dir=inputs.resolved.checkpoint_dir) as session:
+        layout = session.layout
+        plots = JobPlots(job if layout.is_main else None, status.series_points, log)  # loss.png, TensorBoard
+        metrics = MetricsLog(job.metrics_path if layout.is_main else None,
+                             listeners=(status.record, plots.record) if layout.is_main else ())
+        try:
+            check_batch_layout(hp.batch_size, hp.micro_batch_size, layout.data_parallel_size)
+            pad_multiple = layout.tensor_parallel_size if cfg.model.use_sequence_parallel else 1
+            packing = _packing_plan(cfg, inputs.train, layout.data_parallel_size, pad_multiple, log, metrics) \
+                if inputs.pack else None
+            session.build_model()
+            log(f"model {cfg.model.name} on {session.device.type} ({session.params_dtype}), "
+                f"TP={layout.tensor_parallel_size} PP={layout.pipeline_parallel_size} DP={layout.data_parallel_size}; "
+                f"{session.trainable}")
+            total_steps = planned_steps(len(inputs.train), hp, packing)
+            session.build_training(total_steps, packed=packing is not None, pad_id=pad_id)
+            if session.graphs is not None:
+                log("CUDA graphs: each packed micro-batch shape runs eagerly once, then is captured and replayed")
+            batches = (f"batch_size={packing.global_batch_size} bins (packed from {hp.batch_size} examples), "
+                       f"micro_batch_size={packing.micro_batch_size} bins" if packing else
+                       f"batch_size={hp.batch_size}, micro_batch_size={hp.micro_batch_size}")
+            log(f"training {total_steps} steps: epochs={hp.epochs}, {batches}, learning_rate={hp.learning_rate}")
+            progress = ProgressBar(total_steps, enabled=layout.is_main and cfg.progress_bar, stream=sys.stderr,
+                                   every=cfg.log_interval, log=layout.is_main)
+            save_checkpoint, resume = _checkpoints(cfg, job, session, metrics, log)
+            fit_result = fit(TrainingJob(
+                model=session.wrapped, optimizer=session.optimizer, scheduler=session.scheduler,
+                train_examples=inputs.train, val_examples=inputs.val, hyperparameters=hp, layout=layout,
+                pad_id=pad_id, pad_to_multiple_of=pad_multiple, metrics=metrics, progress=progress, packing=packing,
+                status=status, stop=stop, save_checkpoint=save_checkpoint, resume=resume, graphs=session.graphs,
+                save_best=best_checkpoint_saver(session.model, cfg, job, source_dir=inputs.resolved.checkpoint_dir,
+                                                tokenizer=inputs.tokenizer),
+            ))
+            # The busiest process's peak: pipeline stages and rank 0 (which writes the exports) differ.
+            (peak_gib,) = all_reduce_max([peak_memory_gib(session.device.type)])
+            if session.graphs is not None:
+                shapes = session.graphs.captured_shapes
+                log(f"CUDA graphs: {len(shapes)} micro-batch shape(s) captured: "
+                    + ", ".join(f"{shape.tokens} tokens/{shape.segments} segments/{shape.loss_positions} loss "
+                                f"positions" for shape in shapes))
+        finally:
+            metrics.close()
+            plots.close()
+    return fit_result, session.trainable, layout, peak_gib
 
 
-def _checkpoints(cfg: Config, job: JobDirectory, model, optimizer, scheduler, layout, metrics, log):
+def _checkpoints(cfg: Config, job: JobDirectory, session, metrics, log):
     """The resumable-checkpoint callback (None when ``checkpoint.enabled`` is false) and, when the job directory
-    holds a checkpoint, the position restored from it (weights, optimizer, schedule and RNG are loaded here)."""
+    holds a checkpoint, the position restored from it (weights, optimizer, schedule and RNG are loaded here into
+    ``session``'s model, optimizer and scheduler)."""
     from nemo_customizer.training.checkpointing import Checkpointer
 
     hp = cfg.hyperparameters
-    checkpointer = Checkpointer(job.checkpoints_path, model, optimizer, scheduler, layout,
-                                distributed_optimizer=hp.use_distributed_optimizer, keep_last=cfg.checkpoint.keep_last)
+    checkpointer = Checkpointer(job.checkpoints_path, session.model, session.optimizer, session.scheduler,
+                                session.layout, distributed_optimizer=hp.use_distributed_optimizer,
+                                keep_last=cfg.checkpoint.keep_last)
     latest = job.latest_checkpoint()
     resume = None
     if latest is not None:
@@ -408,17 +392,6 @@ def _packing_plan(cfg: Config, train: list, dp_size: int, pad_multiple: int, log
                   requested_tokens_per_step=plan.requested_tokens_per_step, padding_before=plan.padding_before,
                   padding_after=plan.padding_after)
     return plan
-
-
-def _cuda_graphs(cfg: Config, layout, pad_id: int, log: "_Log"):
-    """The CUDA-graph runner of packed training micro batches, when ``hyperparameters.cuda_graphs`` asks for it."""
-    if not cfg.hyperparameters.cuda_graphs:
-        return None
-    from nemo_customizer.training.graphs import GraphedForwardBackward
-
-    log("CUDA graphs: each packed micro-batch shape runs eagerly once, then is captured and replayed")
-    return GraphedForwardBackward(layout.device, max_seqlen=cfg.model.max_seq_length,
-                                  tensor_parallel_size=layout.tensor_parallel_size, pad_id=pad_id)
 
 
 def _pad_id(tokenizer) -> int:

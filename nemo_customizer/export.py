@@ -43,28 +43,20 @@ def export_checkpoint(job_dir: str, output_dir: Optional[str] = None, *, checkpo
 
 
 def _export(cfg, source: Path, out: JobDirectory) -> None:
+    """The job's model (LoRA attached as in training) with the checkpoint's trained weights, written as HF files."""
     import torch
 
     from nemo_customizer.checkpoints.resolve import load_tokenizer, resolve_model
-    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel, params_dtype, resolve_device
-    from nemo_customizer.models.gpt import build_model_for_job
     from nemo_customizer.training.checkpointing import Checkpointer
-    from nemo_customizer.training.finetuning import best_checkpoint_saver, prepare_trainable
+    from nemo_customizer.training.finetuning import best_checkpoint_saver
+    from nemo_customizer.training.session import TrainingSession
 
     resolved = resolve_model(cfg.model, cfg.cache_dir)
     tokenizer = load_tokenizer(resolved.tokenizer_dir, cfg.model.chat_template)
-    device = resolve_device(cfg.device)
-    layout = initialize_parallel(tensor_parallel_size=cfg.model.tensor_parallel_size,
-                                 pipeline_parallel_size=cfg.model.pipeline_parallel_size, device=device,
-                                 seed=cfg.hyperparameters.seed)
-    try:
-        model, _ = build_model_for_job(cfg.model, resolved.checkpoint_dir, device=device,
-                                       params_dtype=params_dtype(cfg.precision, device))
-        prepare_trainable(model, cfg)
-        Checkpointer(source.parent, model, None, None, layout).load(source, weights_only=True)
-        if layout.is_main:
+    with TrainingSession(cfg, checkpoint_dir=resolved.checkpoint_dir) as session:
+        model = session.build_model()  # no optimizer: only the weights are read back
+        Checkpointer(source.parent, model, None, None, session.layout).load(source, weights_only=True)
+        if session.layout.is_main:
             out.path.mkdir(parents=True, exist_ok=True)
         torch.distributed.barrier()
         best_checkpoint_saver(model, cfg, out, source_dir=resolved.checkpoint_dir, tokenizer=tokenizer)()
-    finally:
-        destroy_parallel(layout)

@@ -95,12 +95,8 @@ def bench(args, root: Path) -> dict:
     import torch
 
     from nemo_customizer.data import plan_packing
-    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
-    from nemo_customizer.models.gpt import build_model_for_job
-    from nemo_customizer.peft.apply import apply_lora
-    from nemo_customizer.training.optim import build_optimizer, build_scheduler
+    from nemo_customizer.training.session import TrainingSession
     from nemo_customizer.training.step import train_step
-    from nemo_customizer.training.wrap import wrap_for_training
 
     cfg, checkpoint_dir, examples, pad_id = load_examples(root, args.max_seq_length)
     lengths = sorted(len(e.input_ids) for e in examples)
@@ -113,16 +109,14 @@ def bench(args, root: Path) -> dict:
     if available < args.steps + 1:
         raise SystemExit(f"one epoch of {len(examples)} rows has {available} steps of each kind; --steps "
                          f"{args.steps} needs {args.steps + 1} (one warm-up): raise --train or lower --steps")
-    hp = dataclasses.replace(cfg.hyperparameters, learning_rate=1e-4, lora=dataclasses.replace(
+    hp = dataclasses.replace(cfg.hyperparameters, learning_rate=1e-4, seed=args.seed, lora=dataclasses.replace(
         cfg.hyperparameters.lora, adapter_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    cfg = dataclasses.replace(cfg, hyperparameters=hp, device="cpu", precision="fp32")
     device = torch.device("cpu")
-    layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=device, seed=args.seed)
-    try:
-        model, tconfig = build_model_for_job(cfg.model, checkpoint_dir, device=device, params_dtype=torch.float32)
-        apply_lora(model, cfg.model.architecture, hp.lora, args.seed)
-        ddp = wrap_for_training(model, tconfig)
-        optimizer = build_optimizer([ddp], hp, torch.float32)
-        scheduler = build_scheduler(optimizer, hp, 2 * (args.steps + 1))
+    with TrainingSession(cfg, checkpoint_dir=checkpoint_dir) as session:
+        session.build_model()  # LoRA q/v, seeded with args.seed
+        ddp = session.build_training(2 * (args.steps + 1))
+        optimizer, scheduler = session.optimizer, session.scheduler
         stats = {name: {"tokens": 0, "seconds": 0.0, "loss_tokens": 0, "steps": 0} for name in ("padded", "packed")}
         streams = dict(zip(("padded", "packed"), step_streams(examples, plan, args, pad_id)))
         for step in range(args.steps + 1):  # step 0 of each warms up and is not timed
@@ -139,8 +133,6 @@ def bench(args, root: Path) -> dict:
                     s["seconds"] += elapsed
                     s["loss_tokens"] += out.loss_tokens
                     s["steps"] += 1
-    finally:
-        destroy_parallel(layout)
     return {"plan": plan, "stats": stats, "epoch_tokens": sum(n - 1 for n in lengths)}
 
 

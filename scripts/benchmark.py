@@ -77,23 +77,21 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     from nemo_customizer.config import compose_config
     from nemo_customizer.data.examples import TokenizedExample
     from nemo_customizer.data import collate
-    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
     from nemo_customizer.models.flash_attn4 import use_flash_attn4
-    from nemo_customizer.models.gpt import build_model_for_job
     from nemo_customizer.models.llama import head_dim
-    from nemo_customizer.training.finetuning import prepare_trainable
-    from nemo_customizer.training.optim import build_optimizer, build_scheduler
-    from nemo_customizer.training.graphs import GraphedForwardBackward
+    from nemo_customizer.training.session import TrainingSession
     from nemo_customizer.training.step import queue_step
     from nemo_customizer.training.step import train_step as _train_step
-    from nemo_customizer.training.wrap import wrap_for_training
 
     kind, targets = MODES[mode]
     overrides = [f"model={model_name}", "model.random_weights=true", f"hyperparameters.finetuning_type={kind}",
                  "hyperparameters.lora.adapter_dim=16", "hyperparameters.lora.alpha=32",
                  "hyperparameters.lora.adapter_dropout=0.0", f"model.max_seq_length={seq}",
                  f"model.tensor_parallel_size={tp}", f"model.use_sequence_parallel={str(sp).lower()}",
-                 f"model.attention_kernel={attention_kernel}"]
+                 f"model.attention_kernel={attention_kernel}", "precision=bf16", "device=cuda",
+                 "hyperparameters.seed=0", f"hyperparameters.cuda_graphs={str(cuda_graphs).lower()}",
+                 f"hyperparameters.activation_checkpointing={str(activation_checkpointing).lower()}",
+                 f"hyperparameters.recompute_modules=[{','.join(recompute_modules)}]"]
     if targets:
         overrides.append(f"hyperparameters.lora.target_modules=[{','.join(targets)}]")
     overrides += MODE_OVERRIDES.get(mode, [])
@@ -103,21 +101,11 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     # counted in this row's peak.
     gc.collect()
     leftover = torch.cuda.memory_allocated()
-    layout = initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=1, device=device, seed=0)
-    graphs = None
+    session = TrainingSession(cfg, checkpoint_dir=None)  # random weights; the parallel state is the session's
     try:
-        model, tconfig = build_model_for_job(cfg.model, None, device=device, params_dtype=torch.bfloat16,
-                                             activation_checkpointing=activation_checkpointing,
-                                             recompute_modules=recompute_modules)
-        prepare_trainable(model, cfg)
-        graphs = GraphedForwardBackward(device, max_seqlen=seq, tensor_parallel_size=tp) \
-            if cuda_graphs and packed else None
-        def wrap():
-            return wrap_for_training(model, tconfig, fp32_grads=cfg.hyperparameters.fp32_master_weights)
-
-        ddp = graphs.wrap(wrap) if graphs else wrap()
-        optimizer = build_optimizer([ddp], cfg.hyperparameters, torch.bfloat16)
-        scheduler = build_scheduler(optimizer, cfg.hyperparameters, steps + warmup)
+        session.build_model()
+        session.build_training(steps + warmup, packed=packed)  # CUDA graphs when cuda_graphs and packed
+        ddp, optimizer, scheduler, graphs = session.wrapped, session.optimizer, session.scheduler, session.graphs
 
         def train_step(*args):
             return _train_step(*args, graphs=graphs)
@@ -198,9 +186,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         traceback.print_exc()  # now: tearing down process groups after a failed capture can hang
         raise
     finally:
-        if graphs is not None:
-            graphs.release()
-        destroy_parallel(layout)
+        session.close()  # graphs released, then the parallel state
         torch.cuda.empty_cache()
 
 

@@ -142,25 +142,23 @@ def check_peft(job: Path, device: str = "cuda", tokens: int = 512) -> dict:
     from transformers import AutoModelForCausalLM
 
     from nemo_customizer.config import config_from_file
-    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
-    from nemo_customizer.models.gpt import build_model_for_job, forward_logits
+    from nemo_customizer.models.gpt import forward_logits
     from nemo_customizer.peft.apply import apply_lora
     from nemo_customizer.peft.export import load_peft_adapter, read_lora_config
+    from nemo_customizer.training.session import TrainingSession
 
     cfg = config_from_file(job / "config.yaml", ["model.tensor_parallel_size=1", "model.use_sequence_parallel=false",
-                                                 "model.pipeline_parallel_size=1"])
+                                                 "model.pipeline_parallel_size=1", f"device={device}",
+                                                 "precision=fp32", "hyperparameters.seed=0"])
     device = torch.device(device)
     ids = torch.randint(0, cfg.model.architecture.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
-    layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=device, seed=0)
-    try:
-        model, _ = build_model_for_job(cfg.model, cfg.model.checkpoint, device=device, params_dtype=torch.float32)
+    with TrainingSession(cfg, checkpoint_dir=cfg.model.checkpoint) as session:
+        model = session.build_model(trainable=False)  # the base model; the job's adapter is attached as peft does
         apply_lora(model, cfg.model.architecture, read_lora_config(job / "adapter"), seed=0)
         load_peft_adapter(model, job / "adapter")
         with torch.no_grad():
             ours = forward_logits(model.eval(), ids.to(device)).float().cpu()
         del model
-    finally:
-        destroy_parallel(layout)
     torch.cuda.empty_cache()
     reference = AutoModelForCausalLM.from_pretrained(cfg.model.checkpoint, torch_dtype=torch.float32).to(device)
     reference = PeftModel.from_pretrained(reference, str(job / "adapter")).eval()

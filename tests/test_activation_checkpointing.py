@@ -56,14 +56,12 @@ def test_selectively_recomputed_parts_train_like_stored_activations(inputs, stor
 def test_selective_recomputation_is_what_mcore_runs(cpu_parallel):
     """The setting reaches mcore's layers: each recomputes its MLP and its core attention (else the test above
     compares a run with itself)."""
-    import torch
-
     from nemo_customizer.config import compose_config
-    from nemo_customizer.models.gpt import build_model_for_job
+    from nemo_customizer.training.session import TrainingSession
 
-    cfg = compose_config(["model=tiny-llama-test", "model.random_weights=true"])
-    model, config = build_model_for_job(cfg.model, None, device=torch.device("cpu"), params_dtype=torch.float32,
-                                        recompute_modules=("mlp", "core_attn"))
-    layers = list(model.decoder.layers)
-    assert config.recompute_granularity == "selective" and layers
-    assert all(layer.recompute_mlp and layer.self_attention.checkpoint_core_attention for layer in layers)
+    cfg = compose_config(["model=tiny-llama-test", "model.random_weights=true", "device=cpu",
+                          "hyperparameters.recompute_modules=[mlp,core_attn]"])
+    with TrainingSession(cfg, checkpoint_dir=None, layout=cpu_parallel) as session:
+        layers = list(session.build_model().decoder.layers)
+        assert session.transformer_config.recompute_granularity == "selective" and layers
+        assert all(layer.recompute_mlp and layer.self_attention.checkpoint_core_attention for layer in layers)

@@ -99,13 +99,15 @@ def test_packed_batches_go_to_flash_attn4_with_grouped_heads(fake_flash_attn4, m
     assert len(fake_flash_attn4) == 1
 
 
-def test_the_config_reaches_every_layer():
+def test_the_config_reaches_every_layer(cpu_parallel):
     from nemo_customizer.config import compose_config
     from nemo_customizer.models.attention import CoreAttention
-    from nemo_customizer.models.gpt import build_model_for_job
+    from nemo_customizer.training.session import TrainingSession
 
-    cfg = compose_config(["model=tiny-llama-test", "model.random_weights=true", "model.attention_kernel=torch"])
-    model, _ = build_model_for_job(cfg.model, None, device=torch.device("cpu"), params_dtype=torch.float32)
+    cfg = compose_config(["model=tiny-llama-test", "model.random_weights=true", "model.attention_kernel=torch",
+                          "device=cpu"])
+    with TrainingSession(cfg, checkpoint_dir=None, layout=cpu_parallel) as session:
+        model = session.build_model(trainable=False)
     kernels = [m.attention_kernel for m in model.modules() if isinstance(m, CoreAttention)]
     assert kernels == ["torch"] * cfg.model.architecture.num_hidden_layers
 

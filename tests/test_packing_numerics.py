@@ -27,56 +27,64 @@ def _examples(vocab: int, n: int = 10, seed: int = 0):
     return examples
 
 
-def packed_and_unpacked(checkpoint_dir: str, tp: int, sp: bool) -> dict:
+def _session_config(checkpoint_dir: str, tp: int, sp: bool):
+    """LoRA on every linear layer of the tiny checkpoint, packed training micro batches through the CUDA-graph runner
+    (uncaptured on a CPU) of 48-token bins."""
+    from nemo_customizer.config import Config, HyperparametersConfig, LoraConfig, ModelConfig
+
+    return Config(
+        model=ModelConfig(checkpoint=checkpoint_dir, architecture=tiny_arch(heads=4, kv_heads=2), max_seq_length=48,
+                          tensor_parallel_size=tp, use_sequence_parallel=sp),
+        hyperparameters=HyperparametersConfig(seed=0, sequence_packing_enabled=True, cuda_graphs=True, lora=LoraConfig(
+            adapter_dim=4, adapter_dropout=0.0, target_modules=TARGETS)),
+        device="cpu", precision="fp32")
+
+
+def packed_and_unpacked(checkpoint_dir: str, tp: int, sp: bool, layout=None) -> dict:
     """Loss and LoRA grads (this rank's shards) for padded, packed and attention-leaking packed micro batches."""
-    from nemo_customizer.config import LoraConfig
     from nemo_customizer.data import collate, collate_packed, pack_examples
-    from nemo_customizer.models.gpt import build_gpt_model, load_hf_checkpoint, transformer_config
-    from nemo_customizer.peft.apply import apply_lora
-    from nemo_customizer.training.graphs import GraphedForwardBackward
+    from nemo_customizer.training.session import TrainingSession
     from nemo_customizer.training.step import forward_backward, graphed_forward_backward
-    from nemo_customizer.training.wrap import wrap_for_training
 
-    cpu = torch.device("cpu")
-    arch = tiny_arch(heads=4, kv_heads=2)
-    config = transformer_config(arch, tensor_parallel_size=tp, sequence_parallel=sp, perform_initialization=False)
-    model = build_gpt_model(arch, config, cpu)
-    load_hf_checkpoint(model, arch, checkpoint_dir)
-    apply_lora(model, arch, LoraConfig(adapter_dim=4, adapter_dropout=0.0, target_modules=TARGETS), seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # LoRA B starts at zero (zero grads for A); random adapters exercise every gradient path
-        for param in model.parameters():
-            if param.requires_grad:
-                param.normal_(0.0, 0.1, generator=gen)
-    ddp = wrap_for_training(model, config)
-    pad_multiple = tp if sp else 1
-    examples = _examples(arch.vocab_size)
-    bins = pack_examples(examples, 48)
-    assert 1 < len(bins) < len(examples)  # something was packed together, into more than one bin
-    unpacked = [collate(examples[:4], pad_id=0, pad_to_multiple_of=pad_multiple),
-                collate(examples[4:], pad_id=0, pad_to_multiple_of=pad_multiple)]
-    packed = [collate_packed(bins[:1], pad_id=0, pad_to_multiple_of=pad_multiple),
-              collate_packed(bins[1:], pad_id=0, pad_to_multiple_of=pad_multiple)]
-    # Control: the same packed rows with one segment per row, so attention crosses example boundaries.
-    leaking = [dict(b, cu_seqlens=torch.tensor([0, b["tokens"].shape[1]], dtype=torch.int32),
-                    max_seqlen=torch.tensor(b["tokens"].shape[1])) for b in packed]
+    with TrainingSession(_session_config(checkpoint_dir, tp, sp), checkpoint_dir=checkpoint_dir,
+                         layout=layout) as session:
+        cpu = torch.device("cpu")
+        model = session.build_model()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # LoRA B starts at zero (zero grads for A); random adapters exercise every gradient path
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.normal_(0.0, 0.1, generator=gen)
+        # The CUDA-graph path without capture: static shapes (padded rows, empty segments, padded loss positions) and
+        # its own loop around mcore's gradient finalization.
+        ddp = session.build_training(total_steps=1, packed=True)
+        graphs = session.graphs
+        assert graphs is not None and not graphs.capture and graphs.model is ddp
+        arch = session.cfg.model.architecture
+        pad_multiple = tp if sp else 1
+        examples = _examples(arch.vocab_size)
+        bins = pack_examples(examples, 48)
+        assert 1 < len(bins) < len(examples)  # something was packed together, into more than one bin
+        unpacked = [collate(examples[:4], pad_id=0, pad_to_multiple_of=pad_multiple),
+                    collate(examples[4:], pad_id=0, pad_to_multiple_of=pad_multiple)]
+        packed = [collate_packed(bins[:1], pad_id=0, pad_to_multiple_of=pad_multiple),
+                  collate_packed(bins[1:], pad_id=0, pad_to_multiple_of=pad_multiple)]
+        # Control: the same packed rows with one segment per row, so attention crosses example boundaries.
+        leaking = [dict(b, cu_seqlens=torch.tensor([0, b["tokens"].shape[1]], dtype=torch.int32),
+                        max_seqlen=torch.tensor(b["tokens"].shape[1])) for b in packed]
 
-    # The CUDA-graph path without capture: static shapes (padded rows, empty segments, padded loss positions) and
-    # its own loop around mcore's gradient finalization. Twice: first runs, then the buffers' copy-in path.
-    graphs = GraphedForwardBackward(cpu, max_seqlen=48, tensor_parallel_size=tp, capture=False)
-    graphs.wrap(lambda: ddp)
-    out = {}
-    for name, batches in (("unpacked", unpacked), ("packed", packed), ("leaking", leaking), ("graphed", packed),
-                          ("graphed_again", packed)):
-        ddp.zero_grad_buffer()
-        if name.startswith("graphed"):
-            loss_sum, tokens = graphed_forward_backward(graphs, batches).tolist()
-        else:
-            loss_sum, tokens = forward_backward(ddp, batches, cpu, forward_only=False).tolist()
-        out[name] = {"loss": loss_sum / tokens, "tokens": tokens,
-                     "grads": {n: p.main_grad.detach().clone() for n, p in model.named_parameters()
-                               if p.requires_grad}}
-    return out
+        out = {}  # the graphed runs twice: first runs, then the buffers' copy-in path
+        for name, batches in (("unpacked", unpacked), ("packed", packed), ("leaking", leaking), ("graphed", packed),
+                              ("graphed_again", packed)):
+            ddp.zero_grad_buffer()
+            if name.startswith("graphed"):
+                loss_sum, tokens = graphed_forward_backward(graphs, batches).tolist()
+            else:
+                loss_sum, tokens = forward_backward(ddp, batches, cpu, forward_only=False).tolist()
+            out[name] = {"loss": loss_sum / tokens, "tokens": tokens,
+                         "grads": {n: p.main_grad.detach().clone() for n, p in model.named_parameters()
+                                   if p.requires_grad}}
+        return out
 
 
 def _check(out: dict) -> None:
@@ -102,18 +110,11 @@ def checkpoint(tmp_path_factory):
 
 
 def test_packed_loss_and_lora_grads_equal_unpacked_tp1(cpu_parallel, checkpoint):
-    _check(packed_and_unpacked(str(checkpoint), tp=1, sp=False))
+    _check(packed_and_unpacked(str(checkpoint), tp=1, sp=False, layout=cpu_parallel))
 
 
 def _worker(rank: int, checkpoint_dir: str, tp: int, sp: bool, out_prefix: str) -> None:
-    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
-
-    layout = initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=1, device=torch.device("cpu"),
-                                 seed=0)
-    try:
-        torch.save(packed_and_unpacked(checkpoint_dir, tp, sp), f"{out_prefix}.rank{rank}.pt")
-    finally:
-        destroy_parallel(layout)
+    torch.save(packed_and_unpacked(checkpoint_dir, tp, sp), f"{out_prefix}.rank{rank}.pt")  # its own parallel state
 
 
 @pytest.mark.parametrize("tp, sp", [(2, False), (2, True), (1, False)], ids=["tp2", "tp2sp", "dp2"])

@@ -66,25 +66,24 @@ def _adapter_logits(rank: int, root: str, tp: int, out: str) -> None:
     import torch
 
     from nemo_customizer.config import LoraConfig
-    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
-    from nemo_customizer.models.gpt import build_model_for_job, forward_logits
+    from nemo_customizer.models.gpt import forward_logits
     from nemo_customizer.config import compose_config
     from nemo_customizer.peft.apply import apply_lora
     from nemo_customizer.peft.export import load_peft_adapter
+    from nemo_customizer.training.session import TrainingSession
 
-    cfg = compose_config(["model=tiny-llama-test", f"model.tensor_parallel_size={tp}"])
-    initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=1, device=torch.device("cpu"), seed=0)
-    model, _ = build_model_for_job(cfg.model, Path(root) / "model", device=torch.device("cpu"),
-                                   params_dtype=torch.float32)
-    apply_lora(model, cfg.model.architecture, LoraConfig(adapter_dropout=0.0, target_modules=[
-        "q_proj", "v_proj", "o_proj", "down_proj", "gate_proj"]), seed=123)
-    load_peft_adapter(model, Path(root) / "single" / "adapter")
-    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = forward_logits(model.eval(), tokens)
-    if rank == 0:
-        torch.save(logits, out)
-    destroy_parallel()
+    cfg = compose_config(["model=tiny-llama-test", f"model.tensor_parallel_size={tp}", "device=cpu",
+                          "precision=fp32", "hyperparameters.seed=0"])
+    with TrainingSession(cfg, checkpoint_dir=Path(root) / "model") as session:
+        model = session.build_model(trainable=False)
+        apply_lora(model, cfg.model.architecture, LoraConfig(adapter_dropout=0.0, target_modules=[
+            "q_proj", "v_proj", "o_proj", "down_proj", "gate_proj"]), seed=123)
+        load_peft_adapter(model, Path(root) / "single" / "adapter")
+        tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = forward_logits(model.eval(), tokens)
+        if rank == 0:
+            torch.save(logits, out)
 
 
 def test_adapter_loads_into_tensor_parallel_model(reference):

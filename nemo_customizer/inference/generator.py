@@ -49,7 +49,7 @@ class Generator:
         self.device = device
         self.architecture = architecture  # the ArchitectureConfig, needed to attach adapters later
         self.lora = None  # a MultiLoRA once attach_adapters() was called: each row then picks its adapter
-        self._layout = None  # the parallel state from_config started, if any
+        self._session = None  # the TrainingSession from_config built the model with (and its parallel state)
         self._chat_templates = {}  # tool_syntax override -> ChatTemplate, built on the first chat()
         self.has_adapter = False  # a single adapter attached with load_adapter()
 
@@ -61,10 +61,8 @@ class Generator:
         customization job's ``adapter_path``; LoRA is attached with its r / lora_alpha / target_modules.
         """
         from nemo_customizer.checkpoints.resolve import load_tokenizer, resolve_model
-        from nemo_customizer.distributed.parallel import (destroy_parallel, initialize_parallel, params_dtype,
-                                                           resolve_device)
-        from nemo_customizer.models.gpt import build_model_for_job
         from nemo_customizer.peft.export import read_lora_config
+        from nemo_customizer.training.session import TrainingSession
 
         resolved = resolve_model(cfg.model, cfg.cache_dir)
         tokenizer = load_tokenizer(resolved.tokenizer_dir, resolved.config.chat_template)
@@ -74,21 +72,19 @@ class Generator:
         # one-process world, also inside a launcher's job (the main rank evaluating after training).
         model_cfg = dataclasses.replace(resolved.config, tensor_parallel_size=1, pipeline_parallel_size=1,
                                         use_sequence_parallel=False)
-        device = resolve_device(cfg.device)
-        layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=device,
-                                     seed=cfg.hyperparameters.seed, single_process=True)
+        session = TrainingSession(dataclasses.replace(cfg, model=model_cfg), checkpoint_dir=resolved.checkpoint_dir,
+                                  single_process=True)
         try:
-            model, _ = build_model_for_job(model_cfg, resolved.checkpoint_dir, device=device,
-                                           params_dtype=params_dtype(cfg.precision, device))
+            model = session.build_model(trainable=False)  # the base model; adapters are attached below
             arch = model_cfg.architecture
             eos = _eos_ids(tokenizer, arch, resolved.checkpoint_dir)
-            generator = cls(model, tokenizer, eos_ids=eos, max_context=arch.max_position_embeddings, device=device,
-                            architecture=arch)
-            generator._layout = layout
+            generator = cls(model, tokenizer, eos_ids=eos, max_context=arch.max_position_embeddings,
+                            device=session.device, architecture=arch)
+            generator._session = session
             if adapter is not None:
                 generator.load_adapter(adapter)
         except BaseException:
-            destroy_parallel(layout)
+            session.close()
             raise
         return generator
 
@@ -125,11 +121,9 @@ class Generator:
 
     def close(self) -> None:
         """Tear down the parallel state (and process group) started by ``from_config``."""
-        from nemo_customizer.distributed.parallel import destroy_parallel
-
-        if self._layout is not None:
-            destroy_parallel(self._layout)
-            self._layout = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None
 
     def __enter__(self) -> "Generator":
         return self

@@ -12,9 +12,12 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_customizer.checkpoints.hf_loader import SafetensorsCheckpoint, load_hf_weights
+from nemo_customizer.checkpoints.mappings import TPShard
 from nemo_customizer.config.schema import ArchitectureConfig
 from nemo_customizer.models import llama
 from nemo_customizer.models.loss import masked_token_losses
+from nemo_customizer.models.registry import family_for
 from nemo_customizer.models.rope import PackedRotaryParams
 from nemo_customizer.models.spec import llama_block_spec
 
@@ -245,11 +248,8 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, position_ids: O
 
 
 def load_hf_checkpoint(model: CustomizerGPTModel, arch: ArchitectureConfig, directory: str) -> None:
-    """Load this rank's TP/PP shard of an HF checkpoint directory into ``model``."""
-    from nemo_customizer.checkpoints.hf_loader import SafetensorsCheckpoint, load_hf_weights
-    from nemo_customizer.checkpoints.mappings import TPShard
-    from nemo_customizer.models.registry import family_for
-
+    """Load this rank's TP/PP shard of an HF checkpoint directory into ``model`` (``hf_state.hf_state_dict`` is the
+    inverse)."""
     mappings = family_for(arch).weight_mappings(
         arch, stage_layer_numbers(model), pre_process=model.pre_process, post_process=model.post_process
     )

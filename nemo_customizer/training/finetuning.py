@@ -66,7 +66,8 @@ def best_checkpoint_saver(model: torch.nn.Module, cfg: Config, job: JobDirectory
     ``lora`` writes ``adapter/`` (HF PEFT); ``lora_merged`` writes ``adapter/`` and ``model/`` (adapter folded into
     the base, a plain HF checkpoint); ``all_weights`` writes ``model/``.
     """
-    from nemo_customizer.checkpoints.hf_export import hf_state_dict, is_export_rank, save_hf_checkpoint
+    from nemo_customizer.checkpoints.hf_export import is_export_rank, save_hf_checkpoint
+    from nemo_customizer.models.hf_state import hf_state_dict
     from nemo_customizer.peft.export import adapter_state_dict, save_peft_adapter
     from nemo_customizer.peft.merge import merge_lora_into_hf
 
