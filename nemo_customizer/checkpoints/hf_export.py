@@ -32,7 +32,7 @@ def save_hf_checkpoint(state: Dict[str, torch.Tensor], arch: ArchitectureConfig,
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(_hf_config(arch, source_dir), indent=2))
+        (staging / "config.json").write_text(json.dumps(hf_config_dict(arch, source_dir), indent=2))
         if source_dir is not None:
             for name in _SIDE_FILES:
                 if (source_dir / name).is_file():
@@ -47,8 +47,9 @@ def save_hf_checkpoint(state: Dict[str, torch.Tensor], arch: ArchitectureConfig,
         raise
 
 
-def _hf_config(arch: ArchitectureConfig, source_dir: Optional[Path]) -> dict:
-    """The source checkpoint's config.json (authoritative) or one written from the architecture."""
+def hf_config_dict(arch: ArchitectureConfig, source_dir: Optional[Path] = None) -> dict:
+    """The source checkpoint's config.json (authoritative) or one written from the architecture (what
+    ``transformers`` builds the same model from)."""
     if source_dir is not None and (source_dir / "config.json").is_file():
         config = json.loads((source_dir / "config.json").read_text())
         config.pop("quantization_config", None)

@@ -1,0 +1,93 @@
+"""Training throughput of the transformers+peft baseline on a CUDA GPU, for ``scripts/benchmark.py --baseline``.
+
+The baseline trains the same architecture as our model config (random weights, bf16) with ``transformers``' SDPA
+attention, LoRA through ``peft`` (or every weight for full fine-tuning) and torch's fused AdamW, on ``rows`` dense
+causal sequences of ``seq`` tokens per step: the same tokens per step as one of our packed micro batches, with
+attention over the whole row (the cheapest layout the baseline has; it cannot restart attention at each example).
+Each step is synchronized; the median of the timed steps after the warm-up is reported.
+
+    python scripts/hf_peft_throughput.py --model llama-3.1-8b-instruct --targets q_proj,v_proj
+    python scripts/hf_peft_throughput.py --model llama-3.2-1b-instruct --full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Optional, Sequence
+
+import torch
+
+
+def baseline_model(model_name: str):
+    """``transformers``' model for our model config ``model_name`` (random weights, bf16, SDPA, on CUDA)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nemo_customizer.checkpoints.hf_export import hf_config_dict
+    from nemo_customizer.config import config_from_kwargs
+
+    arch = config_from_kwargs(config=model_name).model.architecture
+    config_dict = hf_config_dict(arch)
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16), arch
+
+
+def measure(model_name: str, *, targets: Optional[Sequence[str]], seq: int = 4096, rows: int = 1, steps: int = 10,
+            warmup: int = 3, rank: int = 16, alpha: int = 32) -> dict:
+    """Tokens/s, median step time and peak memory of the baseline; ``targets=None`` is full fine-tuning."""
+    from peft import LoraConfig, get_peft_model
+
+    model, arch = baseline_model(model_name)
+    if targets is not None:
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                 target_modules=list(targets)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    tokens = torch.randint(0, arch.vocab_size, (rows, seq), device="cuda")
+
+    def step() -> None:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    step_s = statistics.median(times)
+    result = dict(tokens_per_s=rows * seq / step_s, step_ms=step_s * 1e3,
+                  peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-3.2-1b-instruct", help="one of our model configs")
+    parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, comma-separated")
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--rows", type=int, default=1, help="dense sequences per step")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+    targets = None if args.full else [t for t in args.targets.split(",") if t]
+    result = measure(args.model, targets=targets, seq=args.seq, rows=args.rows, steps=args.steps,
+                     warmup=args.warmup)
+    print(json.dumps(dict(model=args.model, targets=targets, seq=args.seq, rows=args.rows, **result)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
