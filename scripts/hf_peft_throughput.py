@@ -39,7 +39,14 @@ def baseline_model(model_name: str):
 
 def measure(model_name: str, *, targets: Optional[Sequence[str]], seq: int = 4096, rows: int = 1, steps: int = 10,
             warmup: int = 3, rank: int = 16, alpha: int = 32) -> dict:
-    """Tokens/s, median step time and peak memory of the baseline; ``targets=None`` is full fine-tuning."""
+    """Tokens/s, median step time and peak memory of the baseline; ``targets=None`` is full fine-tuning. The model
+    and optimizer are freed before it returns, so the next measurement in the process starts from an empty GPU."""
+    result = _measure(model_name, targets, seq, rows, steps, warmup, rank, alpha)
+    torch.cuda.empty_cache()
+    return result
+
+
+def _measure(model_name, targets, seq, rows, steps, warmup, rank, alpha) -> dict:
     from peft import LoraConfig, get_peft_model
 
     model, arch = baseline_model(model_name)
@@ -65,11 +72,8 @@ def measure(model_name: str, *, targets: Optional[Sequence[str]], seq: int = 409
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     step_s = statistics.median(times)
-    result = dict(tokens_per_s=rows * seq / step_s, step_ms=step_s * 1e3,
-                  peak_gib=torch.cuda.max_memory_allocated() / 2**30)
-    del model, optimizer
-    torch.cuda.empty_cache()
-    return result
+    return dict(tokens_per_s=rows * seq / step_s, step_ms=step_s * 1e3,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
 def main(argv=None) -> int:
