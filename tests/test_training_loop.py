@@ -81,30 +81,33 @@ def test_the_next_step_is_queued_before_a_step_is_read(tmp_path, monkeypatch, ov
     import json
 
     from nemo_customizer.api import customize
-    from nemo_customizer.training import loop
+    from nemo_customizer.training import loop, pipelined
+    from nemo_customizer.training.step import QueuedStep
 
-    events, eager = [], {}
-    real_queue, real_record, real_validate = loop._queue, loop._record, loop._validate
+    events, eager, numbers = [], {}, {}  # numbers: id of a QueuedStep -> its step
 
-    def queue(job, batches, step, epoch):
-        queued = real_queue(job, batches, step, epoch)
-        eager[step] = queued.work.numbers.tolist()  # step N's numbers before step N+1 exists
+    def queue_step(*args, **kwargs):
+        queued = real_queue(*args, **kwargs)
+        step = len(eager) + 1
+        eager[step], numbers[id(queued)] = queued.numbers.tolist(), step  # before step N+1 exists
         events.append(("queue", step))
         return queued
 
-    def record(job, queued, result, counters):
-        assert queued.work.numbers.tolist() == eager[queued.step]
-        events.append(("read", queued.step))
-        real_record(job, queued, result, counters)
+    def result(queued):
+        assert queued.numbers.tolist() == eager[numbers[id(queued)]]
+        events.append(("read", numbers[id(queued)]))
+        return real_result(queued)
 
-    def validate(job, result, stopper, epoch, step, counters):
-        assert max(s for kind, s in events if kind == "queue") == result.steps == step
-        events.append(("validate", step))
-        real_validate(job, result, stopper, epoch, step, counters)
+    def validate(job, state):
+        assert max(s for kind, s in events if kind == "queue") == state.steps
+        assert max(s for kind, s in events if kind == "read") == state.steps
+        events.append(("validate", state.steps))
+        real_validate(job, state)
 
-    monkeypatch.setattr(loop, "_overlaps", lambda job: overlap)  # True: as on a GPU
-    monkeypatch.setattr(loop, "_queue", queue)
-    monkeypatch.setattr(loop, "_record", record)
+    real_queue, real_result, real_validate = loop.queue_step, QueuedStep.result, loop._validate
+    monkeypatch.setattr(pipelined, "overlaps", lambda device: overlap)  # True: as on a GPU
+    monkeypatch.setattr(loop, "queue_step", queue_step)
+    monkeypatch.setattr(QueuedStep, "result", result)
     monkeypatch.setattr(loop, "_validate", validate)
     write_tiny_model_dir(tmp_path / "model")
     write_classification_data(tmp_path / "data", n_train=40, n_val=8)
