@@ -23,6 +23,8 @@ def test_early_stopping_ends_training_and_keeps_the_best_adapter(tmp_path):
     assert result.stopped_early
     assert result.steps == 8  # validations at steps 2 (best), 4, 6, 8 (third without improvement)
     assert result.best_step == 2 and result.best_epoch == 0
+    assert result.epochs_completed == 2  # step 8 ends epoch 1: counted, as status.json counts it
+    assert json.loads((tmp_path / "job" / "status.json").read_text())["epochs_completed"] == 2
     rows = [json.loads(line) for line in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["event"] == "validation"] == [2, 4, 6, 8]
     assert (tmp_path / "job" / "adapter" / "adapter_model.safetensors").exists()
@@ -111,9 +113,9 @@ def test_the_next_step_is_queued_before_a_step_is_read(tmp_path, monkeypatch, ov
     monkeypatch.setattr(loop, "_validate", validate)
     write_tiny_model_dir(tmp_path / "model")
     write_classification_data(tmp_path / "data", n_train=40, n_val=8)
-    result = customize(  # 5 steps per epoch, 2 epochs capped at 8 steps, validation every 3 steps
+    result = customize(  # 5 steps per epoch, 3 epochs capped at 8 steps, validation every 3 steps
         "tiny-llama-test", dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "job"), progress_bar=False,
-        hyperparameters={"epochs": 2, "batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "val_check_interval": 3,
+        hyperparameters={"epochs": 3, "batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "val_check_interval": 3,
                          "learning_rate": 1e-3, "warmup_steps": 4, "early_stopping": {"patience": 100}},
         model={"checkpoint": str(tmp_path / "model"), "random_weights": False},
     )
@@ -129,6 +131,8 @@ def test_the_next_step_is_queued_before_a_step_is_read(tmp_path, monkeypatch, ov
     rows = [json.loads(line) for line in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["event"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 9)) and [r["epoch"] for r in train] == [0] * 5 + [1] * 3
+    validations = [r for r in rows if r["event"] == "validation"]  # the last one judges step 8, of epoch 1
+    assert [(r["step"], r["epoch"]) for r in validations] == [(3, 0), (5, 0), (6, 1), (8, 1)]
     assert [r["loss"] for r in train] == [eager[s][0] / eager[s][1] for s in range(1, 9)]
     lrs = [r["lr"] for r in train]  # one schedule step per training step: linear warm-up over 4, then cosine decay
     assert lrs[:5] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])

@@ -72,8 +72,6 @@ def _steps_per_epoch(n_train: int, hp: HyperparametersConfig, packing: Optional[
     return packing.steps_per_epoch if packing is not None else steps_per_epoch(n_train, hp.batch_size)
 
 
-
-
 def fit(job: TrainingJob) -> LoopState:
     """Train until the planned steps, early stopping or a stop signal; returns the final state."""
     with job.stop:  # SIGTERM/SIGINT only set a flag while it is entered
@@ -88,6 +86,7 @@ def _fit(job: TrainingJob) -> LoopState:
     job.status.running(total_steps=total, steps_completed=state.steps, steps_per_epoch=state.steps_per_epoch)
     # Packed: the shuffled unit is a bin (bins are fixed for the job; their order changes every epoch).
     items = job.packing.take(job.train_examples) if job.packing else job.train_examples
+    # On GPUs each step is read once the next is queued, except where ``_planned_steps`` says to read it at once.
     steps = PipelinedSteps(lambda batches: queue_step(job.model, job.optimizer, job.scheduler, batches,
                                                       job.layout.device, graphs=job.graphs), job.layout.device)
     for epoch in range(state.epochs_completed, hp.epochs):
