@@ -126,7 +126,8 @@ def _build(cls, saved: dict):
     if unknown:
         raise ValueError(f"{cls.__name__} has no field(s) {unknown}: the checkpoint was written by another version")
     return cls(**{name: _build(types[name], value) if dataclasses.is_dataclass(types[name])
-                  else float(value) if types[name] is float else value for name, value in saved.items()})
+                  else float(value) if isinstance(value, str) and types[name] in (float, Optional[float]) else value
+                  for name, value in saved.items()})
 
 
 def _finite_or_none(value: float) -> Optional[float]:
