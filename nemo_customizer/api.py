@@ -27,6 +27,7 @@ class CustomizationResult:
     model_path: str
     """The exported HF model folder (``lora_merged``, ``all_weights``); empty for ``lora``."""
     metrics_path: str
+    # The training fields below come from ``training.state.LoopState.result_fields()``.
     best_epoch: Optional[int]
     best_step: Optional[int]
     best_val_loss: float
@@ -116,26 +117,22 @@ def run(cfg: Config) -> CustomizationResult:
         # One process evaluates the base before training; in a multi-process job the main rank does it after.
         single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
         base = _evaluate_base(cfg, inputs, status, log) if single_process else None
-        fit_result, trainable, layout, peak_gib = _train(cfg, inputs, job, log, status, stop)
+        loop, trainable, layout, peak_gib = _train(cfg, inputs, job, log, status, stop)
         kind = cfg.hyperparameters.finetuning_type
         evaluation = None
-        if inputs.evaluation is not None and layout.is_main and not fit_result.stopped_by_signal:
+        if inputs.evaluation is not None and layout.is_main and loop.stop_signal is None:
             evaluation = _evaluate_customized(cfg, inputs, job, status, base, log)
         result = CustomizationResult(
             job_dir=str(job.path), metrics_path=str(job.metrics_path),
             adapter_path=str(job.adapter_path) if kind != "all_weights" else "",
             model_path=str(job.model_path) if kind != "lora" else "",
-            best_epoch=fit_result.best_epoch, best_step=fit_result.best_step, best_val_loss=fit_result.best_val_loss,
-            final_train_loss=fit_result.final_train_loss, final_val_loss=fit_result.final_val_loss,
-            steps=fit_result.steps, epochs_completed=fit_result.epochs_completed,
-            stopped_early=fit_result.stopped_early, tokens_per_second=fit_result.tokens_per_second,
-            train_seconds=fit_result.train_seconds, peak_memory_gib=peak_gib,
+            **loop.result_fields(), peak_memory_gib=peak_gib,
             trainable_parameters=trainable.trainable_parameters, total_parameters=trainable.total_parameters,
-            warnings=inputs.warnings, status=CANCELLED if fit_result.stopped_by_signal else COMPLETED,
+            warnings=inputs.warnings, status=COMPLETED if loop.stop_signal is None else CANCELLED,
             evaluation=evaluation,
         )
-        if fit_result.stopped_by_signal:
-            raise JobCancelled(fit_result.stopped_by_signal, fit_result.steps, result, fit_result.stop_reason)
+        if loop.stop_signal is not None:
+            raise JobCancelled(loop.stop_signal, loop.steps, result, loop.stop_reason)
         if layout.is_main:
             job.write_result(result)
             log(f"done: {result.steps} steps in {result.train_seconds:.0f}s, {result.tokens_per_second:,.0f} "

@@ -12,8 +12,8 @@ follow a realistic distribution (mean ~600 tokens), boundary-respecting attentio
 model TFLOP/s (4·N per token for LoRA, 6·N for full SFT, + causal attention over the real lengths), MFU against
 989 TFLOP/s, peak memory and the card. Warm-up steps excluded; median of timed steps. A step's time is the
 interval between reading its numbers and the previous step's (each read waits for the GPU), with each step queued
-before the previous one is read, as the training loop runs (``--synced-steps``: synchronize before and after each
-step instead).
+before the previous one is read: the training loop's own stepping (``training.pipelined.PipelinedSteps``;
+``--synced-steps``: synchronize before and after each step instead).
 After timing, one more step runs under CUDA's sync debug mode and the row reports how many times it made the host
 wait for the GPU (``host_syncs``) and where: each wait stops the CPU from queueing kernels ahead of the GPU.
 ``TORCHDYNAMO_DISABLE=1`` runs every compiled region (RMSNorm, RoPE, SwiGLU, cross-entropy) eagerly, for an A/B.
@@ -80,6 +80,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     from nemo_customizer.models.flash_attn4 import use_flash_attn4
     from nemo_customizer.models.llama import head_dim
     from nemo_customizer.training.session import TrainingSession
+    from nemo_customizer.training.pipelined import PipelinedSteps, PlannedStep
     from nemo_customizer.training.step import queue_step
     from nemo_customizer.training.step import train_step as _train_step
 
@@ -110,19 +111,11 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         def train_step(*args):
             return _train_step(*args, graphs=graphs)
 
+        stepping = PipelinedSteps(lambda micro: queue_step(ddp, optimizer, scheduler, micro, device, graphs), device)
+
         def queued_steps(micro_batches_per_step):
-            """Each step queued before the previous one is read; the results and when each was read."""
-            results, read_at, pending = [], [], None
-            for micro in micro_batches_per_step + [None]:
-                queued = None
-                if micro is not None:
-                    queued = queue_step(ddp, optimizer, scheduler, micro, device, graphs)
-                    queued.advance_schedule()
-                if pending is not None:
-                    results.append(pending.result())
-                    read_at.append(time.perf_counter())
-                pending = queued
-            return results, read_at
+            """Each step queued before the previous one is read, by the training loop's own stepping."""
+            return list(stepping(PlannedStep(number, micro) for number, micro in enumerate(micro_batches_per_step, 1)))
 
         vocab = cfg.model.architecture.vocab_size
         gen = torch.Generator().manual_seed(0)
@@ -154,8 +147,9 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
                 if i >= warmup:
                     times.append(time.perf_counter() - started)
         else:  # as the training loop runs: step N's numbers are read (a host sync) after step N+1 is queued
-            results, read_at = queued_steps([micro for micro, _ in batches])
-            times = [b - a for a, b in zip(read_at[warmup - 1:], read_at[warmup:])]  # one per step after warm-up
+            read = queued_steps([micro for micro, _ in batches])
+            results = [step.result for step in read]
+            times = [step.seconds for step in read[warmup:]]  # after a warm-up step: from one read to the next
         step_s = statistics.median(times)
         syncs = _host_syncs(lambda: train_step(ddp, optimizer, scheduler, batches[-1][0], device))
         if profile_dir:

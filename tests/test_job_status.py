@@ -176,9 +176,9 @@ def test_nan_read_after_the_next_step_was_queued_still_fails_the_job_at_its_step
         saved["adapter"] = (tmp_path / "job" / "adapter" / "adapter_model.safetensors").read_bytes()
         return torch.stack([torch.full_like(out[0], math.nan), out[1]])
 
-    from nemo_customizer.training import loop
+    from nemo_customizer.training import pipelined
 
-    monkeypatch.setattr(loop, "_overlaps", lambda job: True)  # as on a GPU
+    monkeypatch.setattr(pipelined, "overlaps", lambda device: True)  # as on a GPU
     _inject_at_step(monkeypatch, 3, poison)
     with pytest.raises(FloatingPointError, match="training loss is nan at step 3; the update was not applied"):
         _customize(tmp_path, model_dir, "job", early_stopping={"min_delta": 0.0, "patience": 100})
@@ -223,7 +223,7 @@ def test_sigint_in_process_finishes_the_step_and_raises_job_cancelled(tmp_path, 
 
     def fit(job):  # records the resumable checkpoints the job saves
         save = job.save_checkpoint
-        job.save_checkpoint = lambda position: (checkpoints.append(position.steps), save(position))
+        job.save_checkpoint = lambda state: (checkpoints.append(state.steps), save(state))
         return original_fit(job)
 
     monkeypatch.setattr(loop, "fit", fit)

@@ -23,6 +23,8 @@ def test_early_stopping_ends_training_and_keeps_the_best_adapter(tmp_path):
     assert result.stopped_early
     assert result.steps == 8  # validations at steps 2 (best), 4, 6, 8 (third without improvement)
     assert result.best_step == 2 and result.best_epoch == 0
+    assert result.epochs_completed == 2  # step 8 ends epoch 1: counted, as status.json counts it
+    assert json.loads((tmp_path / "job" / "status.json").read_text())["epochs_completed"] == 2
     rows = [json.loads(line) for line in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["event"] == "validation"] == [2, 4, 6, 8]
     assert (tmp_path / "job" / "adapter" / "adapter_model.safetensors").exists()
@@ -81,36 +83,39 @@ def test_the_next_step_is_queued_before_a_step_is_read(tmp_path, monkeypatch, ov
     import json
 
     from nemo_customizer.api import customize
-    from nemo_customizer.training import loop
+    from nemo_customizer.training import loop, pipelined
+    from nemo_customizer.training.step import QueuedStep
 
-    events, eager = [], {}
-    real_queue, real_record, real_validate = loop._queue, loop._record, loop._validate
+    events, eager, numbers = [], {}, {}  # numbers: id of a QueuedStep -> its step
 
-    def queue(job, batches, step, epoch):
-        queued = real_queue(job, batches, step, epoch)
-        eager[step] = queued.work.numbers.tolist()  # step N's numbers before step N+1 exists
+    def queue_step(*args, **kwargs):
+        queued = real_queue(*args, **kwargs)
+        step = len(eager) + 1
+        eager[step], numbers[id(queued)] = queued.numbers.tolist(), step  # before step N+1 exists
         events.append(("queue", step))
         return queued
 
-    def record(job, queued, result, counters):
-        assert queued.work.numbers.tolist() == eager[queued.step]
-        events.append(("read", queued.step))
-        real_record(job, queued, result, counters)
+    def result(queued):
+        assert queued.numbers.tolist() == eager[numbers[id(queued)]]
+        events.append(("read", numbers[id(queued)]))
+        return real_result(queued)
 
-    def validate(job, result, stopper, epoch, step, counters):
-        assert max(s for kind, s in events if kind == "queue") == result.steps == step
-        events.append(("validate", step))
-        real_validate(job, result, stopper, epoch, step, counters)
+    def validate(job, state):
+        assert max(s for kind, s in events if kind == "queue") == state.steps
+        assert max(s for kind, s in events if kind == "read") == state.steps
+        events.append(("validate", state.steps))
+        real_validate(job, state)
 
-    monkeypatch.setattr(loop, "_overlaps", lambda job: overlap)  # True: as on a GPU
-    monkeypatch.setattr(loop, "_queue", queue)
-    monkeypatch.setattr(loop, "_record", record)
+    real_queue, real_result, real_validate = loop.queue_step, QueuedStep.result, loop._validate
+    monkeypatch.setattr(pipelined, "overlaps", lambda device: overlap)  # True: as on a GPU
+    monkeypatch.setattr(loop, "queue_step", queue_step)
+    monkeypatch.setattr(QueuedStep, "result", result)
     monkeypatch.setattr(loop, "_validate", validate)
     write_tiny_model_dir(tmp_path / "model")
     write_classification_data(tmp_path / "data", n_train=40, n_val=8)
-    result = customize(  # 5 steps per epoch, 2 epochs capped at 8 steps, validation every 3 steps
+    result = customize(  # 5 steps per epoch, 3 epochs capped at 8 steps, validation every 3 steps
         "tiny-llama-test", dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "job"), progress_bar=False,
-        hyperparameters={"epochs": 2, "batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "val_check_interval": 3,
+        hyperparameters={"epochs": 3, "batch_size": 8, "micro_batch_size": 4, "max_steps": 8, "val_check_interval": 3,
                          "learning_rate": 1e-3, "warmup_steps": 4, "early_stopping": {"patience": 100}},
         model={"checkpoint": str(tmp_path / "model"), "random_weights": False},
     )
@@ -126,6 +131,8 @@ def test_the_next_step_is_queued_before_a_step_is_read(tmp_path, monkeypatch, ov
     rows = [json.loads(line) for line in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["event"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 9)) and [r["epoch"] for r in train] == [0] * 5 + [1] * 3
+    validations = [r for r in rows if r["event"] == "validation"]  # the last one judges step 8, of epoch 1
+    assert [(r["step"], r["epoch"]) for r in validations] == [(3, 0), (5, 0), (6, 1), (8, 1)]
     assert [r["loss"] for r in train] == [eager[s][0] / eager[s][1] for s in range(1, 9)]
     lrs = [r["lr"] for r in train]  # one schedule step per training step: linear warm-up over 4, then cosine decay
     assert lrs[:5] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])

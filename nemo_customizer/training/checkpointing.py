@@ -2,7 +2,7 @@
 
 A checkpoint holds what training changes: the trainable weights (only the adapters for LoRA; the frozen base is
 re-read from the HF checkpoint), the optimizer state, the learning-rate schedule, every rank's RNG states and the
-loop's position (steps, epoch, early-stopping state). Tensors are saved with their global shapes and
+loop's ``LoopState`` (steps, early stopping, totals), saved whole. Tensors are saved with their global shapes and
 tensor/pipeline-parallel offsets, so a job saved at TP=2 loads at TP=1 (or PP=2, or another DP size).
 
 On disk (``<job_dir>/checkpoints/``)::
@@ -20,8 +20,8 @@ import os
 import queue
 import random
 import shutil
-from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -33,12 +33,14 @@ from nemo_customizer.config import ConfigError
 from nemo_customizer.distributed.parallel import ParallelLayout, rng_tracker_states, set_rng_tracker_states
 from nemo_customizer.jobs import LATEST_CHECKPOINT_FILE, write_file_atomic
 from nemo_customizer.training.optim import torch_adams
-from nemo_customizer.training.position import LoopPosition
+from nemo_customizer.training.state import LoopState
 
 # The distributed optimizer's state as each rank holds it. mcore's "fully_reshardable" format would also reload at
 # another TP/PP layout, but with torch's Adam (no TE/apex) 0.16.1 cannot load it: its per-parameter copy expects a
 # "step" tensor that format leaves out (KeyError). "dp_reshardable" keeps everything, "step" included.
 _DISTRIBUTED_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+_LOOP_STATE = "position"
+"""The common-state key of ``LoopState.to_checkpoint()``."""
 
 
 class Checkpointer:
@@ -83,9 +85,9 @@ class Checkpointer:
 
     # --- save ------------------------------------------------------------------------------------------------------
 
-    def save(self, position: LoopPosition) -> Path:
-        """Write a checkpoint of the current weights, optimizer, schedule, RNG and ``position``."""
-        name = f"step_{position.steps:08d}"
+    def save(self, loop: LoopState) -> Path:
+        """Write a checkpoint of the current weights, optimizer, schedule, RNG and the loop's state."""
+        name = f"step_{loop.steps:08d}"
         final, tmp = self.root / name, self.root / f".tmp-{name}"
         if self.layout.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,7 @@ class Checkpointer:
         dist.barrier()
         state = self._sharded_state(is_loading=False)
         state["scheduler"] = self.scheduler.state_dict()
-        state["position"] = asdict(position)
+        state[_LOOP_STATE] = loop.to_checkpoint()
         state["world_size"] = self.layout.world_size
         state["model_parallel"] = self._model_parallel()
         _use_in_process_results_queue()
@@ -119,8 +121,9 @@ class Checkpointer:
 
     # --- load ------------------------------------------------------------------------------------------------------
 
-    def load(self, path: Path, *, weights_only: bool = False) -> LoopPosition:
-        """Restore the trainable weights (and unless ``weights_only``, optimizer, schedule and RNG) from ``path``.
+    def load(self, path: Path, *, weights_only: bool = False) -> Optional[LoopState]:
+        """Restore the trainable weights (and unless ``weights_only``, optimizer, schedule and RNG) from ``path``;
+        returns the loop's state (None with ``weights_only``).
 
         RNG states are restored only when the world size is the one that saved them; another layout resumes
         with the same weights and data order but fresh dropout masks.
@@ -152,7 +155,7 @@ class Checkpointer:
             self.scheduler.load_state_dict(common["scheduler"])
             if "rng" in loaded:
                 _set_rng_state(loaded["rng"])
-        return LoopPosition(**common["position"])
+        return None if weights_only else LoopState.from_checkpoint(common[_LOOP_STATE])
 
 
 def _describe(model_parallel: dict) -> str:

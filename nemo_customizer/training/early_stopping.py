@@ -10,7 +10,8 @@ from dataclasses import dataclass
 class EarlyStopping:
     """Stop after ``patience`` validations without an improvement larger than ``min_delta``.
 
-    ``update`` returns True when this validation is the new best (the caller saves the best checkpoint then).
+    ``update`` returns True when this validation is the new best (the caller saves the best checkpoint then). The
+    training loop keeps it in its ``LoopState``, so checkpoints save where it stands.
     """
 
     patience: int = 10

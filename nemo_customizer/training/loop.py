@@ -1,13 +1,16 @@
 """The training loop: epochs of optimizer steps, validation, early stopping, best-checkpoint callback, metrics,
-a clean stop on SIGTERM/SIGINT, and a stop (before the update) on a NaN/inf loss or gradient."""
+a clean stop on SIGTERM/SIGINT, and a stop (before the update) on a NaN/inf loss or gradient.
+
+What the loop knows is one ``LoopState``: resumable checkpoints save it whole, and the job's result and status.json
+are derived from it. Steps run through ``PipelinedSteps`` (on GPUs the next step is queued before a step is read).
+"""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import signal
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -20,10 +23,11 @@ from nemo_customizer.distributed.collectives import all_reduce_sum
 from nemo_customizer.distributed.parallel import ParallelLayout
 from nemo_customizer.training.early_stopping import EarlyStopping
 from nemo_customizer.training.metrics import MetricsLog, ProgressBar
+from nemo_customizer.training.pipelined import PipelinedSteps, PlannedStep, ReadStep
 from nemo_customizer.training.signals import StopSignals
-from nemo_customizer.training.position import LoopPosition
+from nemo_customizer.training.state import LoopState
 from nemo_customizer.training.status import JobStatus
-from nemo_customizer.training.step import NonFiniteStep, QueuedStep, queue_step, validation_loss
+from nemo_customizer.training.step import queue_step, validation_loss
 
 
 @dataclass
@@ -46,35 +50,16 @@ class TrainingJob:
     packing: Optional[PackingPlan] = None
     """Train on packed bins of ``train_examples`` with the plan's batch sizes (validation stays unpacked)."""
     status: JobStatus = field(default_factory=lambda: JobStatus(None))
-    """Told when training starts (the metrics records feed it the rest)."""
+    """Takes the state's fields before each metrics record (the records feed its series)."""
     stop: StopSignals = field(default_factory=StopSignals)
     """Entered for the loop (``api.run`` enters it earlier, so a signal during model loading counts too)."""
-    save_checkpoint: Optional[Callable[[LoopPosition], None]] = None
+    save_checkpoint: Optional[Callable[[LoopState], None]] = None
     """Writes a resumable checkpoint (on every rank: collective) after each validation and when a stop signal ends
     training."""
-    resume: Optional[LoopPosition] = None
-    """Where a restored checkpoint left off: the loop continues from there (the weights are already loaded)."""
+    resume: Optional[LoopState] = None
+    """The state a restored checkpoint saved: the loop continues from there (the weights are already loaded)."""
     graphs: Optional[object] = None
     """A ``training.graphs.GraphedForwardBackward`` of ``model``: packed training micro batches replay CUDA graphs."""
-
-
-@dataclass
-class FitResult:
-    steps: int = 0
-    epochs_completed: int = 0
-    best_val_loss: float = math.inf
-    best_epoch: Optional[int] = None
-    best_step: Optional[int] = None
-    final_train_loss: float = math.nan
-    final_val_loss: float = math.nan
-    stopped_early: bool = False
-    tokens_per_second: float = 0.0
-    train_seconds: float = 0.0
-    last_validated_step: int = 0
-    stopped_by_signal: Optional[int] = None
-    """SIGTERM or SIGINT, when a stop signal or a cancel request (as SIGTERM) ended training (status ``cancelled``)."""
-    stop_reason: str = ""
-    """What ended training early: ``SIGTERM``, ``SIGINT`` or ``cancel request``."""
 
 
 def planned_steps(n_train: int, hp: HyperparametersConfig, packing: Optional[PackingPlan] = None) -> int:
@@ -87,59 +72,139 @@ def _steps_per_epoch(n_train: int, hp: HyperparametersConfig, packing: Optional[
     return packing.steps_per_epoch if packing is not None else steps_per_epoch(n_train, hp.batch_size)
 
 
-def _stop_requested(job: TrainingJob, result: FitResult) -> bool:
-    """Whether any rank got a stop signal or a cancel request (recorded in ``result``; SIGTERM wins over SIGINT, a
+def fit(job: TrainingJob) -> LoopState:
+    """Train until the planned steps, early stopping or a stop signal; returns the final state."""
+    with job.stop:  # SIGTERM/SIGINT only set a flag while it is entered
+        return _fit(job)
+
+
+def _fit(job: TrainingJob) -> LoopState:
+    hp = job.hyperparameters
+    total = planned_steps(len(job.train_examples), hp, job.packing)
+    state = _starting_state(job)
+    job.status.update(state.status_fields())
+    job.status.running(total_steps=total, steps_completed=state.steps, steps_per_epoch=state.steps_per_epoch)
+    # Packed: the shuffled unit is a bin (bins are fixed for the job; their order changes every epoch).
+    items = job.packing.take(job.train_examples) if job.packing else job.train_examples
+    # On GPUs each step is read once the next is queued, except where ``_planned_steps`` says to read it at once.
+    steps = PipelinedSteps(lambda batches: queue_step(job.model, job.optimizer, job.scheduler, batches,
+                                                      job.layout.device, graphs=job.graphs), job.layout.device)
+    for epoch in range(state.epochs_completed, hp.epochs):
+        if state.steps >= total or state.early_stopping.should_stop or state.stop_signal is not None:
+            break
+        for read in steps(_planned_steps(job, state, items, epoch, total)):
+            _record(job, state, read)
+            if _validation_due(hp, read.number):
+                _validate(job, state)
+                if state.early_stopping.should_stop:
+                    break
+        if state.steps == (epoch + 1) * state.steps_per_epoch and state.steps > state.last_validated_step:
+            _validate(job, state)  # a full epoch ended (and the interval did not just validate this step)
+        if state.early_stopping.should_stop:
+            state.stopped_early = True
+            job.progress.message(f"early stopping: no val_loss improvement > {state.early_stopping.min_delta} in "
+                                 f"{state.early_stopping.patience} validations")
+    if state.stop_signal is not None:  # the best checkpoint keeps its meaning: no validation of the cut-off epoch
+        _stop_for_signal(job, state)
+    elif state.steps > state.last_validated_step and not state.stopped_early:
+        _validate(job, state)  # ended mid-epoch (max_steps): judge the final weights
+    if not job.val_examples and state.stop_signal is None:
+        job.save_best()  # no validation data: the final weights are the result
+    job.progress.close()
+    return state
+
+
+def _starting_state(job: TrainingJob) -> LoopState:
+    """A fresh state, or the one a restored checkpoint saved (``job.resume``) when its data order is this run's."""
+    steps_per_epoch, global_batch_size = _data_order(job)
+    if job.resume is None:
+        rule = job.hyperparameters.early_stopping
+        return LoopState(steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size,
+                         early_stopping=EarlyStopping(rule.patience, rule.min_delta, rule.enabled))
+    saved = job.resume
+    if (saved.steps_per_epoch, saved.global_batch_size) != (steps_per_epoch, global_batch_size):
+        raise ValueError(
+            f"the checkpoint to resume was written with {saved.steps_per_epoch} steps per epoch of "
+            f"{saved.global_batch_size} (examples or packed bins); this run has {steps_per_epoch} of "
+            f"{global_batch_size}. Resume with the same dataset, batch and packing settings, or start "
+            "a new output_dir.")
+    job.metrics.write(event="resume", step=saved.steps)
+    job.progress.message(f"resuming after step {saved.steps} (epoch {saved.epochs_completed})")
+    return dataclasses.replace(saved, stop_signal=None, stop_reason="")  # the saved run's stop is not this run's
+
+
+def _data_order(job: TrainingJob) -> Tuple[int, int]:
+    """``(steps per epoch, examples or packed bins per step)``: a resumed job must have the same."""
+    hp = job.hyperparameters
+    return (_steps_per_epoch(len(job.train_examples), hp, job.packing),
+            job.packing.global_batch_size if job.packing else hp.batch_size)
+
+
+def _validation_due(hp: HyperparametersConfig, step: int) -> bool:
+    return bool(hp.val_check_interval) and step % hp.val_check_interval == 0
+
+
+def _planned_steps(job: TrainingJob, state: LoopState, items: Sequence, epoch: int, total: int
+                   ) -> Iterator[PlannedStep]:
+    """The rest of ``epoch``'s steps, until the planned total or a stop request (asked before each step). A step
+    that validation, the epoch's end or the job's end follows is read at once: those must see exactly its weights."""
+    per_epoch = state.steps_per_epoch
+    done = state.steps - epoch * per_epoch  # steps of this epoch already trained (a resumed job)
+    for number, batches in enumerate(_training_batches(job, items, epoch, done), start=state.steps + 1):
+        if number > total or _stop_requested(job, state):  # also a signal sent while loading
+            return
+        yield PlannedStep(number, batches, read_at_once=_validation_due(job.hyperparameters, number)
+                          or number % per_epoch == 0 or number == total)
+
+
+def _record(job: TrainingJob, state: LoopState, read: ReadStep) -> None:
+    """Count a read step, log it and show it."""
+    out = read.result
+    state.add_step(read.number, out.loss, out.real_tokens, read.seconds)
+    _log(job, state, event="train", step=read.number, epoch=state.epoch, loss=out.loss, lr=out.learning_rate,
+         grad_norm=out.grad_norm, loss_tokens=out.loss_tokens, tokens=out.real_tokens,
+         tokens_per_s=out.real_tokens / max(read.seconds, 1e-9), skipped=out.skipped)
+    job.progress.update(state.steps, out.loss, state.tokens_per_second)
+
+
+def _validate(job: TrainingJob, state: LoopState) -> None:
+    """Validation loss, early stopping and the best checkpoint; then the resumable checkpoint of this step."""
+    state.last_validated_step = state.steps
+    if job.val_examples:
+        val = validation_loss(job.model, _validation_batches(job), job.layout.device)
+        improved = state.add_validation(val)
+        if improved:
+            job.save_best()
+        _log(job, state, event="validation", step=state.steps, epoch=state.epoch, val_loss=val, best=improved)
+        job.progress.message(f"validation  epoch {state.epoch} step {state.steps}: val_loss {val:.4f}"
+                             + ("  (best, saved)" if improved else f"  (best {state.best_val_loss:.4f})"))
+    if job.save_checkpoint is not None:
+        job.save_checkpoint(state)
+
+
+def _log(job: TrainingJob, state: LoopState, **record) -> None:
+    """A metrics.jsonl record; status.json (which the records feed) first takes the state's fields."""
+    job.status.update(state.status_fields())
+    job.metrics.write(**record)
+
+
+def _stop_requested(job: TrainingJob, state: LoopState) -> bool:
+    """Whether any rank got a stop signal or a cancel request (recorded in ``state``; SIGTERM wins over SIGINT, a
     request counts as SIGTERM); one all-reduce, so every rank stops before the same step."""
     received = job.stop.received
     term, interrupt, request = all_reduce_sum([float(received == signal.SIGTERM), float(received == signal.SIGINT),
                                                float(job.stop.cancel_requested())])
-    result.stopped_by_signal = signal.SIGTERM if term or request else signal.SIGINT if interrupt else None
-    result.stop_reason = ("SIGTERM" if term else "SIGINT" if interrupt else "cancel request" if request else "")
-    return result.stopped_by_signal is not None
+    state.stop_signal = signal.SIGTERM if term or request else signal.SIGINT if interrupt else None
+    state.stop_reason = ("SIGTERM" if term else "SIGINT" if interrupt else "cancel request" if request else "")
+    return state.stop_signal is not None
 
 
-@dataclass
-class _Queued:
-    """A step queued on the device whose numbers the loop has not read yet."""
-
-    step: int
-    epoch: int
-    work: QueuedStep
-    queued_at: float
-
-
-def _queue(job: TrainingJob, batches, step: int, epoch: int) -> _Queued:
-    queued_at = time.perf_counter()
-    work = queue_step(job.model, job.optimizer, job.scheduler, batches, job.layout.device, graphs=job.graphs)
-    work.advance_schedule()  # the next step may be queued before this one is read
-    return _Queued(step, epoch, work, queued_at)
-
-
-def _overlaps(job: TrainingJob) -> bool:
-    """Whether a step's numbers are read after the next step is queued: on GPUs, where the device then works while
-    the host logs and launches. On a CPU every step runs as it is queued; reading at once keeps each step's time its
-    own (``tokens_per_s``)."""
-    return job.layout.device.type == "cuda"
-
-
-def _record(job: TrainingJob, queued: _Queued, result: "FitResult", counters: "_Counters") -> None:
-    """Read a queued step's numbers (waiting for it), then log and count it; a NaN/inf step ends the job."""
-    try:
-        out = queued.work.result()
-    except NonFiniteStep as err:  # every rank raises it at the same step
-        raise FloatingPointError(f"{err} at step {queued.step}; the update was not applied and the last saved "
-                                 "checkpoint is intact: lower the learning_rate or check the data") from None
-    now = time.perf_counter()
-    elapsed = now - max(queued.queued_at, counters.last_read)  # steps overlap: count each moment once
-    counters.last_read = now
-    result.steps = queued.step
-    counters.tokens += out.real_tokens
-    counters.seconds += elapsed
-    result.final_train_loss = out.loss
-    job.metrics.write(event="train", step=queued.step, epoch=queued.epoch, loss=out.loss, lr=out.learning_rate,
-                      grad_norm=out.grad_norm, loss_tokens=out.loss_tokens, tokens=out.real_tokens,
-                      tokens_per_s=out.real_tokens / max(elapsed, 1e-9), skipped=out.skipped)
-    job.progress.update(result.steps, out.loss, counters.tokens / max(counters.seconds, 1e-9))
+def _stop_for_signal(job: TrainingJob, state: LoopState) -> None:
+    """Say why training ends and save a resumable checkpoint when the job has that callback."""
+    saving = "saving a checkpoint" if job.save_checkpoint is not None else "no resumable checkpoint configured"
+    job.progress.message(f"{state.stop_reason} received: stopping after step {state.steps}; {saving}")
+    if job.save_checkpoint is not None:
+        job.save_checkpoint(state)
 
 
 def _training_batches(job: TrainingJob, items: Sequence, epoch: int, skip: int = 0):
@@ -167,170 +232,3 @@ def _validation_batches(job: TrainingJob):
         dp_rank=layout.data_parallel_rank, dp_size=layout.data_parallel_size,
     ):
         yield [collate(m, pad_id=job.pad_id, pad_to_multiple_of=job.pad_to_multiple_of) for m in micro]
-
-
-def _validate(job: TrainingJob, result: FitResult, stopper: EarlyStopping, epoch: int, step: int,
-              counters: "_Counters") -> None:
-    """Validation loss, early stopping and the best checkpoint; then the resumable checkpoint of this step."""
-    result.last_validated_step = step
-    if job.val_examples:
-        _score(job, result, stopper, epoch, step)
-    if job.save_checkpoint is not None:
-        job.save_checkpoint(_position(job, result, stopper, counters))
-
-
-def _score(job: TrainingJob, result: FitResult, stopper: EarlyStopping, epoch: int, step: int) -> None:
-    val = validation_loss(job.model, _validation_batches(job), job.layout.device)
-    result.final_val_loss = val
-    improved = stopper.update(val, step)
-    if improved:
-        result.best_val_loss, result.best_epoch, result.best_step = val, epoch, step
-        job.save_best()
-    job.metrics.write(event="validation", step=step, epoch=epoch, val_loss=val, best=improved)
-    job.progress.message(f"validation  epoch {epoch} step {step}: val_loss {val:.4f}"
-                         + ("  (best, saved)" if improved else f"  (best {stopper.best:.4f})"))
-
-
-def fit(job: TrainingJob) -> FitResult:
-    """Train until the planned steps, early stopping or a stop signal; returns what happened."""
-    with job.stop:  # SIGTERM/SIGINT only set a flag while it is entered
-        return _fit(job)
-
-
-@dataclass
-class _Counters:
-    """Totals for tokens/s across the whole job (a resumed job continues them)."""
-
-    tokens: int = 0
-    seconds: float = 0.0
-    last_read: float = 0.0
-    """When the loop last read a step's numbers (``time.perf_counter``; not saved)."""
-
-
-def _data_order(job: TrainingJob) -> Tuple[int, int]:
-    """``(steps per epoch, examples or packed bins per step)``: a resumed job must have the same."""
-    hp = job.hyperparameters
-    return (_steps_per_epoch(len(job.train_examples), hp, job.packing),
-            job.packing.global_batch_size if job.packing else hp.batch_size)
-
-
-def _position(job: TrainingJob, result: FitResult, stopper: EarlyStopping, counters: _Counters) -> LoopPosition:
-    steps_per_epoch, global_batch_size = _data_order(job)
-    return LoopPosition(
-        steps=result.steps, steps_per_epoch=steps_per_epoch, global_batch_size=global_batch_size,
-        epochs_completed=result.epochs_completed, last_validated_step=result.last_validated_step,
-        best_val_loss=_finite_or_none(result.best_val_loss), best_epoch=result.best_epoch, best_step=result.best_step,
-        final_train_loss=_finite_or_none(result.final_train_loss),
-        final_val_loss=_finite_or_none(result.final_val_loss), early_stopping_best=_finite_or_none(stopper.best),
-        early_stopping_best_at=stopper.best_at, bad_validations=stopper.bad_validations, tokens=counters.tokens,
-        seconds=counters.seconds,
-    )
-
-
-def _restore(job: TrainingJob, result: FitResult, stopper: EarlyStopping, counters: _Counters) -> None:
-    """Continue from ``job.resume``: same step, early-stopping state and totals as when it was saved."""
-    start = job.resume
-    steps_per_epoch, global_batch_size = _data_order(job)
-    if (start.steps_per_epoch, start.global_batch_size) != (steps_per_epoch, global_batch_size):
-        raise ValueError(
-            f"the checkpoint to resume was written with {start.steps_per_epoch} steps per epoch of "
-            f"{start.global_batch_size} (examples or packed bins); this run has {steps_per_epoch} of "
-            f"{global_batch_size}. Resume with the same dataset, batch and packing settings, or start "
-            "a new output_dir.")
-    result.steps = start.steps
-    result.epochs_completed = max(start.epochs_completed, start.steps // start.steps_per_epoch)
-    result.last_validated_step = start.last_validated_step
-    result.best_val_loss = _or(start.best_val_loss, math.inf)
-    result.best_epoch, result.best_step = start.best_epoch, start.best_step
-    result.final_train_loss = _or(start.final_train_loss, math.nan)
-    result.final_val_loss = _or(start.final_val_loss, math.nan)
-    stopper.best, stopper.best_at = _or(start.early_stopping_best, math.inf), start.early_stopping_best_at
-    stopper.bad_validations = start.bad_validations
-    counters.tokens, counters.seconds = start.tokens, start.seconds
-    job.metrics.write(event="resume", step=start.steps)
-    job.progress.message(f"resuming after step {start.steps} (epoch {start.steps // start.steps_per_epoch})")
-
-
-def _fit(job: TrainingJob) -> FitResult:
-    hp = job.hyperparameters
-    total_steps = planned_steps(len(job.train_examples), hp, job.packing)
-    per_epoch = _steps_per_epoch(len(job.train_examples), hp, job.packing)
-    # Packed: the shuffled unit is a bin (bins are fixed for the job; their order changes every epoch).
-    items = job.packing.take(job.train_examples) if job.packing else job.train_examples
-    stopper = EarlyStopping(hp.early_stopping.patience, hp.early_stopping.min_delta, hp.early_stopping.enabled)
-    result, counters = FitResult(), _Counters()
-    if job.resume is not None:
-        _restore(job, result, stopper, counters)
-    job.status.running(total_steps=total_steps, steps_completed=result.steps, steps_per_epoch=per_epoch)
-    first_epoch, skip = divmod(result.steps, per_epoch)
-    epoch = first_epoch
-    for epoch in range(first_epoch, hp.epochs):
-        if result.steps >= total_steps or stopper.should_stop:
-            break
-        # On GPUs one step stays queued while the next is launched: its numbers are read after the next step is
-        # queued, so the GPU never waits for the host's logging and launching. A step that validation, the epoch's
-        # end or the job's end follows is read at once (those must see exactly its weights).
-        overlap = _overlaps(job)
-        pending: Optional[_Queued] = None
-        for batches in _training_batches(job, items, epoch, skip if epoch == first_epoch else 0):
-            step = result.steps + (pending is not None) + 1
-            if step > total_steps or _stop_requested(job, result):  # also a signal sent while loading
-                break
-            queued = _queue(job, batches, step, epoch)
-            if pending is not None:
-                _record(job, pending, result, counters)
-            pending = queued
-            validate = bool(hp.val_check_interval) and step % hp.val_check_interval == 0
-            if not overlap or validate or step % per_epoch == 0 or step == total_steps:
-                _record(job, pending, result, counters)
-                pending = None
-            if validate:
-                _validate(job, result, stopper, epoch, result.steps, counters)
-                if stopper.should_stop:
-                    break
-        else:
-            # End of a full epoch: validate (unless the interval just did at this very step). Counted first, so
-            # the validation's checkpoint records the finished epoch.
-            if pending is not None:  # (read already where the epoch has its planned number of steps)
-                _record(job, pending, result, counters)
-                pending = None
-            result.epochs_completed = epoch + 1
-            if result.steps > result.last_validated_step:
-                _validate(job, result, stopper, epoch, result.steps, counters)
-        if pending is not None:  # the loop broke with a step queued (a stop signal)
-            _record(job, pending, result, counters)
-            pending = None
-        if stopper.should_stop:
-            result.stopped_early = True
-            job.progress.message(f"early stopping: no val_loss improvement > {stopper.min_delta} in "
-                                 f"{stopper.patience} validations")
-        if stopper.should_stop or result.stopped_by_signal:
-            break
-    if result.stopped_by_signal:  # the best checkpoint keeps its meaning: no validation of the cut-off epoch
-        _stop_for_signal(job, result, _position(job, result, stopper, counters))
-    elif result.steps > result.last_validated_step and not result.stopped_early:
-        # ended mid-epoch (max_steps): judge the final weights
-        _validate(job, result, stopper, epoch, result.steps, counters)
-    if not job.val_examples and not result.stopped_by_signal:
-        job.save_best()  # no validation data: the final weights are the result
-    result.tokens_per_second = counters.tokens / max(counters.seconds, 1e-9)
-    result.train_seconds = counters.seconds
-    job.progress.close()
-    return result
-
-
-def _stop_for_signal(job: TrainingJob, result: FitResult, position: LoopPosition) -> None:
-    """Say why training ends and save a resumable checkpoint when the job has that callback."""
-    saving = "saving a checkpoint" if job.save_checkpoint is not None else "no resumable checkpoint configured"
-    job.progress.message(f"{result.stop_reason} received: stopping after step {result.steps}; {saving}")
-    if job.save_checkpoint is not None:
-        job.save_checkpoint(position)
-
-
-def _finite_or_none(value: float) -> Optional[float]:
-    """None for inf/NaN: a checkpoint's common state is compared across ranks, and NaN never equals itself."""
-    return value if math.isfinite(value) else None
-
-
-def _or(value: Optional[float], default: float) -> float:
-    return default if value is None else value

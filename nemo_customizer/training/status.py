@@ -91,8 +91,9 @@ class JobStatus:
     """The job's state and progress, mirrored to ``<job_dir>/status.json`` (writes nothing when ``job`` is None).
 
     Creating it writes status ``created`` (an existing ``status.json`` is continued: its history and series are
-    kept). Feed it every metrics record (``record``, a ``MetricsLog`` listener); ``tracking()`` marks the job
-    ``failed`` or ``cancelled`` when an exception leaves it.
+    kept). The training loop gives it its state's fields (``update``) before each metrics record, and every record
+    feeds the series (``record``, a ``MetricsLog`` listener); ``tracking()`` marks the job ``failed`` or
+    ``cancelled`` when an exception leaves it.
     """
 
     def __init__(self, job: Optional[JobDirectory], *, write_every: int = 1, max_points: int = 1000):
@@ -113,7 +114,6 @@ class JobStatus:
         if previous:  # a job continued in the same directory: keep its start time, history and best checkpoint
             for key in ("created_at", "status_logs", "best_epoch", "best_step", "train_loss", "val_loss"):
                 self.state[key] = previous.get(key, self.state[key])
-        self._last_train: tuple = (None, None)  # (step, loss) of the latest train record
         self._set(CREATED)
 
     def running(self, *, total_steps: int, steps_per_epoch: int, steps_completed: int = 0) -> None:
@@ -124,25 +124,24 @@ class JobStatus:
         self._progress(steps_completed)
         self._set(RUNNING, f"{total_steps} steps, {steps_per_epoch} per epoch")
 
+    def update(self, fields: dict) -> None:
+        """Take the training loop's progress and best checkpoint (``LoopState.status_fields()``); written with the
+        next record or state change."""
+        self.state.update(fields)
+        self._progress(fields["steps_completed"])
+
     def record(self, record: dict) -> None:
-        """Take one metrics.jsonl record (``train`` and ``validation`` events; others are ignored)."""
+        """Take one metrics.jsonl record into the series (``train`` and ``validation`` events; others are ignored)."""
         event, step = record.get("event"), record.get("step")
         timestamp = _iso(record.get("time", time.time()))
         if event == "train":
             for name, key in _TRAIN_SERIES.items():
                 if key in record:
                     self.series[name].add(step, record[key], timestamp)
-            self._last_train = (step, record.get("loss"))
-            self._progress(step)
             if step % self.write_every == 0 and self._write_is_cheap():
                 self._write()
         elif event == "validation":
             self.series["val_loss"].add(step, record["val_loss"], timestamp)
-            if record.get("best"):
-                self.state.update(best_epoch=record.get("epoch"), best_step=step,
-                                  val_loss=_finite_or_none(record["val_loss"]),
-                                  train_loss=_finite_or_none(self._last_train[1]) if self._last_train[0] == step
-                                  else None)
             self._write()
 
     def record_evaluation(self, summary: dict) -> None:
