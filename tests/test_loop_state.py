@@ -130,3 +130,19 @@ def test_a_validation_updates_early_stopping_and_the_best_record():
     assert (state.best_step, state.best_val_loss, state.best_train_loss, state.final_val_loss) == (2, 1.25, 1.5, 1.5)
     assert (state.tokens, state.seconds, state.final_train_loss, state.epoch) == (30, 2.0, 1.0, 0)
     assert state.early_stopping.bad_validations == 1 and not state.early_stopping.should_stop
+
+
+def test_a_checkpoint_of_the_earlier_flat_layout_resumes():
+    """Checkpoints written before ``LoopState`` held one flat record; a job interrupted then resumes with the same
+    step, totals, early-stopping standing and best record."""
+    flat = dict(steps=12, steps_per_epoch=5, global_batch_size=8, epochs_completed=2, last_validated_step=10,
+                best_val_loss=0.5, best_epoch=1, best_step=10, final_train_loss=0.61, final_val_loss=0.52,
+                early_stopping_best=0.5, early_stopping_best_at=10, bad_validations=1, tokens=960, seconds=3.5)
+    state = LoopState.from_checkpoint(flat)
+    assert (state.steps, state.steps_per_epoch, state.global_batch_size, state.last_validated_step) == (12, 5, 8, 10)
+    assert (state.epochs_completed, state.best_epoch, state.best_step, state.best_val_loss) == (2, 1, 10, 0.5)
+    assert (state.early_stopping.bad_validations, state.tokens, state.seconds) == (1, 960, 3.5)
+    assert (state.final_train_loss, state.final_val_loss) == (0.61, 0.52)
+    unknown = LoopState.from_checkpoint({**flat, "best_val_loss": None, "early_stopping_best": None,
+                                         "early_stopping_best_at": -1, "final_val_loss": None})
+    assert unknown.best_step is None and math.isinf(unknown.best_val_loss) and math.isnan(unknown.final_val_loss)

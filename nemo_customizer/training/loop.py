@@ -128,6 +128,9 @@ def _starting_state(job: TrainingJob) -> LoopState:
             f"{saved.global_batch_size} (examples or packed bins); this run has {steps_per_epoch} of "
             f"{global_batch_size}. Resume with the same dataset, batch and packing settings, or start "
             "a new output_dir.")
+    rule = job.hyperparameters.early_stopping  # the rule is this run's config (equal to the saved run's)
+    saved = dataclasses.replace(saved, early_stopping=dataclasses.replace(
+        saved.early_stopping, patience=rule.patience, min_delta=rule.min_delta, enabled=rule.enabled))
     job.metrics.write(event="resume", step=saved.steps)
     job.progress.message(f"resuming after step {saved.steps} (epoch {saved.epochs_completed})")
     return dataclasses.replace(saved, stop_signal=None, stop_reason="")  # the saved run's stop is not this run's

@@ -108,7 +108,12 @@ class LoopState:
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> "LoopState":
-        """The state ``to_checkpoint`` saved (a field missing from an older checkpoint takes its default)."""
+        """The state ``to_checkpoint`` saved (a field missing from an older checkpoint takes its default); also reads
+        the flat position that checkpoints held before ``LoopState`` (``early_stopping_best`` ...), so a job
+        interrupted under an earlier version resumes. The early-stopping rule itself (patience, min_delta, enabled)
+        is the run's config: the loop sets it after loading."""
+        if "early_stopping_best" in saved and "early_stopping" not in saved:
+            return _from_flat_position(saved)
         return _build(cls, saved)
 
 
@@ -128,6 +133,21 @@ def _build(cls, saved: dict):
     return cls(**{name: _build(types[name], value) if dataclasses.is_dataclass(types[name])
                   else float(value) if isinstance(value, str) and types[name] in (float, Optional[float]) else value
                   for name, value in saved.items()})
+
+
+def _from_flat_position(saved: dict) -> LoopState:
+    """The earlier checkpoint layout: one flat record, unknown losses as None (the epoch and best-step fields it
+    also held are derived here)."""
+    def loss(name: str, default: float) -> float:
+        return default if saved.get(name) is None else float(saved[name])
+
+    stopping = EarlyStopping(best=loss("early_stopping_best", math.inf), best_at=saved.get("early_stopping_best_at", -1),
+                             bad_validations=saved.get("bad_validations", 0))
+    return LoopState(steps=saved["steps"], steps_per_epoch=saved["steps_per_epoch"],
+                     global_batch_size=saved["global_batch_size"], last_validated_step=saved["last_validated_step"],
+                     early_stopping=stopping, final_train_loss=loss("final_train_loss", math.nan),
+                     final_val_loss=loss("final_val_loss", math.nan), tokens=saved.get("tokens", 0),
+                     seconds=saved.get("seconds", 0.0))
 
 
 def _finite_or_none(value: float) -> Optional[float]:
