@@ -56,7 +56,7 @@ def check_training(root: Path) -> list[dict]:
     write_tiny_model_dir(root / "model")
     write_classification_data(root / "data", n_train=96, n_val=16)
     kinds = ("lora", "all_weights")
-    # CUDA jobs first: the CPU patches for mcore (distributed/cpu_patches.py) are process-wide and one-way.
+    # A CPU job's adaptations of mcore (compat.megatron_cpu) end with it: CUDA and CPU jobs may run in any order.
     gpu_losses = {kind: _job(root, f"{kind}-cuda", "cuda", "bf16", kind) for kind in kinds}
     results = check_inference(root, root / "lora-cuda" / "adapter")
     # bf16 weights updated in place (no fp32 master copy; stochastic rounding) against mixed precision
