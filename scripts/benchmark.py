@@ -187,27 +187,18 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
 def _host_syncs(step) -> dict:
     """Run ``step`` once under CUDA's sync debug mode: how often it waited for the GPU, by Python call site.
     A wait inside ``torch.cuda.synchronize`` is reported at its caller's line (``synchronize_callers``)."""
-    import traceback
     import warnings
 
-    callers: dict[str, int] = {}
-    real_synchronize = torch.cuda.synchronize
-
-    def traced_synchronize(*args, **kwargs):
-        outside_torch = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
-        site = f"{Path(outside_torch[-1].filename).name}:{outside_torch[-1].lineno}" if outside_torch else "?"
-        callers[site] = callers.get(site, 0) + 1
-        return real_synchronize(*args, **kwargs)
+    from nemo_customizer.compat import count_cuda_synchronize_callers
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.synchronize = traced_synchronize
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-            torch.cuda.synchronize = real_synchronize
+        with count_cuda_synchronize_callers() as callers:
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()  # after the debug mode: this wait is the measurement's, not the step's
     sites: dict[str, int] = {}
     for w in caught:

@@ -179,13 +179,13 @@ def _distributed_optimizer_job(rank: int, root: str, name: str, kill_at_save: in
     import importlib
 
     from nemo_customizer import api
-    from nemo_customizer.distributed import cpu_patches
+    from nemo_customizer.compat import CudaToCpuTorch, megatron_cpu
 
-    apply = cpu_patches.apply_cpu_patches
+    enter = megatron_cpu.enter_cpu_adaptations
 
-    def apply_with_distributed_optimizer():
-        apply()
-        proxy = cpu_patches._CpuDeviceTorch()
+    def enter_with_distributed_optimizer():
+        hold = enter()
+        proxy = CudaToCpuTorch()
         for module in ("megatron.core.optimizer.distrib_optimizer",
                        "megatron.core.distributed.distributed_data_parallel"):
             importlib.import_module(module).torch = proxy
@@ -193,8 +193,10 @@ def _distributed_optimizer_job(rank: int, root: str, name: str, kill_at_save: in
         torch.Tensor.type = lambda self, *a, **k: (real_type(self, *a, **k) if a or k else
                                                    real_type(self).replace("torch.", "torch.cuda.", 1))
         torch.Tensor.cuda = lambda self, *a, **k: self
+        return hold
 
-    cpu_patches.apply_cpu_patches = apply_with_distributed_optimizer
+    # initialize_parallel takes the function from the compat package at each call, so it finds this one.
+    megatron_cpu.enter_cpu_adaptations = enter_with_distributed_optimizer
     check = api._check_before_work
 
     def check_without_the_cpu_refusal(cfg, **kwargs):

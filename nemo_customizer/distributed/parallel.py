@@ -9,10 +9,14 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from nemo_customizer.compat import CpuAdaptations
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,9 @@ class ParallelLayout:
     device: torch.device
     owns_process_group: bool = True
     """Whether ``initialize_parallel`` started torch.distributed (and so ``destroy_parallel`` may end it)."""
+    cpu_adaptations: Optional["CpuAdaptations"] = field(default=None, repr=False, compare=False)
+    """A CPU job's hold on megatron-core's CPU adaptations (``compat.enter_cpu_adaptations``), which
+    ``destroy_parallel`` releases."""
 
     @property
     def is_main(self) -> bool:
@@ -83,14 +90,26 @@ def initialize_parallel(
 
     ``single_process``: a world of this process alone even under a launcher (RANK/WORLD_SIZE set), for work one
     process does by itself (generation, evaluation on the main rank after training).
+    On a CPU ``device`` megatron-core's CPU adaptations (``compat.megatron_cpu``) are live until ``destroy_parallel``
+    of the returned layout; a layout started while another CPU one is live holds them too.
     """
+    from nemo_customizer.compat import enter_cpu_adaptations
+
+    cpu_adaptations = enter_cpu_adaptations() if device.type == "cpu" else None
+    try:
+        layout = _initialize(tensor_parallel_size, pipeline_parallel_size, device, seed, single_process)
+    except BaseException:
+        if cpu_adaptations is not None:
+            cpu_adaptations.exit()
+        raise
+    return replace(layout, cpu_adaptations=cpu_adaptations)
+
+
+def _initialize(tensor_parallel_size: int, pipeline_parallel_size: int, device: torch.device, seed: int,
+                single_process: bool) -> ParallelLayout:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    if device.type == "cpu":
-        from nemo_customizer.distributed.cpu_patches import apply_cpu_patches
-
-        apply_cpu_patches()
     owns_process_group = not dist.is_initialized()
     if owns_process_group:
         _init_process_group(device, single_process)
@@ -171,13 +190,20 @@ def set_rng_tracker_states(states: dict) -> None:
 
 
 def destroy_parallel(layout: ParallelLayout | None = None) -> None:
-    """Tear down mcore's groups, and the process group if ``initialize_parallel`` started it.
+    """Tear down mcore's groups, and the process group if ``initialize_parallel`` started it; release the layout's
+    hold on the CPU adaptations (``layout=None``: every hold), so that a CUDA job can follow in this process.
 
     Lets one process run several jobs in turn, without ending a process group that the caller set up itself.
     """
     from megatron.core import parallel_state
 
+    from nemo_customizer.compat import exit_all_cpu_adaptations
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized() and (layout is None or layout.owns_process_group):
         dist.destroy_process_group()
+    if layout is None:
+        exit_all_cpu_adaptations()
+    elif layout.cpu_adaptations is not None:
+        layout.cpu_adaptations.exit()

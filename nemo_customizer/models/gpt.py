@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_customizer.checkpoints.hf_loader import SafetensorsCheckpoint, load_hf_weights
 from nemo_customizer.checkpoints.mappings import TPShard
+from nemo_customizer.compat import GPTModelHooks
 from nemo_customizer.config.schema import ArchitectureConfig
 from nemo_customizer.models import llama
 from nemo_customizer.models.loss import masked_token_losses
@@ -22,7 +23,7 @@ from nemo_customizer.models.rope import PackedRotaryParams
 from nemo_customizer.models.spec import llama_block_spec
 
 
-class CustomizerGPTModel(GPTModel):
+class CustomizerGPTModel(GPTModelHooks):
     """GPTModel whose training forward returns the per-token loss of loss-masked positions only.
 
     With ``labels`` and ``loss_mask`` given, the output projection runs only on positions with ``loss_mask > 0``:
@@ -40,23 +41,19 @@ class CustomizerGPTModel(GPTModel):
         return super().forward(input_ids, position_ids, attention_mask, *args, packed_seq_params=packed_seq_params,
                                **kwargs)
 
-    def _preprocess(self, *args, packed_seq_params=None, **kwargs):
-        out = super()._preprocess(*args, packed_seq_params=packed_seq_params, **kwargs)
+    def prepare_decoder_input(self, decoder_input, rotary_pos_emb, packed_seq_params):
         if isinstance(packed_seq_params, PackedRotaryParams):
-            out = (out[0], None, *out[2:])  # no mcore RoPE: CoreAttention rotates with the per-token cos/sin
-        decoder_input = out[0]
+            rotary_pos_emb = None  # no mcore RoPE: CoreAttention rotates with the per-token cos/sin
         if (self.config.recompute_granularity == "full" and torch.is_grad_enabled() and decoder_input is not None
                 and not decoder_input.requires_grad):
             # mcore recomputes layers through a reentrant autograd.Function, whose output needs grad only if an input
             # does: with a frozen embedding (LoRA) no layer output would, and the adapters would get no gradient.
-            out = (decoder_input.detach().requires_grad_(), *out[1:])
-        return out
+            decoder_input = decoder_input.detach().requires_grad_()
+        return decoder_input, rotary_pos_emb
 
-    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args,
-                     loss_mask: Union[torch.Tensor, "LossPositions", None] = None, **kwargs):
+    def loss_head(self, hidden_states, labels, loss_mask: Union[torch.Tensor, "LossPositions", None]):
         if labels is None or not self.post_process or loss_mask is None:
-            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, loss_mask=loss_mask,
-                                        **kwargs)
+            return None  # mcore's output layer: logits
         if self.config.sequence_parallel:
             # (s/tp, b, h) → (s, b, h). Backward only splits: the reduction over vocab shards happens once, in
             # copy_to_tensor_model_parallel_region below.

@@ -17,7 +17,6 @@ an interrupted save leaves the previous checkpoint and ``latest`` untouched.
 from __future__ import annotations
 
 import os
-import queue
 import random
 import shutil
 from pathlib import Path
@@ -27,8 +26,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+from nemo_customizer.compat import use_in_process_checkpoint_results_queue
 from nemo_customizer.config import ConfigError
 from nemo_customizer.distributed.parallel import ParallelLayout, rng_tracker_states, set_rng_tracker_states
 from nemo_customizer.jobs import LATEST_CHECKPOINT_FILE, write_file_atomic
@@ -99,7 +98,7 @@ class Checkpointer:
         state[_LOOP_STATE] = loop.to_checkpoint()
         state["world_size"] = self.layout.world_size
         state["model_parallel"] = self._model_parallel()
-        _use_in_process_results_queue()
+        use_in_process_checkpoint_results_queue()  # no spawned Manager: scripts need no __main__ guard
         dist_checkpointing.save(state, str(tmp))
         dist.barrier()  # every rank's shards are on disk
         if self.layout.is_main:
@@ -211,15 +210,3 @@ def _set_rng_state(state: dict) -> None:
     set_rng_tracker_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _use_in_process_results_queue() -> None:
-    """Give mcore's checkpoint writer a plain queue for its write results.
-
-    By default it creates a ``spawn`` multiprocessing Manager for that queue, which starts a fresh interpreter that
-    re-imports the caller's ``__main__``: a user script without an ``if __name__ == "__main__":`` guard would run
-    itself again and the save fails (EOFError). The queue only has to cross processes for asynchronous saves;
-    ours are synchronous, so the write results are put and read in this process.
-    """
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()

@@ -8,8 +8,8 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from nemo_customizer.compat import fused_optimizer_device_types, replace_inner_optimizer, skip_copy_of_masters_to_model
 from nemo_customizer.config.schema import HyperparametersConfig
 from nemo_customizer.distributed.collectives import all_reduce_sum_
 from nemo_customizer.models.fused import triton_kernel
@@ -43,8 +43,9 @@ def build_optimizer(model_chunks: List[torch.nn.Module], hp: HyperparametersConf
     if not masters:
         for part in getattr(optimizer, "chained_optimizers", [optimizer]):
             inner = part.optimizer
-            part.optimizer = Bf16AdamW(inner.param_groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2),
-                                       eps=inner.defaults["eps"], weight_decay=hp.weight_decay)
+            replace_inner_optimizer(part, Bf16AdamW(inner.param_groups, lr=hp.learning_rate,
+                                                    betas=(hp.adam_beta1, hp.adam_beta2), eps=inner.defaults["eps"],
+                                                    weight_decay=hp.weight_decay))
     elif fused:
         _use_fused_adam(optimizer)
         if all(p.is_cuda for chunk in model_chunks for p in chunk.parameters()) and \
@@ -65,15 +66,10 @@ def use_master_adamw(optimizer, hp: HyperparametersConfig) -> None:
         model_params = {id(main): model for models, mains in zip(part.float16_groups, part.fp32_from_float16_groups)
                         for model, main in zip(models, mains)}
         inner = part.optimizer
-        part.optimizer = MasterAdamW(inner.param_groups, model_params, lr=hp.learning_rate,
-                                     betas=(hp.adam_beta1, hp.adam_beta2), eps=inner.defaults["eps"],
-                                     weight_decay=hp.weight_decay)
-        part._copy_main_params_to_model_params = _model_weights_written_by_the_update
-
-
-def _model_weights_written_by_the_update() -> None:
-    """Stands in for mcore's copy of the fp32 masters into the bf16 model weights after each step:
-    ``MasterAdamW`` already wrote them."""
+        replace_inner_optimizer(part, MasterAdamW(inner.param_groups, model_params, lr=hp.learning_rate,
+                                                  betas=(hp.adam_beta1, hp.adam_beta2), eps=inner.defaults["eps"],
+                                                  weight_decay=hp.weight_decay))
+        skip_copy_of_masters_to_model(part)
 
 
 def torch_adams(optimizer) -> list:
@@ -115,7 +111,7 @@ def _use_fused_adam(optimizer) -> None:
     step makes several passes over the fp32 master weights and both moments (~1.2B parameters each for a 1B full
     fine-tune). torch's fused kernel updates each tensor in one pass. Its per-parameter ``step`` then lives on the
     parameter's device (see ``checkpointing._allocate_adam_state``)."""
-    supported = set(_get_fused_kernels_supported_devices())
+    supported = set(fused_optimizer_device_types())
     for _, inner in torch_adams(optimizer):
         for group in inner.param_groups:
             # Contiguous only: the kernel walks parameter, gradient and moments as one flat layout.

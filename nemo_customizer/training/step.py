@@ -22,11 +22,11 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.optimizer import optimizer as mcore_optimizer
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from nemo_customizer.compat import adam_gradient_scaling, clip_grads_by_total_norm, prepare_grads, step_with_ready_grads
 from nemo_customizer.distributed.collectives import all_reduce_sum_
 from nemo_customizer.models.gpt import upload
 from nemo_customizer.training.optim import device_grad_norm, fused_adams
@@ -242,7 +242,7 @@ def queue_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], dev
     ``model.train()`` runs only when ``model`` itself is not in training mode: switch ``model`` to eval, not one of
     its inner modules.
     """
-    if not model.training:  # the walk over every module costs ~1 ms of host time, while the GPU waits
+    if not model.training:  # the walk over every module costs host time, while the GPU waits
         model.train()
     model.zero_grad_buffer()
     optimizer.zero_grad()
@@ -277,7 +277,7 @@ def _optimizer_step(optimizer, totals: torch.Tensor, device: torch.device) -> Tu
     ``NonFiniteStep``. Otherwise the host reads the loss and the norm first and returns before any update when one
     is not finite, then divides and clips as mcore does.
     """
-    if optimizer.prepare_grads():  # fp16 loss scaling found inf/nan: skip this update, as mcore's step() does
+    if prepare_grads(optimizer):  # fp16 loss scaling found inf/nan: skip this update, as mcore's step() does
         return False, torch.full((), math.nan, device=device)
     tokens = totals[1].float().clamp(min=1.0)
     grad_norm = device_grad_norm(optimizer, device) / tokens
@@ -292,23 +292,14 @@ def _optimizer_step(optimizer, totals: torch.Tensor, device: torch.device) -> Tu
             if grads:
                 torch._foreach_div_(grads, count)
             if part.config.clip_grad > 0.0 and grads:  # ChainedOptimizer.step clips each part
-                # Looked up on the module at call time: the CPU patches replace it there.
-                mcore_optimizer.clip_grad_by_total_norm_fp32(
-                    part.get_parameters(), part.config.clip_grad, norm,
-                    part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
-        return optimizer.step_with_ready_grads(), grad_norm
+                clip_grads_by_total_norm(part, norm)
+        return step_with_ready_grads(optimizer), grad_norm
     found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(totals[0]))).float()
-    for part, adam in adams:
-        # mcore scales the mean gradients by clip / (norm + 1e-6) when that is below 1.
-        clip = part.config.clip_grad
-        adam.grad_scale = tokens * torch.clamp((grad_norm + 1e-6) / clip, min=1.0) if clip > 0.0 else tokens
-        adam.found_inf = found_inf
-    try:
-        applied = optimizer.step_with_ready_grads()
-    finally:
-        for _, adam in adams:
-            del adam.grad_scale, adam.found_inf
-    return applied, grad_norm
+    # mcore scales the mean gradients by clip / (norm + 1e-6) when that is below 1.
+    scales = [(adam, tokens * torch.clamp((grad_norm + 1e-6) / part.config.clip_grad, min=1.0)
+               if part.config.clip_grad > 0.0 else tokens) for part, adam in adams]
+    with adam_gradient_scaling(scales, found_inf):
+        return step_with_ready_grads(optimizer), grad_norm
 
 
 @torch.no_grad()

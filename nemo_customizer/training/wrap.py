@@ -8,6 +8,8 @@ from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nemo_customizer.compat import fuse_weight_grad_accumulation
+
 
 def wrap_for_training(model: torch.nn.Module, config: TransformerConfig, *,
                       distributed_optimizer: bool = False, fp32_grads: bool = True) -> DistributedDataParallel:
@@ -60,20 +62,17 @@ def accumulate_weight_grads_in_place(model: torch.nn.Module) -> None:
 
     Without it a layer's backward writes its weight gradient to a new tensor, and DDP's hook then adds that into the
     layer's ``main_grad`` buffer: one more pass over every trained weight's gradient (bf16 gradient read, buffer read
-    and written) per micro batch. Into fp32 buffers those adds took 4.9 ms of a Llama-3.2-1B full fine-tuning step on
-    an H200, 1.2 ms of kernels of that kind once fused (docs/PERFORMANCE.md). Fused, the GEMM adds its
+    and written) per micro batch (its cost in a full fine-tuning step: docs/PERFORMANCE.md). Fused, the GEMM adds its
     result into the buffer (``beta=1``) and returns a placeholder gradient that DDP's hook skips
     (``grad_added_to_main_grad``, reset by ``zero_grad_buffer``). mcore takes the GEMM from apex's
-    ``fused_weight_gradient_mlp_cuda`` where installed, else from ``_WeightGradAccumulation``. Call after DDP has
-    given each trained parameter its ``main_grad``.
+    ``fused_weight_gradient_mlp_cuda`` where installed, else from ``_WeightGradAccumulation``
+    (``compat.fuse_weight_grad_accumulation``). Call after DDP has given each trained parameter its ``main_grad``.
     """
-    if not mcore_layers._grad_accum_fusion_available:
-        mcore_layers.fused_weight_gradient_mlp_cuda = _WeightGradAccumulation
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if (isinstance(module, (mcore_layers.ColumnParallelLinear, mcore_layers.RowParallelLinear))
                 and weight is not None and weight.requires_grad and hasattr(weight, "main_grad")):
-            module.gradient_accumulation_fusion = True
+            fuse_weight_grad_accumulation(module, _WeightGradAccumulation)
 
 
 def finalize_without_token_division(model, num_tokens=None, **kwargs) -> None:
