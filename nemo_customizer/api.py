@@ -233,7 +233,7 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
         log(f"  dropped (no trainable token fits in max_seq_length): {origin}")
     evaluation = _prepare_evaluation(cfg, dataset_path)
     pack, warnings = hp.sequence_packing_enabled, ()
-    if pack and not cfg.model.sequence_packing_supported:  # the seed's behaviour: train anyway, unpacked
+    if pack and not cfg.model.sequence_packing_supported:  # train anyway, unpacked, and say so
         pack, warnings = False, (f"model {cfg.model.name} does not support sequence packing; "
                                  "hyperparameters.sequence_packing_enabled is ignored and training runs unpacked"
                                  + (" (and without CUDA graphs)" if hp.cuda_graphs else ""),)
@@ -293,7 +293,7 @@ def _check_token_ids_fit(examples: list, tokenizer: Any, cfg: Config) -> None:
 
 def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status: JobStatus, stop: StopSignals):
     """Build the job's training session (parallel state, model + LoRA, DDP, optimizer, schedule), train; returns
-    (fit result, trainable summary, layout, peak memory in GiB of the process that used the most)."""
+    (loop state, trainable summary, layout, peak memory in GiB of the process that used the most)."""
     from nemo_customizer.distributed.collectives import all_reduce_max
     from nemo_customizer.training.finetuning import best_checkpoint_saver
     from nemo_customizer.training.loop import TrainingJob, fit, planned_steps

@@ -1,9 +1,9 @@
-"""GPU throughput of nemo_customizer training steps, with the HF+PEFT peer in the same process.
+"""GPU throughput of nemo_customizer training steps, with the transformers+peft baseline in the same process.
 
     python scripts/benchmark.py --model llama-3.2-1b-instruct --mode lora-qv --seq 4096 --packed
-    python scripts/benchmark.py --suite            # the issue's table: 1B/8B LoRA q,v and all-linear, 1B full
-    python scripts/benchmark.py --suite --peer     # ... and transformers+peft on the same configs
-    python scripts/benchmark.py --suite --peer --model llama-3.1-8b-instruct   # the suite's rows of one model
+    python scripts/benchmark.py --suite            # the standard table: 1B/8B LoRA q,v and all-linear, 1B full
+    python scripts/benchmark.py --suite --baseline # ... and transformers+peft on the same configs
+    python scripts/benchmark.py --suite --baseline --model llama-3.1-8b-instruct   # the suite's rows of one model
     torchrun --nproc-per-node 2 scripts/benchmark.py --model llama-3.1-8b-instruct --mode lora-qv --packed \
         --tp 2 --sp                                # tensor (+ sequence) parallel: tokens/s per GPU
 
@@ -42,7 +42,7 @@ MODES = {"lora-qv": ("lora", ["q_proj", "v_proj"]), "lora-all": ("lora", ALL_LIN
          "full-bf16": ("all_weights", None)}
 MODE_OVERRIDES = {"full-bf16": ["hyperparameters.fp32_master_weights=false"]}
 """full-bf16: full SFT without fp32 master weights (bf16 weights, gradients and moments; stochastic rounding), the
-peer's precision."""
+transformers+peft baseline's precision."""
 
 
 def example_lengths(total: int, seed: int, mean: int = 600) -> list[int]:
@@ -98,7 +98,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
     overrides += MODE_OVERRIDES.get(mode, [])
     cfg = compose_config(overrides)
     device = torch.device("cuda")
-    # What earlier rows of a suite left allocated (some of it outlives them, ~11 GiB after the 1B full row): not
+    # What earlier rows of a suite left allocated (some of it outlives them, most after a full fine-tuning row): not
     # counted in this row's peak.
     gc.collect()
     leftover = torch.cuda.memory_allocated()
@@ -226,21 +226,21 @@ def _profile(run_steps, path: Path) -> None:
     print(table, flush=True)
 
 
-def run_peer(model_name: str, mode: str, seq: int, rows: int = 1) -> dict:
-    """transformers + peft on ``rows`` dense ``seq``-token sequences per step (rows = our bins per micro batch)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import importlib.util
+def run_baseline(model_name: str, mode: str, seq: int, rows: int = 1) -> dict:
+    """The transformers+peft baseline (``scripts/hf_peft_throughput.py``) on ``rows`` dense ``seq``-token sequences
+    per step (rows = our bins per micro batch), its FLOPs counted as ours are."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from hf_peft_throughput import measure
 
-    peer_path = Path(__file__).resolve().parents[2] / "shared" / "bench" / "peer_hf_peft.py"
-    local = Path(__file__).resolve().parent / "_peer_hf_peft.py"
-    spec = importlib.util.spec_from_file_location("peer", local if local.exists() else peer_path)
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
-    name = {"llama-3.2-1b-instruct": "llama-3.2-1b", "llama-3.1-8b-instruct": "llama-3.1-8b"}[model_name]
+    from nemo_customizer.config import config_from_kwargs
+
     kind, targets = MODES[mode]
-    r = peer.run(name, targets, seq=seq, mbs=rows, full=kind == "all_weights")
-    return dict(impl="hf+peft", model=model_name, mode=mode, seq=seq, packed=False, rows=rows, **{
-        k: r[k] for k in ("tok_s", "tflops", "mfu", "peak_gb", "step_ms")})
+    measured = measure(model_name, targets=None if kind == "all_weights" else targets, seq=seq, rows=rows)
+    arch = config_from_kwargs(config=model_name).model.architecture
+    tflops = measured["tokens_per_s"] * model_flops_per_token(arch, kind, [seq] * rows) / 1e12
+    return dict(impl="hf+peft", model=model_name, mode=mode, seq=seq, packed=False, rows=rows,
+                tok_s=round(measured["tokens_per_s"]), tflops=round(tflops), mfu=round(tflops / PEAK_TFLOPS, 3),
+                peak_gb=round(measured["peak_gib"], 1), step_ms=round(measured["step_ms"], 1))
 
 
 SUITE = [("llama-3.2-1b-instruct", "lora-qv"), ("llama-3.2-1b-instruct", "lora-all"),
@@ -254,14 +254,15 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", choices=sorted(MODES), default="lora-qv")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--packed", action="store_true", help="pack variable-length examples (mean ~600 tokens)")
-    parser.add_argument("--suite", action="store_true", help="run the issue's table (packed)")
-    parser.add_argument("--peer", action="store_true", help="also run transformers+peft on each config")
+    parser.add_argument("--suite", action="store_true", help="run the standard table (packed)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run the transformers+peft baseline on each config (scripts/hf_peft_throughput.py)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--bins-per-micro-batch", type=int, default=1,
                         help="packed: this many SEQ-token bins per forward (the step is one micro batch); "
-                             "the peer then gets as many dense SEQ-token rows per step")
+                             "the baseline then gets as many dense SEQ-token rows per step")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also profile 3 steps of ours: kernel table and Chrome trace per config in DIR")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch with torchrun, one process "
@@ -294,8 +295,8 @@ def main(argv=None) -> int:
         print(f"error: --tp {args.tp} needs {args.tp} processes (torchrun --nproc-per-node {args.tp}), got {world}",
               file=sys.stderr)
         return 2
-    if args.tp > 1 and args.peer:
-        print("error: the peer runs on one GPU; leave out --peer with --tp", file=sys.stderr)
+    if args.tp > 1 and args.baseline:
+        print("error: the transformers+peft baseline runs on one GPU; leave out --baseline with --tp", file=sys.stderr)
         return 2
     if args.sp and args.tp == 1:
         print("error: --sp needs --tp > 1", file=sys.stderr)
@@ -313,8 +314,8 @@ def main(argv=None) -> int:
                                  args.profile, args.bins_per_micro_batch, args.tp, args.sp, args.cuda_graphs,
                                  args.activation_checkpointing, args.attention_kernel, args.synced_steps,
                                  tuple(m for m in args.recompute_modules.split(",") if m))]
-        if args.peer:
-            runs.append(lambda: run_peer(model_name, mode, args.seq, args.bins_per_micro_batch))
+        if args.baseline:
+            runs.append(lambda: run_baseline(model_name, mode, args.seq, args.bins_per_micro_batch))
         for fn in runs:
             try:
                 row = fn()

@@ -3,9 +3,9 @@
 
     python scripts/performance_tables.py            # rewrite docs/PERFORMANCE.md from the JSON lines
     python scripts/performance_tables.py --check    # exit 1 if docs/PERFORMANCE.md is not what they render
-    python scripts/benchmark.py --suite --peer --cuda-graphs --out rows.jsonl
+    python scripts/benchmark.py --suite --baseline --cuda-graphs --out rows.jsonl
     python scripts/performance_tables.py --add rows.jsonl --date 2026-12-08 --commit abc1234 \\
-        --command "python scripts/benchmark.py --suite --peer --cuda-graphs"
+        --command "python scripts/benchmark.py --suite --baseline --cuda-graphs"
 
 Each line of results.jsonl is one table row: ``table`` (which table), ``date``, ``card`` (``H200``, ``2x H100``,
 ``CPU``...), ``command`` (exact), ``commit`` (or null where not known), optionally ``machine`` and ``software``, then
@@ -151,7 +151,7 @@ one's numbers are read, as the training loop runs. Tokens/s counts real (non-pad
 (4·N per token for LoRA, whose frozen base needs only forward and input gradients; 6·N for full fine-tuning; plus
 causal attention over the real lengths) against 989 TFLOP/s, the dense bf16 peak of an H100 or H200 SXM.
 
-`--peer` runs the transformers+peft baseline in the same process right after ours, on the same configuration and the
+`--baseline` runs the transformers+peft baseline in the same process right after ours, on the same configuration and the
 same tokens per step (one dense 4,096-token row: SDPA, bf16, fused AdamW); the ratio is against the baseline of the
 same call, because the baseline's own speed moves by up to a tenth between calls. Full fine-tuning comes in two
 precisions: the default keeps fp32 master weights (mixed precision); `fp32_master_weights=false` keeps bf16 weights,

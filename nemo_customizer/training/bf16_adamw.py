@@ -148,8 +148,8 @@ class MasterAdamW(Bf16AdamW):
     mcore's mixed-precision optimizer runs its inner Adam over the fp32 masters, then copies every master into the
     bf16 model weights: a second pass that reads 4 and writes 2 bytes per parameter. Here the update writes the
     model copy itself (rounded to nearest, as that copy does), and ``optim.build_optimizer`` turns mcore's copy off.
-    On CUDA the update is a Triton kernel; torch's fused Adam over the same tensors moved its 28 bytes per parameter
-    at about half the H200's bandwidth. The state (``step``, fp32 ``exp_avg``, ``exp_avg_sq``) is torch AdamW's.
+    On CUDA the update is a Triton kernel (one pass over the 28 bytes per parameter it must move; torch's fused Adam
+    over the same tensors stays well under memory bandwidth: docs/PERFORMANCE.md). The state (``step``, fp32 ``exp_avg``, ``exp_avg_sq``) is torch AdamW's.
 
     ``model_params``: for each master parameter (by identity), its bf16 model parameter, contiguous, same shape.
     """

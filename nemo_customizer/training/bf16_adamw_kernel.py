@@ -1,9 +1,9 @@
 """``Bf16AdamW``'s and ``MasterAdamW``'s updates as Triton kernels: one pass over weight, gradient and moments (and
 the model copy of an fp32 master weight) at memory bandwidth.
 
-Why not ``torch.compile`` of ``bf16_adamw._update``: its dynamic-shape kernel reached about half of the H200's
-bandwidth, and a third of it in the training step (20.5 ms of a 1B full fine-tuning step for what reads 8 and
-writes 6 bytes per parameter, ~4 ms of traffic). This kernel is the same arithmetic, written for any tensor size.
+Why not ``torch.compile`` of ``bf16_adamw._update``: its dynamic-shape kernel runs far below memory bandwidth, and
+further below inside the training step, for an update that only has to read 8 and write 6 bytes per parameter
+(docs/PERFORMANCE.md). This kernel is the same arithmetic, written for any tensor size.
 
 Stochastic rounding draws from Philox (``tl.randint``) keyed by a per-tensor seed that the caller draws from torch's
 CUDA generator, so the numbers are checkpointed and replayed with that generator, as ``torch.rand_like`` was.

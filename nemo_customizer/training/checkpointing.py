@@ -161,8 +161,8 @@ def _describe(model_parallel: dict) -> str:
     return ", ".join(f"model.{key}={value}" for key, value in model_parallel.items())
 
 
-# Two gaps in mcore 0.16.1's DistributedOptimizer when its inner optimizer is torch's Adam (no Transformer Engine
-# or apex, our torch-native GPU path), found resuming a job on two H200s and reproduced on CPU:
+# Two gaps in megatron-core 0.16's DistributedOptimizer when its inner optimizer is torch's Adam (no Transformer
+# Engine or apex, our torch-native GPU path), which a resumed multi-GPU job meets (the tests reproduce them on CPU):
 # - ``sharded_state_dict(is_loading=True)`` starts from ``state_dict()``, which asserts that every parameter's Adam
 #   state has one common ``step``; before the first step there is no state, so loading fails.
 # - The per-parameter ``step`` comes back as the placeholder's value, and ``load_state_dict`` gives every parameter

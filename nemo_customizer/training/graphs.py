@@ -1,8 +1,8 @@
 """CUDA graphs for packed training micro batches: each static shape's forward+backward captured once, then replayed.
 
-Why: a small model's training step is CPU-bound. The Llama-3.2-1B architecture launches ~9,300 operators per
-step (Python, mcore modules, autograd), ~115 ms of CPU time for ~46 ms of GPU work; at TP=2 an 8B layer's GPU work
-halves and the launches do not. A replayed graph launches the whole forward and backward of a micro batch at once.
+Why: a small model's training step is CPU-bound. A step launches thousands of operators (Python, mcore modules,
+autograd), and for a 1B model the host takes longer to launch them than the GPU takes to run them; at TP=2 a
+layer's GPU work halves and the launches do not (docs/PERFORMANCE.md has the measurements). A replayed graph launches the whole forward and backward of a micro batch at once.
 
 A graph replays fixed shapes, and packed micro batches vary: their token count, their number of examples and their
 number of loss positions. ``static_shape`` rounds each up to a few sizes and ``pad_to_static`` pads to them with
@@ -99,7 +99,7 @@ def pad_to_static(batch, shape: StaticShape, pad_id: int = 0) -> StaticInputs:
     """``batch`` (a ``collate_packed`` row) padded to ``shape``; same loss and gradients as the batch itself.
 
     In numpy: this runs on the host while the GPU waits for the step's graph, and torch's per-operator overhead on
-    4k-element tensors was ~0.3 ms per micro batch on an H200 machine's host (tens of microseconds in numpy).
+    small tensors is an order of magnitude more host time than numpy's.
     """
     real = batch["tokens"].shape[1]
     extra = shape.tokens - real
@@ -141,8 +141,8 @@ class _ShapeRunner:
     """Device buffers of one static shape, and its captured graph once there is one.
 
     The six input tensors are views of one device byte buffer, so a micro batch reaches the GPU in one host-to-device
-    copy from one pinned block (six separate pinned copies cost ~0.2 ms of host time per micro batch, while the GPU
-    waits for the graph).
+    copy from one pinned block (six separate pinned copies cost six times the host overhead, while the GPU waits for
+    the graph).
     """
 
     _ALIGN = 16  # bytes: every view starts where any dtype may
@@ -169,7 +169,7 @@ class _ShapeRunner:
         # A fresh pinned block each time: the caching host allocator hands it out again only after the copy that
         # read it has run, so the next micro batch cannot overwrite data still on its way to the GPU.
         staging = torch.empty(self._buffer.shape, dtype=torch.uint8, pin_memory=self._pinned)
-        raw = staging.numpy()  # numpy views: a few microseconds for all six, torch's views and copies ~10x that
+        raw = staging.numpy()  # numpy views and copies: far less host overhead than torch's on small tensors
         for (_, _, start, size), value in zip(self._layout, host.tensors()):
             raw[start:start + size] = value.numpy().reshape(-1).view(np.uint8)
         self._buffer.copy_(staging, non_blocking=self._pinned)

@@ -7,7 +7,7 @@ signal at different moments), so every rank stops after the same step. A second 
 (``KeyboardInterrupt``, nothing saved).
 
 A grace period can be too short: torchrun kills its workers 30 s after passing SIGTERM on, and a full fine-tune's
-checkpoint can take longer to write (seen on an H200 machine with a 1B model and the distributed optimizer). A cancel
+checkpoint (weights, fp32 masters and Adam moments) can take longer to write. A cancel
 request has no deadline: ``python -m nemo_customizer cancel JOB_DIR`` writes the file ``CANCEL`` into the job
 directory, and the job stops at its next step boundary as for SIGTERM.
 """

@@ -199,7 +199,7 @@ class JobStatus:
         self._write()
 
     def _write_is_cheap(self) -> bool:
-        """Keep status.json writes under ~1% of the job's wall time (a write of 1,000-point series takes ~5 ms)."""
+        """Keep status.json writes under ~1% of the job's wall time (a long job's series make each write larger)."""
         return time.perf_counter() - self._last_write_end >= 100 * self._last_write_cost
 
     def _write(self) -> None:

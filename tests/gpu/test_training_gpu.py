@@ -26,6 +26,18 @@ def test_cuda_bf16_losses_match_cpu_fp32(tiny_jobs, kind):
     assert worst_step_rel(cpu, gpu) <= BF16_RTOL, (cpu, gpu)
 
 
+def test_a_cuda_job_after_a_cpu_job_in_the_same_process_is_unchanged(tiny_jobs):
+    """A CPU job's adaptations of megatron-core end with its parallel state: the same CUDA job after it has the same
+    losses as before it (and torch's own CUDA functions)."""
+    import torch
+
+    before = tiny_jobs.losses("lora-cuda", "cuda", "bf16", "lora")
+    tiny_jobs.losses("lora-cpu", "cpu", "fp32", "lora")
+    assert isinstance(torch.cuda.current_device(), int)
+    after = tiny_jobs.losses("lora-cuda-after-cpu", "cuda", "bf16", "lora")
+    assert worst_step_rel(before, after) <= 1e-3, (before, after)
+
+
 def test_bf16_weights_without_fp32_masters_match_mixed_precision(tiny_jobs):
     """bf16 weights updated in place (no fp32 master copy; stochastic rounding) against mixed precision."""
     mixed = tiny_jobs.losses("all_weights-cuda", "cuda", "bf16", "all_weights")
