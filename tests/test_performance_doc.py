@@ -26,13 +26,14 @@ def test_performance_doc_is_what_the_results_render():
 
 def test_a_hand_edit_of_a_table_fails_the_check(tmp_path):
     doc = tmp_path / "PERFORMANCE.md"
-    doc.write_text((ROOT / "docs" / "PERFORMANCE.md").read_text().replace("| 8B LoRA r16 q,v | H200 | 19,352",
-                                                                        "| 8B LoRA r16 q,v | H200 | 21,000"))
+    text = (ROOT / "docs" / "PERFORMANCE.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 8B LoRA r16 q,v |"))
+    doc.write_text(text.replace(row, row.replace(" |", " | 1", 3), 1))  # a number edited by hand
     assert _tables().main(["--check", "--doc", str(doc)]) == 1
 
 
 def _benchmark_output(tok_s: int) -> str:
-    """What ``scripts/benchmark.py --peer`` prints for one configuration: a card line, ours, the baseline."""
+    """What ``scripts/benchmark.py --baseline`` prints for one configuration: a card line, ours, the baseline."""
     ours = dict(impl="nemo_customizer", model="llama-3.2-1b-instruct", mode="lora-qv", seq=4096, packed=True, tp=1,
                 sp=False, bins_per_micro_batch=1, tok_s=tok_s, tflops=500, mfu=0.506, peak_gb=6.9, step_ms=40.0,
                 host_syncs={"total": 1}, compiled=True, cuda_graphs=True, activation_checkpointing=False,
@@ -47,7 +48,9 @@ def test_benchmark_rows_are_added_and_a_new_measurement_replaces_the_old(tmp_pat
     results, doc = tmp_path / "results.jsonl", tmp_path / "PERFORMANCE.md"
     shutil.copy(ROOT / "docs" / "performance" / "results.jsonl", results)
     before = len(results.read_text().splitlines())
-    command = "python scripts/benchmark.py --packed --cuda-graphs --peer"
+    other_cards = [line for line in (ROOT / "docs" / "PERFORMANCE.md").read_text().splitlines()
+                   if line.startswith("| 1B LoRA r16 q,v |") and "| H100 |" not in line]
+    command = "python scripts/benchmark.py --packed --cuda-graphs --baseline"
     for tok_s in (90000, 100000):
         rows = tmp_path / f"rows-{tok_s}.jsonl"
         rows.write_text(_benchmark_output(tok_s))
@@ -60,6 +63,6 @@ def test_benchmark_rows_are_added_and_a_new_measurement_replaces_the_old(tmp_pat
     assert added[0]["baseline_tokens_per_s"] == 40000 and added[0]["commit"] == "abc1234"
     text = doc.read_text()
     assert "| 1B LoRA r16 q,v | H100 | 100,000 | 50.6% | 6.9 | 40,000 | 2.50× |" in text
-    assert "| 1B LoRA r16 q,v | H200 | 103,273 |" in text  # another card's row stays
+    assert other_cards and all(line in text for line in other_cards)  # another card's row stays
     assert f"2026-12-08, H100, at `abc1234`: `{command}`" in text
     assert _tables().main(["--check", "--results", str(results), "--doc", str(doc)]) == 0
