@@ -39,6 +39,9 @@ def hf_config(arch: ArchitectureConfig):
     )
     if arch.head_dim is not None:
         kwargs["head_dim"] = arch.head_dim
+    for key in ("bos_token_id", "eos_token_id"):  # else the config class's defaults (Llama: 1 and 2; Qwen: none)
+        if getattr(arch, key) is not None:
+            kwargs[key] = getattr(arch, key)
     if not family.qkv_bias:
         kwargs.update(attention_bias=False, mlp_bias=False)
     if arch.rope_scaling is not None:

@@ -311,3 +311,34 @@ def test_tensor_parallel_equals_transformers(checkpoints, tmp_path):
                 expected = hf(_tokens(arch, shape=(2, 40))).logits
             assert (results[family]["logits"] - expected).abs().max().item() <= 1e-4, family
             check_packed_equals_unpacked(results[family]["packing"])
+
+
+def test_qwen3_chat_template_teaches_hermes_tool_calls():
+    from nemo_customizer.inference.tool_calls import detect_tool_syntax, parse_tool_calls
+
+    template = ('{%- if tools %}{{- "# Tools\\n\\nYou are provided with function signatures within <tools></tools> '
+                'XML tags:\\n<tools>" }}{%- for tool in tools %}{{- tool | tojson }}{%- endfor %}{{- "\\n</tools>\\n\\n'
+                'For each function call, return a json object with function name and arguments within '
+                '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": '
+                '<args-json-object>}\\n</tool_call><|im_end|>\\n" }}{%- endif %}')
+    assert detect_tool_syntax(template) == "hermes"
+    content, calls = parse_tool_calls('<think>\n</think>\n\n<tool_call>\n{"name": "weather", "arguments": '
+                                      '{"city": "Paris"}}\n</tool_call>', "hermes")
+    assert [c["function"]["name"] for c in calls] == ["weather"] and content == "<think>\n</think>"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_kv_cache_generation_matches_transformers(tmp_path, family):
+    """generate() with the KV cache (q/k norms and biases on every new token) equals transformers' greedy search."""
+    from _tiny import TINY_VOCAB, tiny_generator_config, write_tiny_model_dir
+
+    from nemo_customizer.inference import Generator
+
+    arch = dataclasses.replace(tiny_arch(vocab=TINY_VOCAB, **FAMILIES[family]), bos_token_id=1, eos_token_id=2)
+    hf = write_tiny_model_dir(tmp_path, arch)
+    with Generator.from_config(tiny_generator_config(tmp_path, arch)) as gen:
+        prompt = gen.encode("Qwen says hello")
+        completion = gen.complete("Qwen says hello", max_tokens=16)
+    expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, eos_token_id=2,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    assert completion.token_ids == expected
