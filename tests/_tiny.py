@@ -1,4 +1,5 @@
-"""Tiny random Llama checkpoints for numerics tests (written with transformers, read by our loader)."""
+"""Tiny random checkpoints of any supported family for numerics tests (written with transformers' own config and
+model classes, read by our loader)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from nemo_customizer.config.schema import ArchitectureConfig, RopeScalingConfig
 
 
 def tiny_arch(*, tied: bool = False, rope_scaling: bool = False, heads: int = 4, kv_heads: int = 2,
-              layers: int = 2, hidden: int = 64, vocab: int = 256) -> ArchitectureConfig:
+              layers: int = 2, hidden: int = 64, vocab: int = 256, architecture: str = "LlamaForCausalLM",
+              head_dim: int | None = None) -> ArchitectureConfig:
     return ArchitectureConfig(
-        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        architectures=[architecture], head_dim=head_dim, num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
         intermediate_size=128, vocab_size=vocab, rope_theta=10000.0,
         rope_scaling=RopeScalingConfig(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                        original_max_position_embeddings=16) if rope_scaling else None,
@@ -22,33 +24,46 @@ def tiny_arch(*, tied: bool = False, rope_scaling: bool = False, heads: int = 4,
 
 
 def hf_config(arch: ArchitectureConfig):
-    from transformers import LlamaConfig
+    """transformers' config class of the architecture's family (LlamaConfig, Qwen2Config, Qwen3Config, ...)."""
+    from transformers import AutoConfig
 
+    from nemo_customizer.config.families import family_of
+
+    family = family_of(arch.architectures, arch.model_type)
     kwargs = dict(
         vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
         num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
         num_key_value_heads=arch.num_key_value_heads, rms_norm_eps=arch.rms_norm_eps,
         tie_word_embeddings=arch.tie_word_embeddings, max_position_embeddings=arch.max_position_embeddings,
-        rope_theta=arch.rope_theta, attention_bias=False, mlp_bias=False,
+        rope_theta=arch.rope_theta, architectures=list(arch.architectures),
     )
+    if arch.head_dim is not None:
+        kwargs["head_dim"] = arch.head_dim
+    for key in ("bos_token_id", "eos_token_id"):  # else the config class's defaults (Llama: 1 and 2; Qwen: none)
+        if getattr(arch, key) is not None:
+            kwargs[key] = getattr(arch, key)
+    if not family.qkv_bias:
+        kwargs.update(attention_bias=False, mlp_bias=False)
     if arch.rope_scaling is not None:
         s = arch.rope_scaling
         kwargs["rope_scaling"] = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
                                       high_freq_factor=s.high_freq_factor,
                                       original_max_position_embeddings=s.original_max_position_embeddings)
-    return LlamaConfig(**kwargs)
+    return AutoConfig.for_model(arch.model_type or family.model_type, **kwargs)
 
 
 def write_tiny_checkpoint(directory: Path, arch: ArchitectureConfig, seed: int = 0):
-    """A random LlamaForCausalLM saved as safetensors; returns the HF model (fp32, eval mode)."""
-    from transformers import LlamaForCausalLM
+    """A random model of the architecture's family saved as safetensors; returns the HF model (fp32, eval mode)."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config(arch)).eval()
-    with torch.no_grad():  # HF initializes norms to 1; randomize them so the mapping of norms is tested too
+    model = AutoModelForCausalLM.from_config(hf_config(arch)).eval()
+    with torch.no_grad():  # HF initializes norms to 1 and biases to 0; randomize them so their mapping is tested too
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.normal_(0, 0.5)
     model.save_pretrained(directory)
     return model
 
@@ -120,9 +135,9 @@ def write_random_peft_adapter(model_dir: Path, adapter_dir: Path, target_modules
     """A peft LoRA adapter with random A and B (B is zero when peft creates it: give the adapter an effect) for the
     HF checkpoint in ``model_dir``, saved to ``adapter_dir``; returns the peft model (fp32, eval mode)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(str(model_dir)),
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir)),
                            LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules)))
     torch.manual_seed(seed)
     with torch.no_grad():

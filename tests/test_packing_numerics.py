@@ -27,26 +27,27 @@ def _examples(vocab: int, n: int = 10, seed: int = 0):
     return examples
 
 
-def _session_config(checkpoint_dir: str, tp: int, sp: bool):
-    """LoRA on every linear layer of the tiny checkpoint, packed training micro batches through the CUDA-graph runner
-    (uncaptured on a CPU) of 48-token bins."""
+def _session_config(checkpoint_dir: str, tp: int, sp: bool, arch=None):
+    """LoRA on every linear layer of the tiny checkpoint (``arch``: its architecture, a tiny GQA Llama unless given),
+    packed training micro batches through the CUDA-graph runner (uncaptured on a CPU) of 48-token bins."""
     from nemo_customizer.config import Config, HyperparametersConfig, LoraConfig, ModelConfig
 
     return Config(
-        model=ModelConfig(checkpoint=checkpoint_dir, architecture=tiny_arch(heads=4, kv_heads=2), max_seq_length=48,
+        model=ModelConfig(checkpoint=checkpoint_dir, architecture=arch or tiny_arch(heads=4, kv_heads=2),
+                          max_seq_length=48,
                           tensor_parallel_size=tp, use_sequence_parallel=sp),
         hyperparameters=HyperparametersConfig(seed=0, sequence_packing_enabled=True, cuda_graphs=True, lora=LoraConfig(
             adapter_dim=4, adapter_dropout=0.0, target_modules=TARGETS)),
         device="cpu", precision="fp32")
 
 
-def packed_and_unpacked(checkpoint_dir: str, tp: int, sp: bool, layout=None) -> dict:
+def packed_and_unpacked(checkpoint_dir: str, tp: int, sp: bool, layout=None, arch=None) -> dict:
     """Loss and LoRA grads (this rank's shards) for padded, packed and attention-leaking packed micro batches."""
     from nemo_customizer.data import collate, collate_packed, pack_examples
     from nemo_customizer.training.session import TrainingSession
     from nemo_customizer.training.step import forward_backward, graphed_forward_backward
 
-    with TrainingSession(_session_config(checkpoint_dir, tp, sp), checkpoint_dir=checkpoint_dir,
+    with TrainingSession(_session_config(checkpoint_dir, tp, sp, arch), checkpoint_dir=checkpoint_dir,
                          layout=layout) as session:
         cpu = torch.device("cpu")
         model = session.build_model()
@@ -87,7 +88,7 @@ def packed_and_unpacked(checkpoint_dir: str, tp: int, sp: bool, layout=None) -> 
         return out
 
 
-def _check(out: dict) -> None:
+def check_packed_equals_unpacked(out: dict) -> None:
     ref, leaking = out["unpacked"], out["leaking"]
     for packed in (out["packed"], out["graphed"], out["graphed_again"]):
         assert packed["tokens"] == ref["tokens"] > 0
@@ -110,7 +111,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_packed_loss_and_lora_grads_equal_unpacked_tp1(cpu_parallel, checkpoint):
-    _check(packed_and_unpacked(str(checkpoint), tp=1, sp=False, layout=cpu_parallel))
+    check_packed_equals_unpacked(packed_and_unpacked(str(checkpoint), tp=1, sp=False, layout=cpu_parallel))
 
 
 def _worker(rank: int, checkpoint_dir: str, tp: int, sp: bool, out_prefix: str) -> None:
@@ -121,4 +122,4 @@ def _worker(rank: int, checkpoint_dir: str, tp: int, sp: bool, out_prefix: str) 
 def test_packed_loss_and_lora_grads_equal_unpacked_two_processes(checkpoint, tmp_path, tp, sp):
     run_world(_worker, 2, str(checkpoint), tp, sp, str(tmp_path / "out"))
     for rank in range(2):
-        _check(torch.load(tmp_path / f"out.rank{rank}.pt"))
+        check_packed_equals_unpacked(torch.load(tmp_path / f"out.rank{rank}.pt"))

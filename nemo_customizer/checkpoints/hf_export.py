@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import save_file
 
+from nemo_customizer.config.families import family_of
 from nemo_customizer.config.schema import ArchitectureConfig
 
 # Files copied from the base checkpoint so the export is a complete model folder.
@@ -55,8 +56,10 @@ def hf_config_dict(arch: ArchitectureConfig, source_dir: Optional[Path] = None) 
         config.pop("quantization_config", None)
         config["torch_dtype"] = "float32"
         return config
+    family = family_of(arch.architectures, arch.model_type)
     config = {
-        "architectures": list(arch.architectures), "model_type": "llama", "hidden_size": arch.hidden_size,
+        "architectures": list(arch.architectures), "model_type": arch.model_type or family.model_type,
+        "hidden_size": arch.hidden_size,
         "intermediate_size": arch.intermediate_size, "num_hidden_layers": arch.num_hidden_layers,
         "num_attention_heads": arch.num_attention_heads, "num_key_value_heads": arch.num_key_value_heads,
         "head_dim": arch.head_dim or arch.hidden_size // arch.num_attention_heads, "vocab_size": arch.vocab_size,
@@ -65,6 +68,8 @@ def hf_config_dict(arch: ArchitectureConfig, source_dir: Optional[Path] = None) 
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
         "bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id,
     }
+    if family.qkv_bias:  # biases on q, k, v are the family's layout, not a config key (Qwen2)
+        del config["attention_bias"], config["mlp_bias"]
     if arch.rope_scaling is not None:
         s = arch.rope_scaling
         config["rope_scaling"] = {"rope_type": s.rope_type, "factor": s.factor, "low_freq_factor": s.low_freq_factor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .compose import available_models, compose_config
+from .families import family_of
 from .schema import ArchitectureConfig, ModelConfig
 
 TEST_MODEL_SUFFIX = "-test"  # conf/model/*-test.yaml are unit-test models, left out of configs()
@@ -32,10 +33,16 @@ def configs(include_test_models: bool = False) -> list[dict[str, Any]]:
 
 
 def num_parameters(arch: ArchitectureConfig) -> int:
-    """Parameter count of a Llama-family decoder (embeddings, attention, gated MLP, RMSNorms, untied head)."""
+    """Parameter count of the decoder (embeddings, attention with the family's q/k/v biases and q/k norms, gated
+    MLP, RMSNorms, untied head)."""
+    family = family_of(arch.architectures, arch.model_type)
     hidden, heads, kv_heads = arch.hidden_size, arch.num_attention_heads, arch.num_key_value_heads
     head_dim = arch.head_dim or hidden // heads
     attention = hidden * head_dim * (2 * heads + 2 * kv_heads)  # q, o + k, v
+    if family.qkv_bias:
+        attention += head_dim * (heads + 2 * kv_heads)
+    if family.qk_norm:
+        attention += 2 * head_dim
     mlp = 3 * hidden * arch.intermediate_size  # gate, up, down
     layer = attention + mlp + 2 * hidden  # + input and post-attention norms
     embeddings = arch.vocab_size * hidden * (1 if arch.tie_word_embeddings else 2)

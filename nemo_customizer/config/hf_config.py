@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .families import family_of, usual_model_type
 from .schema import ArchitectureConfig, ModelConfig, RopeScalingConfig
 
 # HF LlamaConfig defaults for keys a config.json may leave out.
@@ -42,13 +43,16 @@ def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -
     """Map HF config keys to :class:`ArchitectureConfig` (transformers 4 and 5 rope layouts)."""
     missing = [key for key in _REQUIRED if key not in data]
     if missing:
-        raise ConfigError(f"{source} lacks {', '.join(missing)}; is it a Llama-family causal LM config?")
+        raise ConfigError(f"{source} lacks {', '.join(missing)}; is it a causal LM config of a supported family?")
+    family_of(data["architectures"], data.get("model_type"), source=source)
+    _refuse_unsupported_options(data, source)
     rope_theta, rope_scaling = _rope(data, source)
     eos = data.get("eos_token_id")
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else None
     heads = data["num_attention_heads"]
     return ArchitectureConfig(
         architectures=list(data["architectures"]),
+        model_type=data.get("model_type"),
         num_hidden_layers=data["num_hidden_layers"],
         hidden_size=data["hidden_size"],
         num_attention_heads=heads,
@@ -65,6 +69,20 @@ def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -
         eos_token_id=eos_ids[0] if eos_ids else eos,
         eos_token_ids=eos_ids if eos_ids and len(eos_ids) > 1 else None,
     )
+
+
+def _refuse_unsupported_options(data: Mapping[str, Any], source: str) -> None:
+    """Options of the supported families that our layers do not build: an error naming the key, not a model whose
+    logits silently differ from the checkpoint's."""
+    if data.get("attention_bias"):
+        raise ConfigError(f"{source}: attention_bias=true (biases on q, k, v and o_proj) is not supported.")
+    if data.get("mlp_bias"):
+        raise ConfigError(f"{source}: mlp_bias=true is not supported.")
+    if data.get("use_sliding_window"):
+        raise ConfigError(f"{source}: use_sliding_window=true is not supported; every layer attends to the whole "
+                          "sequence here.")
+    if data.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{source}: hidden_act={data['hidden_act']!r} is not supported (only silu).")
 
 
 def _rope(data: Mapping[str, Any], source: str) -> tuple[float, RopeScalingConfig | None]:
@@ -104,6 +122,8 @@ def merge_checkpoint_architecture(model: ModelConfig, checkpoint_arch: Architect
 def _comparable(arch: ArchitectureConfig) -> dict[str, Any]:
     """Fields with implied defaults spelled out, so that e.g. head_dim=None equals hidden/heads."""
     values = dataclasses.asdict(arch)
+    if values["model_type"] is None:
+        values["model_type"] = usual_model_type(arch.architectures)
     if values["head_dim"] is None:
         values["head_dim"] = arch.hidden_size // arch.num_attention_heads
     if values["eos_token_ids"] is None:

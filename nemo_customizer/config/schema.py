@@ -26,13 +26,15 @@ class RopeScalingConfig:
 
 @dataclass
 class ArchitectureConfig:
-    """A Llama-family decoder in HF ``config.json`` terms.
+    """A decoder of one of the supported families (``config/families.py``) in HF ``config.json`` terms.
 
     Used as-is for weight-free runs (benchmarks, tests with random weights). When a checkpoint is given, its
     ``config.json`` is authoritative and a conflicting value here is an error.
     """
 
     architectures: List[str] = field(default_factory=lambda: ["LlamaForCausalLM"])
+    model_type: Optional[str] = None
+    """HF ``model_type``; ``None`` means the usual one of ``architectures`` (``llama`` for LlamaForCausalLM)."""
     num_hidden_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -88,7 +90,7 @@ class ModelConfig:
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     architecture_from_checkpoint: bool = False
     """Take the whole architecture from the checkpoint's config.json instead of checking it against this YAML
-    (``model=hf-llama``: any Llama-family checkpoint without a model YAML of its own)."""
+    (``model=hf``: any checkpoint of a supported family without a model YAML of its own)."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 from .errors import ConfigError, ConfigWarning
+from .families import family_of
 from .schema import (ATTENTION_KERNELS, MISSING_PATH, RECOMPUTE_MODULES, ArchitectureConfig, Config,
                      HyperparametersConfig, ModelConfig, ServingConfig)
 
@@ -166,7 +167,8 @@ def validate_model(model: ModelConfig) -> None:
 
 
 def validate_architecture(arch: ArchitectureConfig, prefix: str = "model.architecture") -> None:
-    """Shape consistency of a Llama-family architecture (also applied to a checkpoint's config.json)."""
+    """A supported family and consistent shapes (also applied to a checkpoint's config.json)."""
+    family_of(arch.architectures, arch.model_type, source=f"{prefix}.architectures")
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size", "max_position_embeddings"):
         _at_least(f"{prefix}.{key}", getattr(arch, key), 1)

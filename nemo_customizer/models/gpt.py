@@ -1,4 +1,4 @@
-"""Build megatron-core's GPTModel for a Llama-family architecture, with a loss head that skips unmasked tokens."""
+"""Build megatron-core's GPTModel for an architecture of a supported family, with a loss head that skips unmasked tokens."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def transformer_config(
         recompute = dict(recompute_granularity="selective", recompute_modules=list(recompute_modules))
     return TransformerConfig(
         **recompute,
-        **llama.transformer_fields(arch),
+        **family_for(arch).transformer_fields(arch),
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
         sequence_parallel=sequence_parallel,

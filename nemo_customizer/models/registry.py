@@ -1,23 +1,16 @@
-"""Model families by HF ``architectures`` name."""
+"""The family module of an architecture: ``config/families.py`` names them (torch-free, so config checks can refuse
+an unsupported checkpoint early); this imports the module, which holds the config table and weight mappings."""
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
+from nemo_customizer.config.families import family_of
 from nemo_customizer.config.schema import ArchitectureConfig
-from nemo_customizer.models import llama
-
-FAMILIES: dict[str, ModuleType] = {
-    "LlamaForCausalLM": llama,
-    "MistralForCausalLM": llama,  # same weights and layer layout (no sliding window in the models we ship)
-}
 
 
 def family_for(arch: ArchitectureConfig) -> ModuleType:
-    """The family module (config table + weight mappings) for this architecture."""
-    for name in arch.architectures:
-        if name in FAMILIES:
-            return FAMILIES[name]
-    raise ValueError(
-        f"unsupported architecture {list(arch.architectures)}; supported: {sorted(FAMILIES)}"
-    )
+    """The family module (TransformerConfig fields, weight mappings, LoRA names) for this architecture; a
+    ConfigError naming the architecture and listing the supported ones when none is."""
+    return importlib.import_module(f"nemo_customizer.models.{family_of(arch.architectures, arch.model_type).module}")

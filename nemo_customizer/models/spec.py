@@ -1,4 +1,4 @@
-"""The Llama-family layer spec: the only place our transformer building blocks are chosen."""
+"""The decoder layer spec of every family: the only place our transformer building blocks are chosen."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ from nemo_customizer.models.norm import RMSNorm
 from nemo_customizer.models.swiglu import SwiGLU
 
 
-def llama_layer_spec(attention_kernel: str = "auto") -> ModuleSpec:
+def llama_layer_spec(attention_kernel: str = "auto", qk_norm: bool = False) -> ModuleSpec:
     """Pre-norm decoder layer: RMSNorm, GQA self-attention with RoPE, RMSNorm, SwiGLU MLP (gate/up fused in fc1).
-    ``attention_kernel``: ``model.attention_kernel``, the flash attention packed batches get on GPUs."""
+    ``attention_kernel``: ``model.attention_kernel``, the flash attention packed batches get on GPUs. ``qk_norm``:
+    an RMSNorm over each query and key head (Qwen3; the family sets mcore's ``qk_layernorm``)."""
+    head_norm = RMSNorm if qk_norm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -32,8 +34,8 @@ def llama_layer_spec(attention_kernel: str = "auto") -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=ModuleSpec(module=CoreAttention, params={"attention_kernel": attention_kernel}),
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=head_norm,
+                    k_layernorm=head_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -51,4 +53,5 @@ def llama_layer_spec(attention_kernel: str = "auto") -> ModuleSpec:
 def llama_block_spec(config: TransformerConfig, attention_kernel: str = "auto") -> TransformerBlockSubmodules:
     """This pipeline stage's layers plus our RMSNorm as the final norm (mcore would pick its own norm class)."""
     layers = get_num_layers_to_build(config)
-    return TransformerBlockSubmodules(layer_specs=[llama_layer_spec(attention_kernel)] * layers, layer_norm=RMSNorm)
+    spec = llama_layer_spec(attention_kernel, qk_norm=config.qk_layernorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)
