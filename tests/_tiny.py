@@ -24,7 +24,8 @@ def tiny_arch(*, tied: bool = False, rope_scaling: bool = False, heads: int = 4,
 
 
 def hf_config(arch: ArchitectureConfig):
-    """transformers' config class of the architecture's family (LlamaConfig, Qwen2Config, Qwen3Config, ...)."""
+    """transformers' config class of the architecture's family (LlamaConfig, Qwen2Config, Qwen3Config,
+    Phi3Config, ...)."""
     from transformers import AutoConfig
 
     from nemo_customizer.config.families import family_of
@@ -36,6 +37,7 @@ def hf_config(arch: ArchitectureConfig):
         num_key_value_heads=arch.num_key_value_heads, rms_norm_eps=arch.rms_norm_eps,
         tie_word_embeddings=arch.tie_word_embeddings, max_position_embeddings=arch.max_position_embeddings,
         rope_theta=arch.rope_theta, architectures=list(arch.architectures),
+        pad_token_id=None,  # Phi3Config's default (32000) is outside a tiny vocabulary
     )
     if arch.head_dim is not None:
         kwargs["head_dim"] = arch.head_dim

@@ -89,7 +89,7 @@ def test_optional_keys_take_hf_defaults():
 
 
 def test_unsupported_rope_scaling_and_missing_keys():
-    with pytest.raises(ConfigError, match="rope scaling type 'yarn' is not supported"):
+    with pytest.raises(ConfigError, match="rope_scaling type 'yarn' is not supported"):
         architecture_from_hf(dict(OFFICIAL["llama-3.1-8b-instruct"], rope_scaling={"type": "yarn", "factor": 4}))
     with pytest.raises(ConfigError, match="lacks hidden_size"):
         architecture_from_hf({k: v for k, v in OFFICIAL["llama-3.1-8b-instruct"].items() if k != "hidden_size"})

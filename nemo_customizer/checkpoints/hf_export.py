@@ -67,6 +67,7 @@ def hf_config_dict(arch: ArchitectureConfig, source_dir: Optional[Path] = None) 
         "max_position_embeddings": arch.max_position_embeddings, "tie_word_embeddings": arch.tie_word_embeddings,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
         "bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id,
+        "pad_token_id": None,  # not a config default of every family (Phi3Config: 32000, maybe outside the vocabulary)
     }
     if family.qkv_bias:  # biases on q, k, v are the family's layout, not a config key (Qwen2)
         del config["attention_bias"], config["mlp_bias"]

@@ -140,3 +140,55 @@ class QKV:
         local_groups = self.num_groups // len(shards)
         parts = [self.split_local(shard, local_groups) for shard in shards]
         return {name: torch.cat([p[i] for p in parts]) for i, name in enumerate((self.q, self.k, self.v))}
+
+
+@dataclass
+class FusedQKV:
+    """One HF tensor holding q, k and v rows one after the other (Phi-3's ``qkv_proj``) → ``linear_qkv``,
+    interleaved per query group like :class:`QKV` (which does the work on the three row ranges)."""
+
+    hf_name: str
+    num_heads: int
+    num_groups: int
+    head_dim: int
+
+    @property
+    def hf_names(self) -> List[str]:
+        return [self.hf_name]
+
+    def _parts(self) -> QKV:
+        return QKV("q", "k", "v", num_heads=self.num_heads, num_groups=self.num_groups, head_dim=self.head_dim)
+
+    def load_shard(self, read, full_shapes, tp):
+        q_rows, kv_rows = self.num_heads * self.head_dim, self.num_groups * self.head_dim
+        first_row = {"q": 0, "k": q_rows, "v": q_rows + kv_rows}
+
+        def read_part(part, dim, start, stop):
+            return read(self.hf_name, 0, first_row[part] + start, first_row[part] + stop)
+
+        return self._parts().load_shard(read_part, full_shapes, tp)
+
+    def export(self, shards):
+        parts = self._parts().export(shards)
+        return {self.hf_name: torch.cat([parts["q"], parts["k"], parts["v"]])}
+
+
+@dataclass
+class FusedGatedMLP:
+    """One HF tensor holding the gate rows then the up rows (Phi-3's ``gate_up_proj``) → ``linear_fc1``, each rank
+    holding its gate rows followed by its up rows like :class:`GatedMLP`."""
+
+    hf_name: str
+
+    @property
+    def hf_names(self) -> List[str]:
+        return [self.hf_name]
+
+    def load_shard(self, read, full_shapes, tp):
+        inner = full_shapes[self.hf_name][0] // 2
+        start, stop = tp.bounds(inner, self.hf_name)
+        return torch.cat([read(self.hf_name, 0, start, stop), read(self.hf_name, 0, inner + start, inner + stop)])
+
+    def export(self, shards):
+        parts = GatedMLP("gate", "up").export(shards)
+        return {self.hf_name: torch.cat([parts["gate"], parts["up"]])}

@@ -7,10 +7,26 @@ here). A new family is one module in ``models/`` and one line below.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ConfigError
+
+
+# HF module names LoRA can target (as PEFT writes them), per Megatron linear layer.
+SEPARATE_PROJECTIONS: Mapping[str, Tuple[str, ...]] = MappingProxyType({
+    "linear_qkv": ("q_proj", "k_proj", "v_proj"),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_proj", "up_proj"),
+    "linear_fc2": ("down_proj",),
+})
+FUSED_PROJECTIONS: Mapping[str, Tuple[str, ...]] = MappingProxyType({  # Phi-3: q/k/v and gate/up fused in HF
+    "linear_qkv": ("qkv_proj",),
+    "linear_proj": ("o_proj",),
+    "linear_fc1": ("gate_up_proj",),
+    "linear_fc2": ("down_proj",),
+})
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,8 @@ class Family:
     """Every checkpoint has biases on q, k and v (Qwen2: config.json has no key for it)."""
     qk_norm: bool = False
     """RMSNorm on each query and key head before RoPE (Qwen3)."""
+    projections: Mapping[str, Tuple[str, ...]] = field(default_factory=lambda: SEPARATE_PROJECTIONS, hash=False)
+    """The HF module names of each Megatron linear (what LoRA ``target_modules`` may name)."""
 
 
 ARCHITECTURES: dict[str, Family] = {
@@ -32,6 +50,7 @@ ARCHITECTURES: dict[str, Family] = {
     "MistralForCausalLM": Family("llama", "mistral"),  # no sliding window in the models we ship
     "Qwen2ForCausalLM": Family("qwen2", "qwen2", qkv_bias=True),
     "Qwen3ForCausalLM": Family("qwen3", "qwen3", qk_norm=True),
+    "Phi3ForCausalLM": Family("phi3", "phi3", projections=FUSED_PROJECTIONS),  # Phi-3, Phi-3.5, Phi-4
 }
 
 
@@ -54,3 +73,21 @@ def family_of(architectures: Sequence[str], model_type: Optional[str] = None, *,
 def usual_model_type(architectures: Sequence[str]) -> Optional[str]:
     """The ``model_type`` of the first supported name in ``architectures`` (None when none is supported)."""
     return next((ARCHITECTURES[name].model_type for name in architectures if name in ARCHITECTURES), None)
+
+
+def lora_target_names(family: Family) -> List[str]:
+    """The HF projection names LoRA may target in this family (``target_modules`` may also name the Megatron
+    linears, each standing for all its projections)."""
+    return [name for names in family.projections.values() for name in names]
+
+
+def check_lora_targets(target_modules: Sequence[str], architectures: Sequence[str], model_type: Optional[str] = None,
+                       *, source: str = "hyperparameters.lora.target_modules") -> None:
+    """A ConfigError naming the first module this family does not have, and the ones it has."""
+    family = family_of(architectures, model_type)
+    hf_names = lora_target_names(family)
+    for name in target_modules:
+        if name not in hf_names and name not in family.projections:
+            raise ConfigError(f"{source} has unknown module {name!r} for {', '.join(architectures) or model_type}; "
+                              f"use its HF names ({', '.join(hf_names)}) or Megatron names "
+                              f"({', '.join(family.projections)}).")

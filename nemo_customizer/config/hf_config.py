@@ -23,6 +23,9 @@ _HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embed
 _REQUIRED = ("architectures", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
              "vocab_size")
 _SHOWN_CONFLICTS = 3
+_LONGROPE = ("; Phi-3.5 and the Phi-3 128k checkpoints use it (its short and long factors are not built yet): use "
+             "a checkpoint without rope_scaling, such as Phi-4")
+_ROPE_HINTS = {"longrope": _LONGROPE, "su": _LONGROPE}
 
 
 def read_hf_config(path: str | os.PathLike) -> ArchitectureConfig:
@@ -44,8 +47,10 @@ def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -
     missing = [key for key in _REQUIRED if key not in data]
     if missing:
         raise ConfigError(f"{source} lacks {', '.join(missing)}; is it a causal LM config of a supported family?")
-    family_of(data["architectures"], data.get("model_type"), source=source)
+    family = family_of(data["architectures"], data.get("model_type"), source=source)
     _refuse_unsupported_options(data, source)
+    if family.module == "phi3":
+        _refuse_unsupported_phi3_options(data, source)
     rope_theta, rope_scaling = _rope(data, source)
     eos = data.get("eos_token_id")
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else None
@@ -85,6 +90,20 @@ def _refuse_unsupported_options(data: Mapping[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: hidden_act={data['hidden_act']!r} is not supported (only silu).")
 
 
+def _refuse_unsupported_phi3_options(data: Mapping[str, Any], source: str) -> None:
+    """Phi3Config keys our layers do not build (its ``rope_scaling`` types are refused by :func:`_rope`)."""
+    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    partial = rope.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConfigError(f"{source}: partial_rotary_factor={partial} (RoPE on part of each head, as in Phi-4-mini) "
+                          "is not supported; only 1.0.")
+    window, context = data.get("sliding_window"), data.get("max_position_embeddings", _HF_DEFAULTS[
+        "max_position_embeddings"])
+    if window is not None and window < context:  # Phi-3.5-mini's 262144 never binds; Phi-3-mini-4k's 2047 does
+        raise ConfigError(f"{source}: sliding_window={window} is shorter than max_position_embeddings={context}; "
+                          "sliding-window attention is not supported for Phi-3 here.")
+
+
 def _rope(data: Mapping[str, Any], source: str) -> tuple[float, RopeScalingConfig | None]:
     """``rope_theta`` + ``rope_scaling`` (transformers 4) or one ``rope_parameters`` dict (transformers 5)."""
     params = data.get("rope_parameters")
@@ -97,7 +116,7 @@ def _rope(data: Mapping[str, Any], source: str) -> tuple[float, RopeScalingConfi
     if kind == "default":
         return theta, None
     if kind != "llama3":
-        raise ConfigError(f"{source}: rope scaling type {kind!r} is not supported (only llama3).")
+        raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (only llama3){_ROPE_HINTS.get(kind, '')}.")
     fields = {f.name for f in dataclasses.fields(RopeScalingConfig)} - {"rope_type"}
     return theta, RopeScalingConfig(rope_type="llama3", **{k: scaling[k] for k in fields if k in scaling})
 

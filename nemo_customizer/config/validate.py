@@ -10,11 +10,12 @@ from __future__ import annotations
 import warnings
 
 from .errors import ConfigError, ConfigWarning
-from .families import family_of
+from .families import ARCHITECTURES, check_lora_targets, family_of, lora_target_names
 from .schema import (ATTENTION_KERNELS, MISSING_PATH, RECOMPUTE_MODULES, ArchitectureConfig, Config,
                      HyperparametersConfig, ModelConfig, ServingConfig)
 
-HF_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every family's HF projection names, for a model whose family is known only once its config.json is read.
+HF_TARGET_MODULES = tuple(dict.fromkeys(name for family in ARCHITECTURES.values() for name in lora_target_names(family)))
 MEGATRON_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 TRAINING_TYPES = ("sft",)
 FINETUNING_TYPES = ("lora", "lora_merged", "all_weights")
@@ -111,12 +112,12 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
     if not hp.fp32_master_weights and hp.use_distributed_optimizer:
         raise ConfigError("hyperparameters.fp32_master_weights=false keeps no fp32 state for the distributed "
                           "optimizer to shard; set use_distributed_optimizer=false or fp32_master_weights=true.")
-    _validate_lora(hp)
+    _validate_lora(hp, model)
     _at_least("hyperparameters.early_stopping.patience", hp.early_stopping.patience, 1)
     _non_negative("hyperparameters.early_stopping.min_delta", hp.early_stopping.min_delta)
 
 
-def _validate_lora(hp: HyperparametersConfig) -> None:
+def _validate_lora(hp: HyperparametersConfig, model: ModelConfig) -> None:
     lora = hp.lora
     _at_least("hyperparameters.lora.adapter_dim", lora.adapter_dim, 1)
     _positive("hyperparameters.lora.alpha", lora.alpha)
@@ -130,6 +131,8 @@ def _validate_lora(hp: HyperparametersConfig) -> None:
             raise ConfigError(f"hyperparameters.lora.target_modules has unknown module {name!r}; use HF names "
                               f"({', '.join(HF_TARGET_MODULES)}) or Megatron names "
                               f"({', '.join(MEGATRON_TARGET_MODULES)}).")
+    if not model.architecture_from_checkpoint:  # else checked once config.json is read (api._load_inputs)
+        check_lora_targets(lora.target_modules, model.architecture.architectures, model.architecture.model_type)
 
 
 def validate_model(model: ModelConfig) -> None:

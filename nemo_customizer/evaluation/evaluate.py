@@ -178,7 +178,8 @@ def check_adapter_fits(adapter: str, arch) -> None:
     q, kv = arch.num_attention_heads * head_dim(arch), arch.num_key_value_heads * head_dim(arch)
     hidden, inner = arch.hidden_size, arch.intermediate_size
     dims = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-            "gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+            "gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden),
+            "qkv_proj": (hidden, q + 2 * kv), "gate_up_proj": (hidden, 2 * inner)}  # Phi-3's fused modules
     weights = Path(adapter) / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ConfigError(f"adapter {adapter}: no {ADAPTER_WEIGHTS}; expected an HF PEFT LoRA adapter directory.")

@@ -10,6 +10,7 @@ from typing import Dict, List
 import torch.nn.functional as F
 
 from nemo_customizer.checkpoints.mappings import QKV, GatedMLP, Replicated, Split, WeightMapping
+from nemo_customizer.config.families import SEPARATE_PROJECTIONS
 from nemo_customizer.config.schema import ArchitectureConfig
 
 # HF config.json key → megatron.core TransformerConfig field.
@@ -74,13 +75,8 @@ def weight_mappings(
     return mappings
 
 
-# HF module names of the projections LoRA can target, per Megatron linear layer.
-HF_PROJECTIONS: Dict[str, List[str]] = {
-    "linear_qkv": ["q_proj", "k_proj", "v_proj"],
-    "linear_proj": ["o_proj"],
-    "linear_fc1": ["gate_proj", "up_proj"],
-    "linear_fc2": ["down_proj"],
-}
+# HF module names of the projections LoRA can target, per Megatron linear layer (the family table lists them).
+HF_PROJECTIONS: Dict[str, List[str]] = {linear: list(names) for linear, names in SEPARATE_PROJECTIONS.items()}
 HF_MODULE_PREFIX = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",

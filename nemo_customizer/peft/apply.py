@@ -9,10 +9,10 @@ import torch
 from megatron.core import parallel_state
 
 from nemo_customizer.config.schema import ArchitectureConfig, LoraConfig
-from nemo_customizer.models.llama import HF_PROJECTIONS, head_dim
+from nemo_customizer.models.llama import HF_PROJECTIONS as LLAMA_PROJECTIONS, head_dim
+from nemo_customizer.models.registry import family_for
 from nemo_customizer.peft.lora import ColumnParallelLoRA, FusedSlice, RowParallelLoRA
 
-_HF_TO_MEGATRON = {hf: mc for mc, names in HF_PROJECTIONS.items() for hf in names}
 _LINEAR_PATHS = {
     "linear_qkv": "self_attention.linear_qkv",
     "linear_proj": "self_attention.linear_proj",
@@ -35,16 +35,24 @@ class LoraSummary:
                 f"{self.total_parameters:,} ({share:.3f}%)")
 
 
-def resolve_targets(target_modules: List[str]) -> Dict[str, Set[str]]:
-    """Megatron linear name → the HF projections to adapt in it. Megatron names stand for all their parts."""
+def hf_projections(arch: ArchitectureConfig) -> Dict[str, List[str]]:
+    """Megatron linear → the HF projection names in it, as the architecture's family (and PEFT) names them."""
+    return family_for(arch).HF_PROJECTIONS
+
+
+def resolve_targets(target_modules: List[str], projections: Dict[str, List[str]] = LLAMA_PROJECTIONS
+                    ) -> Dict[str, Set[str]]:
+    """Megatron linear → the HF projections to adapt in it. Megatron names stand for all their parts;
+    ``projections`` is the family's ``HF_PROJECTIONS``."""
+    to_megatron = {hf: mc for mc, names in projections.items() for hf in names}
     targets: Dict[str, Set[str]] = {}
     for name in target_modules:
-        if name in HF_PROJECTIONS:
-            targets.setdefault(name, set()).update(HF_PROJECTIONS[name])
-        elif name in _HF_TO_MEGATRON:
-            targets.setdefault(_HF_TO_MEGATRON[name], set()).add(name)
+        if name in projections:
+            targets.setdefault(name, set()).update(projections[name])
+        elif name in to_megatron:
+            targets.setdefault(to_megatron[name], set()).add(name)
         else:
-            known = sorted(list(HF_PROJECTIONS) + list(_HF_TO_MEGATRON))
+            known = sorted(list(projections) + list(to_megatron))
             raise ValueError(f"hyperparameters.lora.target_modules: unknown module {name!r}; use any of {known}")
     if not targets:
         raise ValueError("hyperparameters.lora.target_modules is empty; name at least one module, e.g. [q_proj, v_proj]")
@@ -52,19 +60,27 @@ def resolve_targets(target_modules: List[str]) -> Dict[str, Set[str]]:
 
 
 def _fused_slices(linear: str, arch: ArchitectureConfig, tp_size: int) -> tuple[list[FusedSlice], int]:
+    """The HF projections in a column-parallel linear's output (per group) and this rank's number of groups. A
+    family whose HF module is itself fused (Phi-3) has one slice over the whole group, with its HF blocks."""
+    names = hf_projections(arch)[linear]
     if linear == "linear_qkv":
         d = head_dim(arch)
         q_width = arch.num_attention_heads // arch.num_key_value_heads * d
-        slices = [FusedSlice("q_proj", 0, q_width), FusedSlice("k_proj", q_width, d),
-                  FusedSlice("v_proj", q_width + d, d)]
-        return slices, arch.num_key_value_heads // tp_size
+        groups = arch.num_key_value_heads // tp_size
+        if len(names) == 1:
+            return [FusedSlice(names[0], 0, q_width + 2 * d, blocks=(q_width, d, d))], groups
+        q, k, v = names
+        return [FusedSlice(q, 0, q_width), FusedSlice(k, q_width, d), FusedSlice(v, q_width + d, d)], groups
     ffn = arch.intermediate_size // tp_size
-    return [FusedSlice("gate_proj", 0, ffn), FusedSlice("up_proj", ffn, ffn)], 1
+    if len(names) == 1:
+        return [FusedSlice(names[0], 0, 2 * ffn, blocks=(ffn, ffn))], 1
+    gate, up = names
+    return [FusedSlice(gate, 0, ffn), FusedSlice(up, ffn, ffn)], 1
 
 
 def apply_lora(model: torch.nn.Module, arch: ArchitectureConfig, lora: LoraConfig, seed: int) -> LoraSummary:
     """Freeze ``model`` and wrap the targeted linears of every layer in this stage with LoRA (B = 0)."""
-    targets = resolve_targets(list(lora.target_modules))
+    targets = resolve_targets(list(lora.target_modules), hf_projections(arch))
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for param in model.parameters():

@@ -19,15 +19,21 @@ from safetensors.torch import load_file, save_file
 
 from nemo_customizer.config.schema import LoraConfig
 from nemo_customizer.distributed.collectives import gather_pipeline_objects, gather_tensor_parallel
-from nemo_customizer.models.llama import HF_MODULE_PREFIX
 from nemo_customizer.peft.lora import ColumnParallelLoRA, lora_modules
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# The HF module holding each Megatron linear's projections (the same in every family we build).
+HF_PARENT_MODULE = {"linear_qkv": "self_attn", "linear_proj": "self_attn", "linear_fc1": "mlp", "linear_fc2": "mlp"}
 
 
-def _hf_key(layer_index: int, projection: str, matrix: str) -> str:
-    return f"base_model.model.model.layers.{layer_index}.{HF_MODULE_PREFIX[projection]}.{projection}.{matrix}.weight"
+def _hf_key(layer_index: int, linear: str, projection: str, matrix: str) -> str:
+    """The PEFT tensor name of one LoRA matrix: ``projection`` (the family's HF name) inside ``linear``."""
+    return f"base_model.model.model.layers.{layer_index}.{HF_PARENT_MODULE[linear]}.{projection}.{matrix}.weight"
+
+
+def _linear(module_name: str) -> str:
+    return module_name.rsplit(".", 1)[-1]
 
 
 def _shard_dims(module) -> tuple[int | None, int | None]:
@@ -44,13 +50,15 @@ def adapter_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """The full (unsharded) adapter weights of the whole model under HF PEFT names, on every rank (fp32, CPU)."""
     local: Dict[str, torch.Tensor] = {}
     for name, module in lora_modules(model).items():
-        layer_index = _layer_index(name, model)
+        layer_index, linear = _layer_index(name, model), _linear(name)
         a_dim, b_dim = _shard_dims(module)
         for projection, pair in module.adapters.items():
             a = pair.lora_A.detach() if a_dim is None else gather_tensor_parallel(pair.lora_A.detach(), a_dim)
             b = pair.lora_B.detach() if b_dim is None else gather_tensor_parallel(pair.lora_B.detach(), b_dim)
-            local[_hf_key(layer_index, projection, "lora_A")] = a.float().cpu().contiguous()
-            local[_hf_key(layer_index, projection, "lora_B")] = b.float().cpu().contiguous()
+            if isinstance(module, ColumnParallelLoRA):  # a fused HF projection's rows in HF's order
+                b = module.slice(projection).rows_to_hf(b)
+            local[_hf_key(layer_index, linear, projection, "lora_A")] = a.float().cpu().contiguous()
+            local[_hf_key(layer_index, linear, projection, "lora_B")] = b.float().cpu().contiguous()
     merged: Dict[str, torch.Tensor] = {}
     for stage in gather_pipeline_objects(local):
         merged.update(stage)
@@ -137,15 +145,18 @@ def load_peft_adapter(model: torch.nn.Module, directory: str | Path) -> None:
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     used = set()
     for name, module in lora_modules(model).items():
-        layer_index = _layer_index(name, model)
+        layer_index, linear = _layer_index(name, model), _linear(name)
         dims = _shard_dims(module)
         for projection, pair in module.adapters.items():
             for matrix, param, dim in (("lora_A", pair.lora_A, dims[0]), ("lora_B", pair.lora_B, dims[1])):
-                key = _hf_key(layer_index, projection, matrix)
+                key = _hf_key(layer_index, linear, projection, matrix)
                 if key not in weights:
                     raise KeyError(f"{directory}: adapter has no {key}; was it trained with the same target_modules?")
                 full = weights[key]
-                shard = full if dim is None else full.chunk(tp_size, dim=dim)[tp_rank]
+                if matrix == "lora_B" and isinstance(module, ColumnParallelLoRA):
+                    shard = module.slice(projection).rows_from_hf(full, tp_rank, tp_size)
+                else:
+                    shard = full if dim is None else full.chunk(tp_size, dim=dim)[tp_rank]
                 if shard.shape != param.shape:
                     raise ValueError(f"{directory}: {key} has shape {tuple(full.shape)}, which does not fit this "
                                      f"model (shard {tuple(param.shape)}); check the base model and adapter rank")

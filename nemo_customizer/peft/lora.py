@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import torch
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.tensor_parallel import (
     set_tensor_model_parallel_attributes,
@@ -42,6 +43,26 @@ class FusedSlice:
     name: str
     offset: int
     width: int
+    blocks: Tuple[int, ...] = ()
+    """For an HF projection that is itself fused (Phi-3's ``qkv_proj``: q, k, v; ``gate_up_proj``: gate, up): the
+    widths of its HF row blocks within one group. HF keeps each block's rows of all groups together; the fused
+    output (and so this adapter's B) keeps each group whole. For ``gate_up_proj`` a group is one rank's rows."""
+
+    def rows_to_hf(self, b: torch.Tensor) -> torch.Tensor:
+        """B's rows gathered over tensor-parallel ranks, in the fused output's order → in HF's order."""
+        if not self.blocks:
+            return b
+        grouped = b.reshape(-1, self.width, b.shape[-1])  # (groups of every rank, width, r)
+        return torch.cat([part.reshape(-1, b.shape[-1]) for part in grouped.split(list(self.blocks), dim=1)])
+
+    def rows_from_hf(self, b: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+        """The inverse of :meth:`rows_to_hf`, then this rank's share of the rows."""
+        if not self.blocks:
+            return b.chunk(tp_size, dim=0)[tp_rank]
+        groups = b.shape[0] // self.width
+        parts = b.split([groups * width for width in self.blocks])
+        grouped = torch.cat([part.reshape(groups, width, -1) for part, width in zip(parts, self.blocks)], dim=1)
+        return grouped.chunk(tp_size, dim=0)[tp_rank].reshape(-1, b.shape[-1])
 
 
 class LoraPair(torch.nn.Module):
@@ -109,10 +130,26 @@ class ColumnParallelLoRA(LoraModule):
                     setattr(pair.lora_A, "sequence_parallel", True)
                 self.adapters[piece.name] = pair
 
+    def slice(self, name: str) -> FusedSlice:
+        """Where HF projection ``name`` lives in the fused output."""
+        return next(piece for piece in self.slices if piece.name == name)
+
     def _adapter_tp_axes(self) -> Dict[str, int]:
         # B's rows are this rank's query groups (or FFN columns) of the projection, in order: concatenating the
         # ranks' B along dim 0 gives the TP=1 B.
         return {f"adapters.{name}.lora_B": 0 for name in self.adapters}
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for piece in self.slices:
+            if piece.name in self.adapters and len(piece.blocks) == 2:
+                # gate_up_proj (qkv_proj has three blocks): this rank's B rows are its gate rows, then its up rows,
+                # so the ranks' B concatenated is not the TP=1 B. Saved as two tensors each sharded over TP, as
+                # mcore saves linear_fc1's weight, a checkpoint loads at another tensor-parallel size.
+                key = f"{prefix}adapters.{piece.name}.lora_B"
+                state[key] = apply_swiglu_sharded_factory(state[key], sharded_offsets,
+                                                          (metadata or {}).get("singleton_local_shards", False))
+        return state
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out, bias = self.base(x, *args, **kwargs)  # out: (s, b, groups * group_width) on this rank

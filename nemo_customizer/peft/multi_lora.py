@@ -20,8 +20,7 @@ from megatron.core import parallel_state
 from safetensors.torch import load_file
 
 from nemo_customizer.config.schema import ArchitectureConfig
-from nemo_customizer.models.llama import HF_PROJECTIONS
-from nemo_customizer.peft.apply import _LINEAR_PATHS, _fused_slices, resolve_targets
+from nemo_customizer.peft.apply import _LINEAR_PATHS, _fused_slices, hf_projections, resolve_targets
 from nemo_customizer.peft.export import ADAPTER_WEIGHTS, _hf_key, read_lora_config
 from nemo_customizer.peft.lora import FusedSlice
 
@@ -95,6 +94,7 @@ class MultiLoRA:
         self.adapters: Dict[str, AdapterInfo] = {}
         self._selection = _Selection()
         self._layers: Dict[int, Dict[str, MultiLoRALinear]] = {}  # HF layer index -> Megatron linear -> wrapper
+        self._projections = hf_projections(arch)  # the family's HF names, as its PEFT adapters use them
         for layer in model.decoder.layers:
             wrapped = {}
             for linear, path in _LINEAR_PATHS.items():
@@ -104,7 +104,7 @@ class MultiLoRA:
                 if linear in ("linear_qkv", "linear_fc1"):
                     slices, groups = _fused_slices(linear, arch, tp_size=1)
                 else:  # row-parallel: one projection, the whole output
-                    (projection,) = HF_PROJECTIONS[linear]
+                    (projection,) = self._projections[linear]
                     slices, groups = [FusedSlice(projection, 0, base.weight.shape[0])], 1
                 wrapped[linear] = MultiLoRALinear(base, slices, groups, self._selection)
                 setattr(parent, attr, wrapped[linear])
@@ -129,7 +129,7 @@ class MultiLoRA:
             raise ValueError(f"{directory}: adapter rank r={lora.adapter_dim} is above this server's max_lora_rank="
                              f"{self.max_rank}; restart with serving.max_lora_rank={lora.adapter_dim} or more")
         try:
-            targets = resolve_targets(list(lora.target_modules))
+            targets = resolve_targets(list(lora.target_modules), self._projections)
         except ValueError as exc:  # its messages name the training config key; name the adapter file instead
             raise ValueError(f"{directory}: adapter_config.json target_modules {lora.target_modules}: {exc}") from exc
         weights = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
@@ -143,7 +143,7 @@ class MultiLoRA:
                 for piece in module.slices:
                     if piece.name not in projections:
                         continue
-                    keys = [_hf_key(layer_index, piece.name, matrix) for matrix in ("lora_A", "lora_B")]
+                    keys = [_hf_key(layer_index, linear, piece.name, matrix) for matrix in ("lora_A", "lora_B")]
                     missing = [key for key in keys if key not in weights]
                     if missing:
                         raise ValueError(f"{directory}: adapter has no {missing[0]}, though its target_modules name "
@@ -155,6 +155,7 @@ class MultiLoRA:
                         raise ValueError(f"{directory}: {piece.name} of layer {layer_index} has A {tuple(a.shape)} "
                                          f"and B {tuple(b.shape)}, but this base model needs {expected[0]} and "
                                          f"{expected[1]}; was the adapter trained on another base model?")
+                    b = piece.rows_from_hf(b, tp_rank=0, tp_size=1)  # a fused HF projection's rows in our order
                     pairs[piece.name] = (a.to(self._device, self._dtype), b.to(self._device, self._dtype), scaling)
                     used.update(keys)
                 staged[(layer_index, linear)] = pairs
