@@ -10,11 +10,12 @@ from nemo_customizer.config import compose_config, configs, num_parameters
 def test_configs_lists_the_shipped_models_and_the_generic_ones():
     rows = {row["name"]: row for row in configs()}
     assert sorted(rows) == ["hf", "hf-llama", "llama-3.1-8b-instruct", "llama-3.2-1b-instruct",
-                            "llama-3.3-70b-instruct", "qwen2.5-7b-instruct", "qwen3-0.6b", "qwen3-8b",
-                            "smollm2-135m-instruct"]
+                            "llama-3.3-70b-instruct", "ministral-8b-instruct-2410", "mistral-7b-instruct-v0.3",
+                            "qwen2.5-7b-instruct", "qwen3-0.6b", "qwen3-8b", "smollm2-135m-instruct"]
     assert {name: row["max_seq_length"] for name, row in rows.items()} == {
         "hf": 4096, "hf-llama": 4096, "llama-3.1-8b-instruct": 4096, "llama-3.2-1b-instruct": 4096,
-        "llama-3.3-70b-instruct": 4096, "qwen2.5-7b-instruct": 4096, "qwen3-0.6b": 4096, "qwen3-8b": 4096,
+        "llama-3.3-70b-instruct": 4096, "ministral-8b-instruct-2410": 4096, "mistral-7b-instruct-v0.3": 4096,
+        "qwen2.5-7b-instruct": 4096, "qwen3-0.6b": 4096, "qwen3-8b": 4096,
         "smollm2-135m-instruct": 2048}
     assert rows["hf"]["num_parameters"] is rows["hf-llama"]["num_parameters"] is None  # known from the checkpoint
     assert rows["llama-3.3-70b-instruct"]["tensor_parallel_size"] == 4
@@ -37,6 +38,8 @@ def test_test_models_are_listed_on_request():
     ("qwen2.5-7b-instruct", 7_615_616_512),  # 7.61B (q/k/v biases included)
     ("qwen3-0.6b", 596_049_920),  # 0.6B; 0.44B without the (tied) embedding
     ("qwen3-8b", 8_190_735_360),  # 8.2B; 6.95B without the embedding and head
+    ("mistral-7b-instruct-v0.3", 7_248_023_552),  # 7.25B
+    ("ministral-8b-instruct-2410", 8_019_808_256),  # model card: 8,019,808,256
 ])
 def test_num_parameters_matches_published_counts(name, expected):
     assert num_parameters(compose_config([f"model={name}"]).model.architecture) == expected

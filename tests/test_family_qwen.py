@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from _multiproc import run_world
-from _tiny import load_tiny_model, tiny_arch, write_classification_data, write_tiny_checkpoint
+from _family import (check_generation_matches_transformers, check_logits_match, check_lora_step_matches_peft,
+                     check_merged_export_loads_in_transformers, check_tensor_parallel_equals_transformers)
+from _tiny import tiny_arch, write_classification_data, write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # GQA everywhere (4 heads, 2 key/value heads); Qwen3 with head_dim 24, not hidden/heads = 16.
 FAMILIES = {
@@ -40,10 +39,6 @@ def checkpoints(tmp_path_factory):
             directory = root / f"{family}-{'tied' if tied else 'untied'}"
             out[family, tied] = directory, arch, write_tiny_checkpoint(directory, arch)
     return out
-
-
-def _tokens(arch, seed: int = 1, shape=(2, 24)):
-    return torch.randint(0, arch.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
 # --- config: the family comes from config.json; an unsupported one is refused before any work ------------------
@@ -92,7 +87,7 @@ def test_shipped_qwen_yaml_matches_its_config_json(name):
 @pytest.mark.parametrize("key, value, words", [
     ("architectures", ["Gemma2ForCausalLM"], ["Gemma2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM"]),
     ("attention_bias", True, ["attention_bias"]),
-    ("use_sliding_window", True, ["use_sliding_window"]),
+    ("hidden_act", "gelu", ["hidden_act"]),
 ])
 def test_unsupported_config_json_is_a_config_error(key, value, words):
     from nemo_customizer.config import ConfigError, architecture_from_hf
@@ -156,29 +151,7 @@ def test_unsupported_architecture_is_a_config_error_from_python(unsupported_dir,
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_logits_match_transformers(checkpoints, family, tied):
     directory, arch, hf = checkpoints[family, tied]
-    ours = load_tiny_model(arch, directory).eval()
-    tokens = _tokens(arch, shape=(2, 40))
-    with torch.no_grad():
-        expected, actual = hf(tokens).logits, ours(tokens, torch.arange(40).expand_as(tokens), None,
-                                                   runtime_gather_output=True)
-    assert actual.shape == expected.shape
-    assert (actual - expected).abs().max().item() <= 1e-4
-
-
-def _lora_model(arch, directory, seed: int = 1):
-    """Our model with LoRA on every linear (r=4, alpha=8), every adapter weight random so every path counts."""
-    from nemo_customizer.config.schema import LoraConfig
-    from nemo_customizer.peft.apply import apply_lora
-    from nemo_customizer.peft.lora import adapter_parameters
-
-    model = load_tiny_model(arch, directory)
-    lora = LoraConfig(adapter_dim=4, alpha=8.0, adapter_dropout=0.0, target_modules=TARGETS)
-    apply_lora(model, arch, lora, seed=seed)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        for param in adapter_parameters(model).values():
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    return model, lora
+    check_logits_match(arch, directory, hf)
 
 
 @pytest.mark.usefixtures("cpu_parallel")
@@ -186,76 +159,16 @@ def _lora_model(arch, directory, seed: int = 1):
 def test_lora_step_and_exported_adapter_match_peft(checkpoints, tmp_path, family):
     """Our exported adapter loads in peft with equal logits; one step's loss and every LoRA gradient equal
     transformers+peft's (the q/k/v biases of Qwen2 stay frozen in the base)."""
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    from nemo_customizer.peft.export import save_peft_adapter
-    from nemo_customizer.peft.lora import adapter_parameters
-
     directory, arch, _ = checkpoints[family, True]
-    model, lora = _lora_model(arch, directory)
-    save_peft_adapter(model, lora, tmp_path / "adapter", base_model=str(directory))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == set(adapter_parameters(model))  # biases and norms frozen
-
-    from transformers import AutoModelForCausalLM
-
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(directory)),
-                                           str(tmp_path / "adapter"), is_trainable=True)
-    tokens, labels = _tokens(arch, seed=2), _tokens(arch, seed=3)
-    mask = torch.zeros(tokens.shape)
-    mask[0, 5:] = 1
-    mask[1, 12:20] = 1
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    with torch.no_grad():
-        ours_logits = model.eval()(tokens, positions, None, runtime_gather_output=True)
-    theirs_logits = peft_model.eval()(tokens).logits
-    assert (ours_logits - theirs_logits.detach()).abs().max().item() <= 1e-4
-
-    ours_loss = model(tokens, positions, None, labels=labels, loss_mask=mask).sum() / mask.sum()
-    ours_loss.backward()
-    theirs_loss = (torch.nn.functional.cross_entropy(theirs_logits.flatten(0, 1), labels.flatten(), reduction="none")
-                   * mask.flatten()).sum() / mask.sum()
-    theirs_loss.backward()
-    torch.testing.assert_close(ours_loss, theirs_loss, rtol=1e-5, atol=1e-6)
-    # Our gradients under peft's names: the adapter export of a model whose adapter weights are its gradients.
-    with torch.no_grad():
-        for param in adapter_parameters(model).values():
-            param.copy_(param.grad)
-    save_peft_adapter(model, lora, tmp_path / "grads", base_model=str(directory))
-    ours_grads = load_file(str(tmp_path / "grads/adapter_model.safetensors"))
-    theirs_grads = {name.replace(".default", ""): p.grad for name, p in peft_model.named_parameters()
-                    if p.requires_grad}
-    assert ours_grads.keys() == theirs_grads.keys() and len(ours_grads) == 2 * 7 * arch.num_hidden_layers
-    for name, expected in theirs_grads.items():
-        assert expected.norm() > 0, name
-        assert (ours_grads[name] - expected).norm() <= 1e-4 * expected.norm(), name
+    check_lora_step_matches_peft(arch, directory, tmp_path)
 
 
 @pytest.mark.usefixtures("cpu_parallel")
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_merged_export_loads_in_transformers(checkpoints, tmp_path, family, tied):
-    """``lora_merged`` (and ``all_weights``, the same writer): the base under HF names with the adapters folded in,
-    a config.json written from the architecture alone; transformers' logits equal ours."""
-    from transformers import AutoModelForCausalLM
-
-    from nemo_customizer.checkpoints.hf_export import save_hf_checkpoint
-    from nemo_customizer.models.hf_state import hf_state_dict
-    from nemo_customizer.peft.export import adapter_state_dict
-    from nemo_customizer.peft.merge import merge_lora_into_hf
-
     directory, arch, _ = checkpoints[family, tied]
-    model, lora = _lora_model(arch, directory, seed=4)
-    state = merge_lora_into_hf(hf_state_dict(model, arch), adapter_state_dict(model), lora.alpha / lora.adapter_dim)
-    save_hf_checkpoint(state, arch, tmp_path / "merged", source_dir=None)
-    assert json.loads((tmp_path / "merged/config.json").read_text())["model_type"] == family
-    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
-    assert type(exported).__name__ == arch.architectures[0]
-    tokens = _tokens(arch, seed=5)
-    with torch.no_grad():
-        ours = model.eval()(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None, runtime_gather_output=True)
-        assert (exported(tokens).logits - ours).abs().max().item() <= 1e-4
+    check_merged_export_loads_in_transformers(arch, directory, tmp_path, family)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -269,48 +182,10 @@ def test_packed_loss_and_lora_grads_equal_unpacked(checkpoints, cpu_parallel, fa
 # --- TP=2 (+SP) over gloo ------------------------------------------------------------------------------------
 
 
-def _tensor_parallel_worker(rank: int, directories: dict, out: str) -> None:
-    """Per family, at TP=2 with SP: the gathered logits, and packed vs unpacked loss and LoRA grads (one parallel
-    state for all of them)."""
-    from test_packing_numerics import packed_and_unpacked
-
-    from nemo_customizer.config import compose_config
-    from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
-    from nemo_customizer.models.gpt import forward_logits
-    from nemo_customizer.training.session import TrainingSession
-
-    layout = initialize_parallel(tensor_parallel_size=2, pipeline_parallel_size=1, device=torch.device("cpu"), seed=0)
-    results = {}
-    try:
-        for family, directory in directories.items():
-            arch = _arch(family)
-            cfg = compose_config(["model=tiny-llama-test", "model.tensor_parallel_size=2", "device=cpu",
-                                  "precision=fp32"])
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, architecture=arch))
-            with TrainingSession(cfg, checkpoint_dir=directory, layout=layout) as session:
-                model = session.build_model(trainable=False)
-                with torch.no_grad():
-                    logits = forward_logits(model.eval(), _tokens(arch, shape=(2, 40)))
-            results[family] = {"logits": logits,
-                               "packing": packed_and_unpacked(directory, 2, True, layout=layout, arch=arch)}
-    finally:
-        destroy_parallel(layout)
-    torch.save(results, f"{out}.rank{rank}.pt")
-
-
 def test_tensor_parallel_equals_transformers(checkpoints, tmp_path):
-    from test_packing_numerics import check_packed_equals_unpacked
-
-    directories = {family: str(checkpoints[family, False][0]) for family in FAMILIES}
-    run_world(_tensor_parallel_worker, 2, directories, str(tmp_path / "out"))
-    for rank in range(2):
-        results = torch.load(tmp_path / f"out.rank{rank}.pt")
-        for family in FAMILIES:
-            _, arch, hf = checkpoints[family, False]
-            with torch.no_grad():
-                expected = hf(_tokens(arch, shape=(2, 40))).logits
-            assert (results[family]["logits"] - expected).abs().max().item() <= 1e-4, family
-            check_packed_equals_unpacked(results[family]["packing"])
+    """At TP=2 with SP: the gathered logits equal transformers', packed loss and LoRA grads equal unpacked ones."""
+    cases = {family: (str(checkpoints[family, False][0]), _arch(family)) for family in FAMILIES}
+    check_tensor_parallel_equals_transformers(cases, {f: checkpoints[f, False][2] for f in FAMILIES}, tmp_path)
 
 
 def test_qwen3_chat_template_teaches_hermes_tool_calls():
@@ -330,15 +205,7 @@ def test_qwen3_chat_template_teaches_hermes_tool_calls():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_kv_cache_generation_matches_transformers(tmp_path, family):
     """generate() with the KV cache (q/k norms and biases on every new token) equals transformers' greedy search."""
-    from _tiny import TINY_VOCAB, tiny_generator_config, write_tiny_model_dir
-
-    from nemo_customizer.inference import Generator
+    from _tiny import TINY_VOCAB
 
     arch = dataclasses.replace(tiny_arch(vocab=TINY_VOCAB, **FAMILIES[family]), bos_token_id=1, eos_token_id=2)
-    hf = write_tiny_model_dir(tmp_path, arch)
-    with Generator.from_config(tiny_generator_config(tmp_path, arch)) as gen:
-        prompt = gen.encode("Qwen says hello")
-        completion = gen.complete("Qwen says hello", max_tokens=16)
-    expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, eos_token_id=2,
-                           pad_token_id=0)[0, len(prompt):].tolist()
-    assert completion.token_ids == expected
+    check_generation_matches_transformers(tmp_path, arch, ["Qwen says hello"])

@@ -25,11 +25,15 @@ class Family:
     """Every checkpoint has biases on q, k and v (Qwen2: config.json has no key for it)."""
     qk_norm: bool = False
     """RMSNorm on each query and key head before RoPE (Qwen3)."""
+    sliding_window: bool = False
+    """config.json's ``sliding_window`` bounds attention unless null (Mistral; transformers assumes 4096 where the
+    key is absent). Other families read a window only under ``use_sliding_window: true`` (Qwen2)."""
 
 
 ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": Family("llama", "llama"),
-    "MistralForCausalLM": Family("llama", "mistral"),  # no sliding window in the models we ship
+    "MistralForCausalLM": Family("mistral", "mistral", sliding_window=True),
+    "MinistralForCausalLM": Family("mistral", "ministral", sliding_window=True),
     "Qwen2ForCausalLM": Family("qwen2", "qwen2", qkv_bias=True),
     "Qwen3ForCausalLM": Family("qwen3", "qwen3", qk_norm=True),
 }
