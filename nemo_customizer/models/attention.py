@@ -169,7 +169,7 @@ class CoreAttention(MegatronModule):
         if query.dim() == 4:  # some mcore paths keep the singleton batch dim: [t, 1, heads, head_dim]
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
         total, heads, head_dim = query.shape
-        window = self._window_over(int(params.max_seqlen_kv))
+        window = self._window_over(total if params.max_seqlen_kv is None else int(params.max_seqlen_kv))
         if isinstance(params, PackedRotaryParams):
             query, key = rotate(query, key, params.rotary_cos, params.rotary_sin)
         gqa = key.shape[1] != heads
