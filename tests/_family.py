@@ -159,20 +159,20 @@ def check_tensor_parallel_equals_transformers(cases: dict, hf_models: dict, tmp_
             check_packed_equals_unpacked(results[name]["packing"])
 
 
-def check_generation_matches_transformers(tmp_path, arch, prompts, max_tokens: int = 16) -> None:
+def check_generation_matches_transformers(tmp_path, arch, prompts, max_tokens: int = 16, device: str = "cpu") -> None:
     """generate() with the KV cache, one prompt alone and all of them in one batch, equals transformers' greedy
-    search of each prompt (``arch`` with the byte tokenizer's vocabulary and bos/eos ids 1/2)."""
+    search of each prompt (``arch`` with the byte tokenizer's vocabulary and bos/eos ids 1/2), fp32 on ``device``."""
     from _tiny import tiny_generator_config, write_tiny_model_dir
 
     from nemo_customizer.inference import Generator
 
-    hf = write_tiny_model_dir(tmp_path, arch)
-    with Generator.from_config(tiny_generator_config(tmp_path, arch)) as gen:
+    hf = write_tiny_model_dir(tmp_path, arch).to(device)
+    with Generator.from_config(tiny_generator_config(tmp_path, arch, device)) as gen:
         encoded = [gen.encode(prompt) for prompt in prompts]
         alone = gen.complete(prompts[0], max_tokens=max_tokens)
         batch = gen.complete_batch(prompts, max_tokens=max_tokens) if len(prompts) > 1 else [alone]
     for prompt, ids, completion in zip(prompts, encoded, batch):
-        expected = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_tokens, eos_token_id=2,
+        expected = hf.generate(torch.tensor([ids], device=device), do_sample=False, max_new_tokens=max_tokens, eos_token_id=2,
                                pad_token_id=0)[0, len(ids):].tolist()
         assert completion.token_ids == expected, prompt
         if prompt == prompts[0]:

@@ -130,11 +130,11 @@ def load_tiny_model(arch: ArchitectureConfig, directory: Path):
     return model
 
 
-def tiny_generator_config(directory: Path, arch: ArchitectureConfig):
-    """A CPU inference config for the tiny checkpoint in ``directory``."""
+def tiny_generator_config(directory: Path, arch: ArchitectureConfig, device: str = "cpu"):
+    """An fp32 inference config on ``device`` for the tiny checkpoint in ``directory``."""
     from nemo_customizer.config.schema import Config, ModelConfig
 
-    return Config(model=ModelConfig(checkpoint=str(directory), architecture=arch), device="cpu")
+    return Config(model=ModelConfig(checkpoint=str(directory), architecture=arch), device=device, precision="fp32")
 
 
 def write_random_peft_adapter(model_dir: Path, adapter_dir: Path, target_modules, *, r: int = 4, alpha: int = 8,
