@@ -13,8 +13,9 @@ from nemo_customizer.config.schema import ArchitectureConfig, RopeScalingConfig
 
 def tiny_arch(*, tied: bool = False, rope_scaling: bool = False, heads: int = 4, kv_heads: int = 2,
               layers: int = 2, hidden: int = 64, vocab: int = 256, architecture: str = "LlamaForCausalLM",
-              head_dim: int | None = None) -> ArchitectureConfig:
-    return ArchitectureConfig(
+              head_dim: int | None = None, sliding_window: int | None = None,
+              layer_types: list[str] | None = None) -> ArchitectureConfig:
+    return ArchitectureConfig(sliding_window=sliding_window, layer_types=layer_types,
         architectures=[architecture], head_dim=head_dim, num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
         intermediate_size=128, vocab_size=vocab, rope_theta=10000.0,
         rope_scaling=RopeScalingConfig(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -46,6 +47,12 @@ def hf_config(arch: ArchitectureConfig):
             kwargs[key] = getattr(arch, key)
     if not family.qkv_bias:
         kwargs.update(attention_bias=False, mlp_bias=False)
+    if family.sliding_window or arch.sliding_window is not None:  # Mistral's class assumes 4096 where not given
+        kwargs["sliding_window"] = arch.sliding_window
+    if arch.sliding_window is not None and (arch.layer_types is not None or not family.sliding_window):
+        # Qwen2's class windows only under use_sliding_window, and derives layer types from max_window_layers
+        kwargs.update(use_sliding_window=True,
+                      layer_types=list(arch.layer_types or ["sliding_attention"] * arch.num_hidden_layers))
     if arch.rope_scaling is not None:
         s = arch.rope_scaling
         kwargs["rope_scaling"] = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
@@ -125,11 +132,11 @@ def load_tiny_model(arch: ArchitectureConfig, directory: Path):
     return model
 
 
-def tiny_generator_config(directory: Path, arch: ArchitectureConfig):
-    """A CPU inference config for the tiny checkpoint in ``directory``."""
+def tiny_generator_config(directory: Path, arch: ArchitectureConfig, device: str = "cpu"):
+    """An fp32 inference config on ``device`` for the tiny checkpoint in ``directory``."""
     from nemo_customizer.config.schema import Config, ModelConfig
 
-    return Config(model=ModelConfig(checkpoint=str(directory), architecture=arch), device="cpu")
+    return Config(model=ModelConfig(checkpoint=str(directory), architecture=arch), device=device, precision="fp32")
 
 
 def write_random_peft_adapter(model_dir: Path, adapter_dir: Path, target_modules, *, r: int = 4, alpha: int = 8,

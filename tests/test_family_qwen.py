@@ -91,7 +91,7 @@ def test_shipped_qwen_yaml_matches_its_config_json(name):
 @pytest.mark.parametrize("key, value, words", [
     ("architectures", ["Gemma2ForCausalLM"], ["Gemma2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM"]),
     ("attention_bias", True, ["attention_bias"]),
-    ("use_sliding_window", True, ["use_sliding_window"]),
+    ("hidden_act", "gelu", ["hidden_act"]),
 ])
 def test_unsupported_config_json_is_a_config_error(key, value, words):
     from nemo_customizer.config import ConfigError, architecture_from_hf

@@ -176,7 +176,7 @@ def test_llama3_json_tool_calls_parse_into_openai_calls():
     assert calls[0]["function"]["arguments"] == '{"s": "é"}'
 
 
-@pytest.mark.parametrize("syntax", ["hermes", "llama3"])
+@pytest.mark.parametrize("syntax", ["hermes", "llama3", "mistral"])
 @pytest.mark.parametrize("text", [
     "", "The capital of France is Paris.", "{", "{}", '{"name": 3, "parameters": {}}', '["name", "x"]',
     '{"name": "f", "parameters": [1]}', '{"name": "f", "parameters": {}} trailing', '{"name": "f"}; nonsense',
@@ -194,7 +194,7 @@ def test_tool_syntax_is_detected_from_the_template():
     assert detect_tool_syntax("{{ '<|python_tag|>' + call.name }}") == "llama3"  # Llama 3.1 built-in tools
     assert detect_tool_syntax(PLAIN_CHATML_TEMPLATE) is None and detect_tool_syntax(None) is None
     with pytest.raises(ValueError, match="unknown tool-call syntax"):
-        parse_tool_calls("x", "mistral")
+        parse_tool_calls("x", "no-such-syntax")
 
 
 # ---- rendering and end-of-turn tokens ----
@@ -245,7 +245,7 @@ def test_tools_need_a_template_that_renders_them(tokenizers):
         ChatTemplate(tokenizers["hermes"]).render(QUESTION, [{"name": "get_weather"}])
     unknown = ChatTemplate(tokenizers["hermes"])
     unknown.tool_syntax = None  # a template that renders tools in a syntax we do not know
-    with pytest.raises(ValueError, match="tool_syntax='hermes' or 'llama3'"):
+    with pytest.raises(ValueError, match="tool_syntax='hermes', 'llama3' or 'mistral'"):
         unknown.render(QUESTION, [WEATHER])
     with pytest.raises(ValueError, match="tool_syntax must be one of"):
         ChatTemplate(tokenizers["hermes"], tool_syntax="xml")

@@ -71,6 +71,14 @@ def hf_config_dict(arch: ArchitectureConfig, source_dir: Optional[Path] = None) 
     }
     if family.qkv_bias:  # biases on q, k, v are the family's layout, not a config key (Qwen2)
         del config["attention_bias"], config["mlp_bias"]
+    if family.sliding_window or arch.sliding_window is not None:
+        # Explicit null where there is no window: Mistral's config class would assume 4096.
+        config["sliding_window"] = arch.sliding_window
+    if arch.sliding_window is not None and (arch.layer_types is not None or not family.sliding_window):
+        # Every layer's type: Qwen2's class windows only under use_sliding_window and would derive the types from its
+        # max_window_layers default. (A Mistral config.json with layer_types loads as Ministral, which is right then.)
+        config["use_sliding_window"] = True
+        config["layer_types"] = list(arch.layer_types or ["sliding_attention"] * arch.num_hidden_layers)
     if arch.rope_scaling is not None:
         s = arch.rope_scaling
         config["rope_scaling"] = {"rope_type": s.rope_type, "factor": s.factor, "low_freq_factor": s.low_freq_factor,

@@ -43,11 +43,15 @@ class Family:
     """RMSNorm on each query and key head before RoPE (Qwen3)."""
     projections: Mapping[str, Tuple[str, ...]] = field(default_factory=lambda: SEPARATE_PROJECTIONS, hash=False)
     """The HF module names of each Megatron linear (what LoRA ``target_modules`` may name)."""
+    sliding_window: bool = False
+    """config.json's ``sliding_window`` bounds attention unless null (Mistral; transformers assumes 4096 where the
+    key is absent). Other families read a window only under ``use_sliding_window: true`` (Qwen2)."""
 
 
 ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": Family("llama", "llama"),
-    "MistralForCausalLM": Family("llama", "mistral"),  # no sliding window in the models we ship
+    "MistralForCausalLM": Family("mistral", "mistral", sliding_window=True),
+    "MinistralForCausalLM": Family("mistral", "ministral", sliding_window=True),
     "Qwen2ForCausalLM": Family("qwen2", "qwen2", qkv_bias=True),
     "Qwen3ForCausalLM": Family("qwen3", "qwen3", qk_norm=True),
     "Phi3ForCausalLM": Family("phi3", "phi3", projections=FUSED_PROJECTIONS),  # Phi-3, Phi-3.5, Phi-4

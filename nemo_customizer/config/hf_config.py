@@ -17,9 +17,10 @@ from .errors import ConfigError
 from .families import family_of, usual_model_type
 from .schema import ArchitectureConfig, ModelConfig, RopeScalingConfig
 
-# HF LlamaConfig defaults for keys a config.json may leave out.
+# transformers' config defaults for keys a config.json may leave out.
 _HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-                "tie_word_embeddings": False}
+                "tie_word_embeddings": False, "sliding_window": 4096,
+                "max_window_layers": 28}
 _REQUIRED = ("architectures", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
              "vocab_size")
 _SHOWN_CONFLICTS = 3
@@ -52,6 +53,7 @@ def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -
     if family.module == "phi3":
         _refuse_unsupported_phi3_options(data, source)
     rope_theta, rope_scaling = _rope(data, source)
+    sliding_window, layer_types = _windows(data, family.sliding_window, source)
     eos = data.get("eos_token_id")
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else None
     heads = data["num_attention_heads"]
@@ -70,6 +72,8 @@ def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -
         rms_norm_eps=float(data.get("rms_norm_eps", _HF_DEFAULTS["rms_norm_eps"])),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", _HF_DEFAULTS["tie_word_embeddings"])),
         max_position_embeddings=data.get("max_position_embeddings", _HF_DEFAULTS["max_position_embeddings"]),
+        sliding_window=sliding_window,
+        layer_types=layer_types,
         bos_token_id=data.get("bos_token_id"),
         eos_token_id=eos_ids[0] if eos_ids else eos,
         eos_token_ids=eos_ids if eos_ids and len(eos_ids) > 1 else None,
@@ -83,9 +87,6 @@ def _refuse_unsupported_options(data: Mapping[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: attention_bias=true (biases on q, k, v and o_proj) is not supported.")
     if data.get("mlp_bias"):
         raise ConfigError(f"{source}: mlp_bias=true is not supported.")
-    if data.get("use_sliding_window"):
-        raise ConfigError(f"{source}: use_sliding_window=true is not supported; every layer attends to the whole "
-                          "sequence here.")
     if data.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act={data['hidden_act']!r} is not supported (only silu).")
 
@@ -102,6 +103,36 @@ def _refuse_unsupported_phi3_options(data: Mapping[str, Any], source: str) -> No
     if window is not None and window < context:  # Phi-3.5-mini's 262144 never binds; Phi-3-mini-4k's 2047 does
         raise ConfigError(f"{source}: sliding_window={window} is shorter than max_position_embeddings={context}; "
                           "sliding-window attention is not supported for Phi-3 here.")
+
+
+def _windows(data: Mapping[str, Any], family_windows: bool, source: str) -> tuple[int | None, list[str] | None]:
+    """``(sliding_window, layer_types)`` as transformers builds the model: Mistral's ``sliding_window`` (its default
+    where absent), Qwen2's ``use_sliding_window`` switch and ``max_window_layers`` (layers from that index on are
+    windowed), or explicit ``layer_types``. Normalized so that equal models compare equal: no window where no layer
+    has one, and ``layer_types`` only where some layer attends fully."""
+    on = bool(data["use_sliding_window"]) if "use_sliding_window" in data else family_windows
+    window = data.get("sliding_window", _HF_DEFAULTS["sliding_window"]) if on else None
+    if window is None:
+        return None, None
+    layers = data["num_hidden_layers"]
+    types = data.get("layer_types")
+    if types is None and "use_sliding_window" in data:  # Qwen2/Qwen3's config classes default to 28
+        first = data.get("max_window_layers", _HF_DEFAULTS["max_window_layers"])
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    if types is not None and (len(types) != layers or set(types) - {"sliding_attention", "full_attention"}):
+        raise ConfigError(f"{source}: layer_types must name sliding_attention or full_attention for each of the "
+                          f"{layers} layers; got {types}.")
+    return normalize_windows(int(window), types)
+
+
+def normalize_windows(window: int | None, types: list[str] | None) -> tuple[int | None, list[str] | None]:
+    """The window and layer types with the implied spelled out the one way: no window when no layer uses it, no
+    layer list when every layer does."""
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None, None
+    if types is None or all(kind == "sliding_attention" for kind in types):
+        return window, None
+    return window, list(types)
 
 
 def _rope(data: Mapping[str, Any], source: str) -> tuple[float, RopeScalingConfig | None]:
@@ -145,6 +176,7 @@ def _comparable(arch: ArchitectureConfig) -> dict[str, Any]:
         values["model_type"] = usual_model_type(arch.architectures)
     if values["head_dim"] is None:
         values["head_dim"] = arch.hidden_size // arch.num_attention_heads
+    values["sliding_window"], values["layer_types"] = normalize_windows(arch.sliding_window, arch.layer_types)
     if values["eos_token_ids"] is None:
         values["eos_token_ids"] = None if arch.eos_token_id is None else [arch.eos_token_id]
     return values

@@ -48,6 +48,12 @@ class ArchitectureConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
+    sliding_window: Optional[int] = None
+    """Sliding-window attention (Mistral, Qwen2 with ``use_sliding_window``): a query at position i attends keys
+    j with ``i - sliding_window < j <= i`` of its own sequence, as in transformers. ``None``: the whole sequence."""
+    layer_types: Optional[List[str]] = None
+    """Per layer, HF's ``sliding_attention`` or ``full_attention``: which layers use ``sliding_window`` (interleaved
+    local and global layers). ``None`` with a window: every layer."""
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     """End-of-sequence id; when config.json lists several, the first of them."""

@@ -185,9 +185,27 @@ def validate_architecture(arch: ArchitectureConfig, prefix: str = "model.archite
         _at_least(f"{prefix}.head_dim", arch.head_dim, 1)
     _positive(f"{prefix}.rope_theta", arch.rope_theta)
     _positive(f"{prefix}.rms_norm_eps", arch.rms_norm_eps)
+    _validate_windows(arch, prefix)
     if arch.rope_scaling is not None and arch.rope_scaling.rope_type != "llama3":
         raise ConfigError(f"{prefix}.rope_scaling.rope_type={arch.rope_scaling.rope_type!r} is not supported; "
                           "only llama3 rope scaling is implemented.")
+
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _validate_windows(arch: ArchitectureConfig, prefix: str) -> None:
+    """A positive window, one known layer type per layer; layer types only with a window."""
+    if arch.sliding_window is not None:
+        _at_least(f"{prefix}.sliding_window", arch.sliding_window, 1)
+    if arch.layer_types is None:
+        return
+    if arch.sliding_window is None:
+        raise ConfigError(f"{prefix}.layer_types is set but {prefix}.sliding_window is null; set the window its "
+                          "sliding_attention layers use, or drop layer_types.")
+    if len(arch.layer_types) != arch.num_hidden_layers or set(arch.layer_types) - set(LAYER_TYPES):
+        raise ConfigError(f"{prefix}.layer_types must name one of {', '.join(LAYER_TYPES)} for each of the "
+                          f"{arch.num_hidden_layers} layers; got {list(arch.layer_types)}.")
 
 
 def model_source(model: ModelConfig) -> tuple[str, str | None]:

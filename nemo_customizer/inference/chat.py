@@ -46,8 +46,8 @@ class ChatCompletion:
 class ChatTemplate:
     """A tokenizer's chat template: rendering, its end-of-turn tokens and its tool-call syntax.
 
-    ``tool_syntax`` overrides the syntax detected from the template text: ``"hermes"``, ``"llama3"``, or
-    ``"none"`` (tool calls are left in the content as text).
+    ``tool_syntax`` overrides the syntax detected from the template text: ``"hermes"``, ``"llama3"``,
+    ``"mistral"``, or ``"none"`` (tool calls are left in the content as text).
     """
 
     def __init__(self, tokenizer, tool_syntax: Optional[str] = None):
@@ -100,8 +100,8 @@ class ChatTemplate:
                              "template with a tool-calling format")
         if self.tool_syntax is None:
             raise ValueError("the chat template renders tools, but its tool-call syntax is not one we parse "
-                             f"({', '.join(TOOL_SYNTAXES)}); pass tool_syntax='hermes' or 'llama3', or "
-                             "tool_syntax='none' to get the calls as plain text")
+                             f"({', '.join(TOOL_SYNTAXES)}); pass tool_syntax='hermes', 'llama3' or "
+                             "'mistral', or tool_syntax='none' to get the calls as plain text")
 
 
 def chat_completion(completion, *, tool_syntax: Optional[str]) -> ChatCompletion:

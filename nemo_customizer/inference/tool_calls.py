@@ -1,11 +1,14 @@
 """Tool calls in generated text: which syntax a chat template teaches, and parsing it into OpenAI ``tool_calls``.
 
-Pure functions on strings, no model. Two syntaxes are known:
+Pure functions on strings, no model. Three syntaxes are known:
 
 - ``"hermes"`` (Qwen 2.5/3, Hermes, SmolLM3 ...): zero or more
   ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks, possibly after some text.
 - ``"llama3"`` (Llama 3.1-3.3 JSON tool calling): the whole turn is ``{"name": ..., "parameters": {...}}``,
   optionally after ``<|python_tag|>``; several calls are separated by ``;``.
+- ``"mistral"`` (Mistral 7B v0.3, Ministral, Mistral Nemo): ``[TOOL_CALLS]`` then a JSON list of
+  ``{"name": ..., "arguments": {...}}``. ``[TOOL_CALLS]`` is a control token, gone from text decoded without special
+  tokens, so the list after text (or alone) is read as the calls too.
 
 Text that does not parse as calls of the syntax is returned as plain content: a model's malformed call is the
 caller's to see, never an exception.
@@ -18,18 +21,22 @@ import re
 import secrets
 from typing import Any, Dict, List, Optional, Tuple
 
-TOOL_SYNTAXES = ("hermes", "llama3")
+TOOL_SYNTAXES = ("hermes", "llama3", "mistral")
 
 _HERMES_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _PYTHON_TAG = "<|python_tag|>"
+_MISTRAL_TAG = "[TOOL_CALLS]"
 
 
 def detect_tool_syntax(chat_template: Optional[str]) -> Optional[str]:
-    """The tool-call syntax ``chat_template`` teaches the model: ``"hermes"``, ``"llama3"`` or None (unknown)."""
+    """The tool-call syntax ``chat_template`` teaches the model: ``"hermes"``, ``"llama3"``, ``"mistral"`` or None
+    (unknown)."""
     if not chat_template:
         return None
     if "<tool_call>" in chat_template:
         return "hermes"
+    if _MISTRAL_TAG in chat_template:  # Mistral templates render past calls after it
+        return "mistral"
     # Llama 3.x templates tell the model 'Respond in the format {"name": function name, "parameters": ...}' and
     # render past calls after <|python_tag|> (3.1) or as that JSON object (3.2/3.3).
     if _PYTHON_TAG in chat_template or '"parameters"' in chat_template:
@@ -48,6 +55,8 @@ def parse_tool_calls(text: str, syntax: str) -> Tuple[Optional[str], List[Dict[s
         calls, rest = _hermes(text)
     elif syntax == "llama3":
         calls, rest = _llama3(text), ""
+    elif syntax == "mistral":
+        calls, rest = _mistral(text)
     else:
         raise ValueError(f"unknown tool-call syntax {syntax!r}; known: {', '.join(TOOL_SYNTAXES)}")
     if not calls:
@@ -89,6 +98,31 @@ def _llama3(text: str) -> Optional[List[Tuple[str, str]]]:
         if body[at] != ";":
             return None
         at += 1
+
+
+def _mistral(text: str) -> Tuple[Optional[List[Tuple[str, str]]], str]:
+    """The calls of the JSON list after ``[TOOL_CALLS]`` (or, without the tag, a list that ends the turn), and the
+    text before it; None if there is no such list or an element is not a call."""
+    at = text.find(_MISTRAL_TAG)
+    if at >= 0:
+        before, body = text[:at], text[at + len(_MISTRAL_TAG):].strip()
+    else:  # decoded without special tokens: the turn's last line is the list
+        start = text.rfind("\n[") + 1 if text.rstrip().endswith("]") else -1
+        if start < 0 or not text.strip():
+            return None, text
+        before, body = (text[:start], text[start:].strip()) if start > 0 else ("", text.strip())
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None, text
+    if isinstance(value, dict):  # a single call object
+        value = [value]
+    if not isinstance(value, list) or not value:
+        return None, text
+    calls = [_call(item, "arguments") for item in value]
+    if any(call is None for call in calls):
+        return None, text
+    return calls, before
 
 
 def _skip_space(text: str, at: int) -> int:

@@ -4,6 +4,11 @@ mcore's local ``DotProductAttention`` refuses packed sequences, so this module s
 ``self_attention.submodules.core_attention``. mcore calls it with query/key/value after RoPE:
 padded (SBHD) q ``[sq, b, heads, head_dim]``, k/v ``[sk, b, kv_heads, head_dim]``, returns ``[sq, b, heads*head_dim]``;
 packed (THD) q ``[t, heads, head_dim]``, k/v ``[t, kv_heads, head_dim]``, returns ``[t, heads*head_dim]``.
+
+Sliding-window layers (mcore's ``window_size`` and ``window_attn_skip_freq``, set by ``models.llama.window_fields``)
+let a query at position i attend keys j with ``i - W < j <= i`` of its own sequence, as transformers does; in a
+packed batch the window restarts with each sequence. The flash kernels take the window as ``(W - 1, 0)``; SDPA gets
+an explicit mask, built only where a sequence is longer than the window (shorter ones cannot tell the difference).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
 
 from nemo_customizer.models.flash_attn4 import packed_causal_attention, use_flash_attn4
 from nemo_customizer.models.rope import PackedRotaryParams, rotate
@@ -37,8 +43,18 @@ def _torch_at_least(major: int, minor: int) -> bool:
     return (int(version[0]), int(version[1])) >= (major, minor)
 
 
-def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Block-diagonal causal mask ``[t, t]`` (True = attend) for sequences packed back to back.
+def causal_mask(sq: int, sk: int, device: torch.device, window: Optional[int] = None) -> torch.Tensor:
+    """``[sq, sk]`` (True = attend) for queries at the last ``sq`` of ``sk`` positions (bottom-right aligned, as
+    when decoding with a KV cache): query position i attends keys j <= i, and with a ``window`` only j > i - window."""
+    query = torch.arange(sk - sq, sk, device=device)[:, None]
+    key = torch.arange(sk, device=device)[None, :]
+    allowed = key <= query
+    return allowed if window is None else allowed & (key > query - window)
+
+
+def packed_causal_mask(cu_seqlens: torch.Tensor, total: int, window: Optional[int] = None) -> torch.Tensor:
+    """Block-diagonal causal mask ``[t, t]`` (True = attend) for sequences packed back to back; with a ``window``,
+    each query also sees only the ``window`` positions up to its own.
 
     The reference semantics of packed attention (``CoreAttention`` computes the same per sequence, without the mask).
     """
@@ -48,7 +64,8 @@ def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
         pad = torch.arange(len(lengths), len(lengths) + total - segment.numel(), device=cu_seqlens.device)
         segment = torch.cat([segment, pad])
     position = torch.arange(total, device=cu_seqlens.device)
-    return (segment[:, None] == segment[None, :]) & (position[:, None] >= position[None, :])
+    allowed = (segment[:, None] == segment[None, :]) & (position[:, None] >= position[None, :])
+    return allowed if window is None else allowed & (position[:, None] - position[None, :] < window)
 
 
 def _expand_kv(tensor: torch.Tensor, heads: int) -> torch.Tensor:
@@ -61,7 +78,8 @@ class CoreAttention(MegatronModule):
     """Scaled dot-product attention with GQA, for padded and packed batches, on CPU and CUDA.
 
     ``attention_kernel`` (``model.attention_kernel``, passed through the layer spec) picks the flash attention that
-    packed batches get on GPUs: see ``models.flash_attn4``.
+    packed batches get on GPUs: see ``models.flash_attn4``. Every kernel here honours a sliding window, and a
+    window is a Python number, so windowed packed attention is captured in CUDA graphs like full attention.
     """
 
     def __init__(
@@ -83,6 +101,9 @@ class CoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.attention_kernel = attention_kernel
+        windowed = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+        # HF's sliding_window of this layer (the keys a query sees, its own included); None: the whole sequence
+        self.window: Optional[int] = config.window_size[0] + 1 if windowed else None
         varlen = _varlen_attn()
         self._varlen = varlen
         self._varlen_has_gqa = varlen is not None and "enable_gqa" in inspect.signature(varlen).parameters
@@ -108,9 +129,14 @@ class CoreAttention(MegatronModule):
     def _dropout(self) -> float:
         return self.dropout_p if self.training else 0.0
 
+    def _window_over(self, length: int) -> Optional[int]:
+        """The window, where a sequence of ``length`` keys is longer than it (else the window changes nothing)."""
+        return self.window if self.window is not None and length > self.window else None
+
     def _padded(self, query, key, value, attention_mask, mask_type) -> torch.Tensor:
         sq, b, heads, head_dim = query.shape
         sk = key.shape[0]
+        window = self._window_over(sk)
         q = query.permute(1, 2, 0, 3)  # (b, heads, sq, head_dim)
         k = key.permute(1, 2, 0, 3)  # (b, kv_heads, sk, head_dim)
         v = value.permute(1, 2, 0, 3)
@@ -120,11 +146,13 @@ class CoreAttention(MegatronModule):
         # broadcastable to (b, heads, sq, sk).
         allowed = None if attention_mask is None else ~attention_mask
         is_causal = False
-        if mask_type == AttnMaskType.causal:
-            if allowed is None and sq == sk:
+        # mcore hands decode steps (one query per row after the prompt) over as no_mask, the query seeing every
+        # cached key; a windowed layer must still drop the keys that fell out of its window.
+        if mask_type == AttnMaskType.causal or window is not None:
+            if allowed is None and sq == sk and window is None:
                 is_causal = True  # lets SDPA pick its fused causal kernel
             else:  # queries are the last sq positions (decoding with a KV cache): bottom-right aligned causal
-                causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+                causal = causal_mask(sq, sk, q.device, window)
                 allowed = causal if allowed is None else allowed & causal
         if attention_mask is not None:
             # A padding query would otherwise see no key at all; SDPA then returns NaN, which leaks into real
@@ -141,6 +169,7 @@ class CoreAttention(MegatronModule):
         if query.dim() == 4:  # some mcore paths keep the singleton batch dim: [t, 1, heads, head_dim]
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
         total, heads, head_dim = query.shape
+        window = self._window_over(total if params.max_seqlen_kv is None else int(params.max_seqlen_kv))
         if isinstance(params, PackedRotaryParams):
             query, key = rotate(query, key, params.rotary_cos, params.rotary_sin)
         gqa = key.shape[1] != heads
@@ -160,26 +189,34 @@ class CoreAttention(MegatronModule):
             if self._dropout() > 0:
                 raise ValueError("attention dropout is not supported with packed sequences on CUDA")
             if flash4:  # key/value heads of a group are read by each of its query heads in the kernel (GQA)
-                out = packed_causal_attention(query, key, value, cu_q, cu_k, max_q, max_k, self.softmax_scale)
+                out = packed_causal_attention(query, key, value, cu_q, cu_k, max_q, max_k, self.softmax_scale,
+                                              window=window)
                 return out.reshape(total, heads * head_dim)
             # Flash attention reads a group's key/value head for each of its query heads itself. torch 2.11's
             # varlen_attn has no enable_gqa flag but passes the heads through unchecked (the same outputs and
             # gradients as expanded heads, without the copies); later versions want the flag.
             kwargs = {"enable_gqa": True} if gqa and self._varlen_has_gqa else {}
+            # (left, right) keys around each query, as flash attention counts them: (-1, 0) is causal.
+            window_size = (-1, 0) if window is None else (window - 1, 0)
             out = self._varlen(
-                query, key, value, cu_q, cu_k, max_q, max_k, scale=self.softmax_scale, window_size=(-1, 0), **kwargs
+                query, key, value, cu_q, cu_k, max_q, max_k, scale=self.softmax_scale, window_size=window_size, **kwargs
             )  # (t, heads, head_dim)
             return out.reshape(total, heads * head_dim)
         # One causal SDPA per sequence (same result as SDPA with packed_causal_mask): the work grows with the sum of
         # squared lengths instead of t², and SDPA can take its fused causal kernel; a block-diagonal [t, t] mask
-        # would compute and then discard every cross-sequence score.
+        # would compute and then discard every cross-sequence score. A sequence longer than the window gets the
+        # window's mask instead of the fused causal kernel.
         q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)  # (heads | kv_heads, t, head_dim)
         bounds = params.cu_seqlens_q.tolist()
-        outs = [
-            F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], dropout_p=self._dropout(),
-                                           is_causal=True, scale=self.softmax_scale, enable_gqa=gqa)
-            for s, e in zip(bounds[:-1], bounds[1:]) if e > s
-        ]
+        outs = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            if e == s:
+                continue
+            seq_window = self._window_over(e - s)
+            mask = None if seq_window is None else causal_mask(e - s, e - s, q.device, seq_window)
+            outs.append(F.scaled_dot_product_attention(
+                q[:, s:e], k[:, s:e], v[:, s:e], attn_mask=mask, dropout_p=self._dropout(), is_causal=mask is None,
+                scale=self.softmax_scale, enable_gqa=gqa))
         if bounds[-1] < total:  # padding not covered by cu_seqlens attends only to itself (as in packed_causal_mask)
             outs.append(v[:, bounds[-1]:].repeat_interleave(heads // v.shape[0], dim=0))
         out = torch.cat(outs, dim=1)  # (heads, t, head_dim)

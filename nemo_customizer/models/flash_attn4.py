@@ -62,12 +62,14 @@ def use_flash_attn4(kernel: str, device: torch.device, head_dim: int = 128) -> b
 
 def packed_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                            scale: float) -> torch.Tensor:
+                            scale: float, window: Optional[int] = None) -> torch.Tensor:
     """Causal attention within each packed sequence: q ``[t, heads, d]``, k/v ``[t, kv_heads, d]`` (GQA read in the
-    kernel) → ``[t, heads, d]``. ``cu_seqlens_*`` int32 ``[n + 1]``; empty segments get no work."""
+    kernel) → ``[t, heads, d]``. ``cu_seqlens_*`` int32 ``[n + 1]``; empty segments get no work. ``window``: each
+    query sees only the ``window`` keys up to its own (HF's ``sliding_window``; the kernel's ``(window - 1, 0)``)."""
     varlen, why = _load()
     if varlen is None:
         raise RuntimeError(f"model.attention_kernel=fa4: {why}")
     out, _ = varlen(query, key, value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                    max_seqlen_k=max_seqlen_k, softmax_scale=scale, causal=True)
+                    max_seqlen_k=max_seqlen_k, softmax_scale=scale, causal=True,
+                    window_size=(None, None) if window is None else (window - 1, 0))
     return out

@@ -44,6 +44,19 @@ def transformer_fields(arch: ArchitectureConfig) -> dict:
     fields = {mcore: getattr(arch, hf) for hf, mcore in CONFIG_KEYS.items()}
     fields["kv_channels"] = head_dim(arch)
     fields.update(FIXED_TRANSFORMER_FIELDS)
+    fields.update(window_fields(arch))
+    return fields
+
+
+def window_fields(arch: ArchitectureConfig) -> dict:
+    """Sliding-window attention in mcore's terms (flash attention's ``(left, right)``): HF's window of W keys is
+    the query's own position and W - 1 before it; ``window_attn_skip_freq`` lists per layer whether it is windowed
+    (1) or attends fully (0). ``models.attention.CoreAttention`` reads both."""
+    if arch.sliding_window is None:
+        return {}
+    fields = {"window_size": (arch.sliding_window - 1, 0)}
+    if arch.layer_types is not None:
+        fields["window_attn_skip_freq"] = [int(kind == "sliding_attention") for kind in arch.layer_types]
     return fields
 
 

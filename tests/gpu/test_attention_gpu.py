@@ -1,5 +1,6 @@
 """Packed (THD, varlen flash) attention on CUDA: the attention module against fp32 attention per sequence, with GQA,
-for torch's kernel and FlashAttention-4; and a whole model's packed logits against its unpacked ones."""
+for torch's kernel and FlashAttention-4, with and without a sliding window; and a whole model's packed logits against
+its unpacked ones."""
 
 from __future__ import annotations
 
@@ -9,19 +10,22 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
-def _packed_gqa_attention_error(generator: torch.Generator, kernel: str) -> tuple[float, bool]:
+def _packed_gqa_attention_error(generator: torch.Generator, kernel: str,
+                                window: int | None = None) -> tuple[float, bool]:
     """Packed flash attention with 8 key/value heads for 32 query heads, as the model calls it (``CoreAttention``,
     heads not expanded where the flash kernel takes GQA), bf16, against fp32 causal attention per sequence with
     expanded heads: the largest relative norm of the difference over out, d_q, d_k, d_v, and whether the module
-    expanded the key/value heads. ``kernel``: ``model.attention_kernel``."""
+    expanded the key/value heads. ``kernel``: ``model.attention_kernel``. ``window``: a sliding window (HF's
+    ``sliding_window``) shorter than the longer sequences, restarting with each of them."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
     from _tiny import tiny_arch
-    from nemo_customizer.models.attention import CoreAttention
+    from nemo_customizer.models.attention import CoreAttention, causal_mask
     from nemo_customizer.models.gpt import transformer_config
 
-    attention = CoreAttention(transformer_config(tiny_arch(heads=32, kv_heads=8, hidden=32 * 64)), 1,
+    arch = tiny_arch(heads=32, kv_heads=8, hidden=32 * 64, sliding_window=window)
+    attention = CoreAttention(transformer_config(arch), 1,
                               AttnMaskType.causal, "self", attention_kernel=kernel)
     lengths = [700, 13, 1500, 1, 380, 1502, 0, 0]  # empty segments at the end, as CUDA graphs pad cu_seqlens
     total = sum(lengths)
@@ -42,8 +46,10 @@ def _packed_gqa_attention_error(generator: torch.Generator, kernel: str) -> tupl
         for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
             if e == s:
                 continue
+            mask = None if window is None else causal_mask(e - s, e - s, q.device, window)
             outs.append(torch.nn.functional.scaled_dot_product_attention(
-                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), attn_mask=mask,
+                is_causal=mask is None,
             ).transpose(0, 1).reshape(e - s, -1))
         return torch.cat(outs)
 
@@ -63,13 +69,28 @@ def test_packed_gqa_flash_attn4_matches_fp32_per_sequence(generator, flash_attn4
     assert worst <= 2e-2, f"FlashAttention-4: {worst:.2e}"
 
 
-@pytest.fixture(scope="module")
-def packed_model(tmp_path_factory):
-    """A tiny random Llama with GQA (4 query, 2 key/value heads) on CUDA, in a CUDA parallel state."""
+WINDOW = 300  # shorter than three of the packed sequences, longer than the others
+
+
+def test_packed_sliding_window_attention_matches_fp32_per_sequence(generator):
+    """torch's flash attention with ``window_size=(W - 1, 0)`` is HF's window of W keys, restarting per sequence."""
+    worst, _ = _packed_gqa_attention_error(generator, "torch", window=WINDOW)
+    assert worst <= 2e-2, f"torch's flash attention, window {WINDOW}: {worst:.2e}"
+
+
+def test_packed_sliding_window_flash_attn4_matches_fp32_per_sequence(generator, flash_attn4):
+    worst, _ = _packed_gqa_attention_error(generator, "fa4", window=WINDOW)
+    assert worst <= 2e-2, f"FlashAttention-4, window {WINDOW}: {worst:.2e}"
+
+
+@pytest.fixture(scope="module", params=[None, 32], ids=["full", "window32"])
+def packed_model(tmp_path_factory, request):
+    """A tiny random Llama with GQA (4 query, 2 key/value heads) on CUDA, in a CUDA parallel state; once with a
+    sliding window shorter than most test sequences (packed: the flash kernel's window; unpacked: SDPA's mask)."""
     from _tiny import load_tiny_model, tiny_arch, write_tiny_checkpoint
     from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
 
-    arch = tiny_arch(heads=4, kv_heads=2, hidden=128)
+    arch = tiny_arch(heads=4, kv_heads=2, hidden=128, sliding_window=request.param)
     directory = tmp_path_factory.mktemp("packed")
     write_tiny_checkpoint(directory, arch)
     layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=torch.device("cuda"),

@@ -102,3 +102,17 @@ def test_bf16_generation_runs(tiny_jobs, adapter):
     with Generator.from_config(_config(tiny_jobs.root / "model", "bf16"), adapter=str(adapter)) as gen:
         completions = gen.complete_batch(PROMPTS, max_tokens=TOKENS)
     assert all(c.completion_tokens == len(c.token_ids) > 0 for c in completions)
+
+
+def test_windowed_generation_past_the_window_matches_transformers(tmp_path):
+    """A tiny Mistral with a window of 8 keys, fp32 on CUDA: prefill (SDPA with the window's mask) and decode steps
+    (keys older than the window masked in the KV cache), alone and batched, give transformers' greedy tokens."""
+    import dataclasses
+
+    from _family import check_generation_matches_transformers
+    from _tiny import TINY_VOCAB, tiny_arch
+
+    arch = dataclasses.replace(tiny_arch(vocab=TINY_VOCAB, architecture="MistralForCausalLM", sliding_window=8),
+                               bos_token_id=1, eos_token_id=2)
+    check_generation_matches_transformers(tmp_path, arch, ["Mistral says hello!", "Hi", "a window of eight"],
+                                          device="cuda")
