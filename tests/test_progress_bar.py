@@ -38,6 +38,16 @@ def test_a_terminal_gets_one_line_redrawn_in_place():
     assert sum(line.count("step 8/8") for line in lines) == 1  # one final line, not one line per step
 
 
+def _drain(fd: int) -> str:
+    """Everything written to the pseudo-terminal so far: one read returns only what one write delivered."""
+    import select
+
+    chunks = []
+    while select.select([fd], [], [], 0.2)[0]:
+        chunks.append(os.read(fd, 1 << 16))
+    return b"".join(chunks).decode()
+
+
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_a_terminal_that_reports_no_size_still_shows_the_bar():
     """A pseudo-terminal nobody sized (``script``, some containers) reports 0 x 0; tqdm alone would hide the bar."""
@@ -49,7 +59,7 @@ def test_a_terminal_that_reports_no_size_still_shows_the_bar():
             bar.update(1, loss=0.5, tokens_per_s=10.0)
             bar.update(2, loss=0.25, tokens_per_s=10.0)
             bar.close()
-        shown = os.read(controller, 1 << 16).decode()
+        shown = _drain(controller)
     finally:
         os.close(controller)
         os.close(terminal)
