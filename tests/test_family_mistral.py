@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from _family import (check_generation_matches_transformers, check_logits_match, check_lora_step_matches_peft,
-                     check_merged_export_loads_in_transformers, check_tensor_parallel_equals_transformers, positions,
-                     tokens)
+from _family_checks import (LLAMA_TARGETS, check_generation_matches_transformers, check_logits_match_transformers,
+                            check_lora_step_and_adapter_match_peft, check_merged_export_loads_in_transformers,
+                            check_tensor_parallel_equals_transformers, positions, tokens)
 from _tiny import TINY_VOCAB, load_tiny_model, tiny_arch, write_tiny_checkpoint
 
 WINDOW = 8  # shorter than every test sequence (24 to 40 tokens)
@@ -138,7 +138,7 @@ def test_packed_windowed_attention_equals_masked_reference():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(checkpoints, case):
     directory, arch, hf = checkpoints[case]
-    check_logits_match(arch, directory, hf)
+    check_logits_match_transformers(arch, directory, hf)
     without_window = load_tiny_model(dataclasses.replace(arch, sliding_window=None, layer_types=None), directory)
     ids = tokens(arch, shape=(2, 40))
     with torch.no_grad():  # the window matters at this length: a model without it differs
@@ -171,7 +171,7 @@ def test_packed_logits_match_transformers(checkpoints, case):
 @pytest.mark.parametrize("case", ["mistral", "ministral"])
 def test_lora_step_and_exported_adapter_match_peft(checkpoints, tmp_path, case):
     directory, arch, _ = checkpoints[case]
-    check_lora_step_matches_peft(arch, directory, tmp_path, length=32)
+    check_lora_step_and_adapter_match_peft(arch, directory, LLAMA_TARGETS, tmp_path, length=32)
 
 
 @pytest.mark.usefixtures("cpu_parallel")
@@ -180,7 +180,7 @@ def test_merged_export_loads_in_transformers(checkpoints, tmp_path, case):
     """The exported config.json carries the window and layer types (and Mistral's explicit null: its config class
     would assume 4096)."""
     directory, arch, _ = checkpoints[case]
-    check_merged_export_loads_in_transformers(arch, directory, tmp_path, MODEL_TYPES[case], length=32)
+    check_merged_export_loads_in_transformers(arch, directory, LLAMA_TARGETS, MODEL_TYPES[case], tmp_path, length=32)
     config = json.loads((tmp_path / "merged/config.json").read_text())
     assert config["sliding_window"] == WINDOW
 
@@ -202,8 +202,7 @@ def test_packed_loss_and_lora_grads_equal_unpacked(checkpoints, cpu_parallel, ca
 
 def test_tensor_parallel_equals_transformers(checkpoints, tmp_path):
     """At TP=2 with SP, windowed: gathered logits equal transformers', packed loss and LoRA grads unpacked ones."""
-    cases = {case: (str(checkpoints[case][0]), checkpoints[case][1]) for case in ("mistral", "ministral")}
-    check_tensor_parallel_equals_transformers(cases, {c: checkpoints[c][2] for c in cases}, tmp_path)
+    check_tensor_parallel_equals_transformers({case: checkpoints[case] for case in ("mistral", "ministral")}, tmp_path)
 
 
 # --- generation past the window -------------------------------------------------------------------------------

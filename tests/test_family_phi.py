@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from _family_checks import (check_logits_match_transformers, check_lora_step_and_adapter_match_peft,
-                            check_merged_export_loads_in_transformers, check_tensor_parallel_results, lora_model,
-                            tensor_parallel_worker, tokens)
-from _multiproc import run_world
+                            check_merged_export_loads_in_transformers, check_tensor_parallel_equals_transformers,
+                            lora_model, positions, tokens)
 from _tiny import (load_tiny_model, tiny_arch, write_classification_data, write_random_peft_adapter,
                    write_tiny_checkpoint)
 
@@ -182,22 +181,22 @@ def test_peft_adapter_loads_into_our_model_and_the_server(checkpoints, peft_adap
     directory, arch, _ = checkpoints[False]
     adapter, peft_model = peft_adapter
     batch = tokens(arch, shape=(2, 40))
-    positions = torch.arange(40).expand_as(batch)
+    pos = positions(batch)
     with torch.no_grad():
         expected = peft_model(batch).logits
         model = load_tiny_model(arch, directory).eval()
         apply_lora(model, arch, read_lora_config(adapter), seed=0)
         load_peft_adapter(model, adapter)
-        assert (model(batch, positions, None, runtime_gather_output=True) - expected).abs().max().item() <= 1e-4
+        assert (model(batch, pos, None, runtime_gather_output=True) - expected).abs().max().item() <= 1e-4
 
         served = load_tiny_model(arch, directory).eval()
         lora = MultiLoRA(served, arch, max_rank=8)
         info = lora.add("phi", adapter)
         assert info.target_modules == sorted(TARGETS)
         lora.select(["phi", None])
-        logits = served(batch, positions, None, runtime_gather_output=True)
+        logits = served(batch, pos, None, runtime_gather_output=True)
         assert (logits[0] - expected[0]).abs().max().item() <= 1e-4
-        base = load_tiny_model(arch, directory).eval()(batch[1:], positions[1:], None, runtime_gather_output=True)
+        base = load_tiny_model(arch, directory).eval()(batch[1:], pos[1:], None, runtime_gather_output=True)
         assert (logits[1] - base[0]).abs().max().item() <= 1e-5
 
 
@@ -235,8 +234,4 @@ def test_packed_loss_and_lora_grads_equal_unpacked(checkpoints, cpu_parallel):
 def test_tensor_parallel_equals_transformers_and_peft(checkpoints, peft_adapter, tmp_path):
     """At TP=2: logits, packed vs unpacked training, and a peft adapter loaded into the shards (each rank its
     query group of qkv_proj's B and its half of gate_up_proj's gate and up rows) then exported back unchanged."""
-    directory, arch, hf = checkpoints[False]
-    adapter, peft_model = peft_adapter
-    run_world(tensor_parallel_worker, 2, {"phi3": (str(directory), arch)}, str(tmp_path / "out"),
-              {"phi3": str(adapter)})
-    check_tensor_parallel_results(str(tmp_path / "out"), {"phi3": (arch, hf)}, {"phi3": (str(adapter), peft_model)})
+    check_tensor_parallel_equals_transformers({"phi3": checkpoints[False]}, tmp_path, {"phi3": peft_adapter})

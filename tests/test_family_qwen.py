@@ -10,26 +10,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from _family_checks import (check_logits_match_transformers, check_lora_step_and_adapter_match_peft,
-                            check_merged_export_loads_in_transformers, check_tensor_parallel_results,
-                            tensor_parallel_worker)
-from _multiproc import run_world
-from _tiny import tiny_arch, write_classification_data, write_tiny_checkpoint
+from _family_checks import (LLAMA_TARGETS, check_generation_matches_transformers, check_logits_match_transformers,
+                            check_lora_step_and_adapter_match_peft, check_merged_export_loads_in_transformers,
+                            check_tensor_parallel_equals_transformers)
+from _tiny import TINY_VOCAB, tiny_arch, write_classification_data, write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # GQA everywhere (4 heads, 2 key/value heads); Qwen3 with head_dim 24, not hidden/heads = 16.
 FAMILIES = {
     "qwen2": dict(architecture="Qwen2ForCausalLM"),
     "qwen3": dict(architecture="Qwen3ForCausalLM", head_dim=24),
 }
-
-
-def _arch(family: str, tied: bool = False):
-    return tiny_arch(tied=tied, **FAMILIES[family])
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def checkpoints(tmp_path_factory):
     out = {}
     for family in FAMILIES:
         for tied in (False, True):
-            arch = _arch(family, tied)
+            arch = tiny_arch(tied=tied, **FAMILIES[family])
             directory = root / f"{family}-{'tied' if tied else 'untied'}"
             out[family, tied] = directory, arch, write_tiny_checkpoint(directory, arch)
     return out
@@ -164,7 +157,7 @@ def test_lora_step_and_exported_adapter_match_peft(checkpoints, tmp_path, family
     """Our exported adapter loads in peft with equal logits; one step's loss and every LoRA gradient equal
     transformers+peft's (the q/k/v biases of Qwen2 stay frozen in the base)."""
     directory, arch, _ = checkpoints[family, True]
-    check_lora_step_and_adapter_match_peft(arch, directory, TARGETS, tmp_path)
+    check_lora_step_and_adapter_match_peft(arch, directory, LLAMA_TARGETS, tmp_path)
 
 
 @pytest.mark.usefixtures("cpu_parallel")
@@ -172,7 +165,7 @@ def test_lora_step_and_exported_adapter_match_peft(checkpoints, tmp_path, family
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_merged_export_loads_in_transformers(checkpoints, tmp_path, family, tied):
     directory, arch, _ = checkpoints[family, tied]
-    check_merged_export_loads_in_transformers(arch, directory, TARGETS, family, tmp_path)
+    check_merged_export_loads_in_transformers(arch, directory, LLAMA_TARGETS, family, tmp_path)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -187,9 +180,7 @@ def test_packed_loss_and_lora_grads_equal_unpacked(checkpoints, cpu_parallel, fa
 
 
 def test_tensor_parallel_equals_transformers(checkpoints, tmp_path):
-    cases = {family: (str(checkpoints[family, False][0]), _arch(family)) for family in FAMILIES}
-    run_world(tensor_parallel_worker, 2, cases, str(tmp_path / "out"))
-    check_tensor_parallel_results(str(tmp_path / "out"), {family: checkpoints[family, False][1:] for family in FAMILIES})
+    check_tensor_parallel_equals_transformers({family: checkpoints[family, False] for family in FAMILIES}, tmp_path)
 
 
 def test_qwen3_chat_template_teaches_hermes_tool_calls():
@@ -209,15 +200,5 @@ def test_qwen3_chat_template_teaches_hermes_tool_calls():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_kv_cache_generation_matches_transformers(tmp_path, family):
     """generate() with the KV cache (q/k norms and biases on every new token) equals transformers' greedy search."""
-    from _tiny import TINY_VOCAB, tiny_generator_config, write_tiny_model_dir
-
-    from nemo_customizer.inference import Generator
-
     arch = dataclasses.replace(tiny_arch(vocab=TINY_VOCAB, **FAMILIES[family]), bos_token_id=1, eos_token_id=2)
-    hf = write_tiny_model_dir(tmp_path, arch)
-    with Generator.from_config(tiny_generator_config(tmp_path, arch)) as gen:
-        prompt = gen.encode("Qwen says hello")
-        completion = gen.complete("Qwen says hello", max_tokens=16)
-    expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, eos_token_id=2,
-                           pad_token_id=0)[0, len(prompt):].tolist()
-    assert completion.token_ids == expected
+    check_generation_matches_transformers(tmp_path, arch, ["Qwen says hello"])

@@ -109,7 +109,7 @@ def test_windowed_generation_past_the_window_matches_transformers(tmp_path):
     (keys older than the window masked in the KV cache), alone and batched, give transformers' greedy tokens."""
     import dataclasses
 
-    from _family import check_generation_matches_transformers
+    from _family_checks import check_generation_matches_transformers
     from _tiny import TINY_VOCAB, tiny_arch
 
     arch = dataclasses.replace(tiny_arch(vocab=TINY_VOCAB, architecture="MistralForCausalLM", sliding_window=8),
