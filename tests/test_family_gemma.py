@@ -186,3 +186,28 @@ def test_kv_cache_generation_matches_transformers(tmp_path):
     """Prompts of 2 to 20 tokens, 16 new ones with a window of 8: alone and batched, as transformers' greedy search."""
     check_generation_matches_transformers(tmp_path, _arch(vocab=TINY_VOCAB),
                                           ["Gemma says hello!", "Hi", "a window of eight"])
+
+
+# --- chat template: Gemma 2's refuses a system message -----------------------------------------------------------
+
+NO_SYSTEM_TEMPLATE = (  # the system-role check of Gemma 2's template (Gemma 3's folds a system message into the user's)
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] "
+    "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def test_template_without_system_role_is_a_clear_error(tmp_path):
+    from _tiny import write_tiny_tokenizer
+
+    from nemo_customizer.data.chat_masks import ChatEncoder, ChatTemplateError
+    from nemo_customizer.inference.chat import ChatTemplate
+
+    tokenizer = write_tiny_tokenizer(tmp_path)
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"}]
+    with pytest.raises(ChatTemplateError, match="System role not supported"):  # training: the row's error
+        ChatEncoder(tokenizer).encode(conversation, None)
+    with pytest.raises(ValueError, match="could not render these messages: System role not supported"):  # serving
+        ChatTemplate(tokenizer).render(conversation[:2])
+    assert ChatTemplate(tokenizer).render(conversation[1:2])  # without the system message it renders
