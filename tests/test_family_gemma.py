@@ -120,6 +120,25 @@ def test_logits_match_transformers(checkpoint):
 
 
 @pytest.mark.usefixtures("cpu_parallel")
+def test_recomputed_layers_give_the_same_loss_and_grads(checkpoint):
+    """Full activation recomputation (the layer inputs, both RoPE tables among them, saved for backward)."""
+    from nemo_customizer.models.gpt import build_gpt_model, load_hf_checkpoint, transformer_config
+
+    directory, arch, _ = checkpoint
+    ids, labels = tokens(arch, seed=2), tokens(arch, seed=3)
+    results = []
+    for recompute in (False, True):
+        model = build_gpt_model(arch, transformer_config(arch, perform_initialization=False,
+                                                         activation_checkpointing=recompute), torch.device("cpu"))
+        load_hf_checkpoint(model, arch, str(directory))
+        loss = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None, labels=labels,
+                     loss_mask=torch.ones(ids.shape)).sum()
+        loss.backward()
+        results.append((loss.detach(), model.embedding.word_embeddings.weight.grad))
+    torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.usefixtures("cpu_parallel")
 def test_packed_logits_match_transformers(checkpoint):
     """Sequences longer and shorter than the window packed into one row: each one's logits equal transformers'."""
     from megatron.core.packed_seq_params import PackedSeqParams

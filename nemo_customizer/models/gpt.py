@@ -21,7 +21,7 @@ from nemo_customizer.models import llama
 from nemo_customizer.models.loss import masked_token_losses
 from nemo_customizer.models.registry import family_for
 from nemo_customizer.models.rope import PackedRotaryParams
-from nemo_customizer.models.layer_rope import LayerRotary
+from nemo_customizer.models.layer_rope import stack_tables
 from nemo_customizer.models.spec import LayerOptions, llama_block_spec
 
 
@@ -60,8 +60,7 @@ class CustomizerGPTModel(GPTModelHooks):
         if isinstance(packed_seq_params, PackedRotaryParams):
             rotary_pos_emb = None  # no mcore RoPE: CoreAttention rotates with the per-token cos/sin
         elif rotary_pos_emb is not None and self.sliding_rotary_pos_emb is not None:
-            rotary_pos_emb = LayerRotary(full=rotary_pos_emb,
-                                         sliding=self.sliding_rotary_pos_emb(rotary_pos_emb.shape[0]))
+            rotary_pos_emb = stack_tables(rotary_pos_emb, self.sliding_rotary_pos_emb(rotary_pos_emb.shape[0]))
         if (self.config.recompute_granularity == "full" and torch.is_grad_enabled() and decoder_input is not None
                 and not decoder_input.requires_grad):
             # mcore recomputes layers through a reentrant autograd.Function, whose output needs grad only if an input
