@@ -53,6 +53,9 @@ def hf_config(arch: ArchitectureConfig):
         # Qwen2's class windows only under use_sliding_window, and derives layer types from max_window_layers
         kwargs.update(use_sliding_window=True,
                       layer_types=list(arch.layer_types or ["sliding_attention"] * arch.num_hidden_layers))
+    for key in ("query_pre_attn_scalar", "rope_local_base_freq"):  # Gemma 3
+        if getattr(arch, key) is not None:
+            kwargs[key] = getattr(arch, key)
     if arch.rope_scaling is not None:
         s = arch.rope_scaling
         kwargs["rope_scaling"] = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,

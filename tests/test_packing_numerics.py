@@ -88,7 +88,9 @@ def packed_and_unpacked(checkpoint_dir: str, tp: int, sp: bool, layout=None, arc
         return out
 
 
-def check_packed_equals_unpacked(out: dict) -> None:
+def check_packed_equals_unpacked(out: dict, grad_rtol: float = RTOL) -> None:
+    """``grad_rtol``: the LoRA gradients' relative tolerance (a family whose norms amplify fp32 rounding more than
+    Llama's may pass a larger one)."""
     ref, leaking = out["unpacked"], out["leaking"]
     for packed in (out["packed"], out["graphed"], out["graphed_again"]):
         assert packed["tokens"] == ref["tokens"] > 0
@@ -97,7 +99,7 @@ def check_packed_equals_unpacked(out: dict) -> None:
         for name, expected in ref["grads"].items():
             assert expected.norm() > 0, name
             error = (packed["grads"][name] - expected).norm() / expected.norm()
-            assert error <= RTOL, f"{name}: relative error {error:.2e}"
+            assert error <= grad_rtol, f"{name}: relative error {error:.2e}"
     # The comparison can fail: letting attention cross examples changes the loss and the gradients well beyond RTOL.
     assert abs(leaking["loss"] - ref["loss"]) > 10 * RTOL * abs(ref["loss"])
     assert max((leaking["grads"][n] - g).norm() / g.norm() for n, g in ref["grads"].items()) > 1e-2

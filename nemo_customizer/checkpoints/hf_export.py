@@ -81,10 +81,24 @@ def hf_config_dict(arch: ArchitectureConfig, source_dir: Optional[Path] = None) 
         config["layer_types"] = list(arch.layer_types or ["sliding_attention"] * arch.num_hidden_layers)
     if arch.rope_scaling is not None:
         s = arch.rope_scaling
-        config["rope_scaling"] = {"rope_type": s.rope_type, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                                  "high_freq_factor": s.high_freq_factor,
-                                  "original_max_position_embeddings": s.original_max_position_embeddings}
+        config["rope_scaling"] = {"rope_type": s.rope_type, "factor": s.factor}
+        if s.rope_type == "llama3":
+            config["rope_scaling"].update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                                          original_max_position_embeddings=s.original_max_position_embeddings)
+    if family.module == "gemma3":
+        for key in ("hidden_act", "mlp_bias", "use_sliding_window"):  # not Gemma3TextConfig's keys
+            config.pop(key, None)
+        config.update(_gemma3_keys(arch))
     return config
+
+
+def _gemma3_keys(arch: ArchitectureConfig) -> dict:
+    """Gemma3TextConfig's keys beyond Llama's (transformers 4's layout, which transformers 5 also reads); no
+    softcapping, which we refuse on import."""
+    head_dim = arch.head_dim or arch.hidden_size // arch.num_attention_heads
+    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": arch.query_pre_attn_scalar or head_dim,
+            "rope_local_base_freq": arch.rope_local_base_freq or arch.rope_theta,
+            "attn_logit_softcapping": None, "final_logit_softcapping": None}
 
 
 def is_export_rank() -> bool:

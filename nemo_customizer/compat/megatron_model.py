@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import layers as mcore_layers
+from megatron.core.utils import WrappedTensor
 
 
 class GPTModelHooks(GPTModel):
@@ -33,8 +34,12 @@ class GPTModelHooks(GPTModel):
 
     def _preprocess(self, *args, packed_seq_params=None, **kwargs):
         out = super()._preprocess(*args, packed_seq_params=packed_seq_params, **kwargs)
-        decoder_input, rotary_pos_emb = self.prepare_decoder_input(out[0], out[1], packed_seq_params)
-        return (decoder_input, rotary_pos_emb, *out[2:])
+        # In inference mode mcore hands the embedding over as a WrappedTensor (so the decoder can free it); the
+        # hook always sees a tensor, and the decoder gets it wrapped again.
+        wrapped = isinstance(out[0], WrappedTensor)
+        decoder_input, rotary_pos_emb = self.prepare_decoder_input(out[0].unwrap() if wrapped else out[0], out[1],
+                                                                   packed_seq_params)
+        return (WrappedTensor(decoder_input) if wrapped else decoder_input, rotary_pos_emb, *out[2:])
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None, **kwargs):
         output = self.loss_head(hidden_states, labels, loss_mask)

@@ -44,6 +44,6 @@ def num_parameters(arch: ArchitectureConfig) -> int:
     if family.qk_norm:
         attention += 2 * head_dim
     mlp = 3 * hidden * arch.intermediate_size  # gate, up, down
-    layer = attention + mlp + 2 * hidden  # + input and post-attention norms
+    layer = attention + mlp + (4 if family.sandwich_norms else 2) * hidden  # + the layer's norms
     embeddings = arch.vocab_size * hidden * (1 if arch.tie_word_embeddings else 2)
     return arch.num_hidden_layers * layer + embeddings + hidden  # + final norm

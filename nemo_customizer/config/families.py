@@ -46,6 +46,8 @@ class Family:
     sliding_window: bool = False
     """config.json's ``sliding_window`` bounds attention unless null (Mistral; transformers assumes 4096 where the
     key is absent). Other families read a window only under ``use_sliding_window: true`` (Qwen2)."""
+    sandwich_norms: bool = False
+    """RMSNorms on the attention and MLP outputs too, before each residual add (Gemma): four per layer, not two."""
 
 
 ARCHITECTURES: dict[str, Family] = {
@@ -55,7 +57,14 @@ ARCHITECTURES: dict[str, Family] = {
     "Qwen2ForCausalLM": Family("qwen2", "qwen2", qkv_bias=True),
     "Qwen3ForCausalLM": Family("qwen3", "qwen3", qk_norm=True),
     "Phi3ForCausalLM": Family("phi3", "phi3", projections=FUSED_PROJECTIONS),  # Phi-3, Phi-3.5, Phi-4
+    "Gemma3ForCausalLM": Family("gemma3", "gemma3_text", qk_norm=True, sliding_window=True, sandwich_norms=True),
 }
+
+# Architectures we know but do not build, with what to use instead (appended to the unsupported-architecture error).
+HINTS: Mapping[str, str] = MappingProxyType({
+    "Gemma3ForConditionalGeneration": "Gemma 3 image-text checkpoints (4B and larger) are not supported, only their "
+                                      "text-only sibling Gemma3ForCausalLM (gemma-3-1b-it, or a text-only export)",
+})
 
 
 def family_of(architectures: Sequence[str], model_type: Optional[str] = None, *,
@@ -70,8 +79,9 @@ def family_of(architectures: Sequence[str], model_type: Optional[str] = None, *,
             return family
     named = ", ".join(architectures) or "(none)"
     of_type = f" (model_type {model_type!r})" if model_type else ""
+    hints = "".join(f" {HINTS[name]}." for name in architectures if name in HINTS)
     raise ConfigError(f"{source}: architecture {named}{of_type} is not supported; supported architectures: "
-                      f"{', '.join(sorted(ARCHITECTURES))}.")
+                      f"{', '.join(sorted(ARCHITECTURES))}.{hints}")
 
 
 def usual_model_type(architectures: Sequence[str]) -> Optional[str]:

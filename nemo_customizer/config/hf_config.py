@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 from .families import family_of, usual_model_type
+from .hf_gemma3 import gemma3_fields
 from .schema import ArchitectureConfig, ModelConfig, RopeScalingConfig
 
 # transformers' config defaults for keys a config.json may leave out.
@@ -45,6 +46,8 @@ def read_hf_config(path: str | os.PathLike) -> ArchitectureConfig:
 
 def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -> ArchitectureConfig:
     """Map HF config keys to :class:`ArchitectureConfig` (transformers 4 and 5 rope layouts)."""
+    if "architectures" in data:  # an unsupported architecture (an image-text model, say) is named first
+        family_of(data["architectures"], data.get("model_type"), source=source)
     missing = [key for key in _REQUIRED if key not in data]
     if missing:
         raise ConfigError(f"{source} lacks {', '.join(missing)}; is it a causal LM config of a supported family?")
@@ -52,8 +55,14 @@ def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -
     _refuse_unsupported_options(data, source)
     if family.module == "phi3":
         _refuse_unsupported_phi3_options(data, source)
-    rope_theta, rope_scaling = _rope(data, source)
-    sliding_window, layer_types = _windows(data, family.sliding_window, source)
+    family_fields = gemma3_fields(data, source) if family.module == "gemma3" else {}
+    if family_fields:
+        rope_theta, rope_scaling = family_fields.pop("rope_theta"), family_fields.pop("rope_scaling")
+        sliding_window, layer_types = normalize_windows(family_fields.pop("sliding_window"),
+                                                        family_fields.pop("layer_types"))
+    else:
+        rope_theta, rope_scaling = _rope(data, source)
+        sliding_window, layer_types = _windows(data, family.sliding_window, source)
     eos = data.get("eos_token_id")
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else None
     heads = data["num_attention_heads"]
@@ -70,13 +79,15 @@ def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling,
         rms_norm_eps=float(data.get("rms_norm_eps", _HF_DEFAULTS["rms_norm_eps"])),
-        tie_word_embeddings=bool(data.get("tie_word_embeddings", _HF_DEFAULTS["tie_word_embeddings"])),
+        tie_word_embeddings=bool(family_fields.pop("tie_word_embeddings", data.get(
+            "tie_word_embeddings", _HF_DEFAULTS["tie_word_embeddings"]))),
         max_position_embeddings=data.get("max_position_embeddings", _HF_DEFAULTS["max_position_embeddings"]),
         sliding_window=sliding_window,
         layer_types=layer_types,
         bos_token_id=data.get("bos_token_id"),
         eos_token_id=eos_ids[0] if eos_ids else eos,
         eos_token_ids=eos_ids if eos_ids and len(eos_ids) > 1 else None,
+        **family_fields,
     )
 
 

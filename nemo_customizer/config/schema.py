@@ -15,7 +15,8 @@ MISSING_PATH = "???"
 
 @dataclass
 class RopeScalingConfig:
-    """Llama-3 style RoPE frequency scaling, in HF ``config.json`` terms."""
+    """RoPE frequency scaling, in HF ``config.json`` terms: ``llama3`` (Llama-3.1 and later), or ``linear`` (every
+    frequency divided by ``factor``; Gemma 3's global layers), which reads only ``factor``."""
 
     rope_type: str = "llama3"
     factor: float = 8.0
@@ -54,6 +55,11 @@ class ArchitectureConfig:
     layer_types: Optional[List[str]] = None
     """Per layer, HF's ``sliding_attention`` or ``full_attention``: which layers use ``sliding_window`` (interleaved
     local and global layers). ``None`` with a window: every layer."""
+    query_pre_attn_scalar: Optional[int] = None
+    """Gemma: attention scores are scaled by ``query_pre_attn_scalar ** -0.5``. ``None``: by ``head_dim ** -0.5``."""
+    rope_local_base_freq: Optional[float] = None
+    """Gemma 3: the RoPE base of the sliding-window layers (without ``rope_scaling``, which applies to the
+    full-attention layers only). ``None``: every layer uses ``rope_theta``."""
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     """End-of-sequence id; when config.json lists several, the first of them."""

@@ -186,9 +186,9 @@ def validate_architecture(arch: ArchitectureConfig, prefix: str = "model.archite
     _positive(f"{prefix}.rope_theta", arch.rope_theta)
     _positive(f"{prefix}.rms_norm_eps", arch.rms_norm_eps)
     _validate_windows(arch, prefix)
-    if arch.rope_scaling is not None and arch.rope_scaling.rope_type != "llama3":
+    if arch.rope_scaling is not None and arch.rope_scaling.rope_type not in ("llama3", "linear"):
         raise ConfigError(f"{prefix}.rope_scaling.rope_type={arch.rope_scaling.rope_type!r} is not supported; "
-                          "only llama3 rope scaling is implemented.")
+                          "only llama3 and linear rope scaling are implemented.")
 
 
 LAYER_TYPES = ("sliding_attention", "full_attention")

@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -20,7 +21,8 @@ from nemo_customizer.models import llama
 from nemo_customizer.models.loss import masked_token_losses
 from nemo_customizer.models.registry import family_for
 from nemo_customizer.models.rope import PackedRotaryParams
-from nemo_customizer.models.spec import llama_block_spec
+from nemo_customizer.models.layer_rope import stack_tables
+from nemo_customizer.models.spec import LayerOptions, llama_block_spec
 
 
 class CustomizerGPTModel(GPTModelHooks):
@@ -30,20 +32,35 @@ class CustomizerGPTModel(GPTModelHooks):
     a prompt/completion row trains on a handful of completion tokens, so projecting every prompt token onto the
     vocabulary would be wasted compute and memory. Returns the losses of those positions, flattened, in fp32.
     Without labels it behaves like GPTModel (logits ``[b, s, vocab]``).
+
+    A family's model may also scale the embeddings (``embedding_scale``: Gemma's √hidden) and give its
+    sliding-window layers their own RoPE (``sliding_rotary_pos_emb``: Gemma 3, see ``models.layer_rope``).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embedding_scale: Optional[float] = None
+        self.sliding_rotary_pos_emb: Optional[torch.nn.Module] = None
 
     def forward(self, input_ids, position_ids, attention_mask, *args, packed_seq_params=None, **kwargs):
         if (packed_seq_params is not None and packed_seq_params.qkv_format == "thd" and position_ids is not None
                 and self.position_embedding_type == "rope"):
-            freqs = self.rotary_pos_emb(int(packed_seq_params.max_seqlen_q))
-            packed_seq_params = PackedRotaryParams.build(packed_seq_params, freqs, position_ids,
-                                                         self.config.params_dtype)
+            length = int(packed_seq_params.max_seqlen_q)
+            sliding = None if self.sliding_rotary_pos_emb is None else self.sliding_rotary_pos_emb(length)
+            packed_seq_params = PackedRotaryParams.build(packed_seq_params, self.rotary_pos_emb(length), position_ids,
+                                                         self.config.params_dtype, sliding_freqs=sliding)
         return super().forward(input_ids, position_ids, attention_mask, *args, packed_seq_params=packed_seq_params,
                                **kwargs)
 
     def prepare_decoder_input(self, decoder_input, rotary_pos_emb, packed_seq_params):
+        if decoder_input is not None and self.embedding_scale is not None:
+            # transformers multiplies by the scale cast to the embedding's dtype (√1152 is 33.94 in fp32 but 34.0 in
+            # bf16): the same rounded value here, applied in the same precision.
+            decoder_input = decoder_input * float(torch.tensor(self.embedding_scale, dtype=decoder_input.dtype))
         if isinstance(packed_seq_params, PackedRotaryParams):
             rotary_pos_emb = None  # no mcore RoPE: CoreAttention rotates with the per-token cos/sin
+        elif rotary_pos_emb is not None and self.sliding_rotary_pos_emb is not None:
+            rotary_pos_emb = stack_tables(rotary_pos_emb, self.sliding_rotary_pos_emb(rotary_pos_emb.shape[0]))
         if (self.config.recompute_granularity == "full" and torch.is_grad_enabled() and decoder_input is not None
                 and not decoder_input.requires_grad):
             # mcore recomputes layers through a reentrant autograd.Function, whose output needs grad only if an input
@@ -101,19 +118,26 @@ def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
+def default_inv_freq(base: float, dim: int) -> torch.Tensor:
+    """Unscaled RoPE inverse frequencies exactly as ``transformers`` computes them."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
 def llama3_inv_freq(arch: ArchitectureConfig) -> torch.Tensor:
-    """RoPE inverse frequencies exactly as ``transformers`` computes them, with Llama-3 scaling when configured.
+    """RoPE inverse frequencies exactly as ``transformers`` computes them, with Llama-3 or linear scaling when
+    configured.
 
     mcore's own rope scaling hard-codes low/high frequency factors and the original context; this uses the
     checkpoint's values.
     """
-    dim = llama.head_dim(arch)
-    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = default_inv_freq(arch.rope_theta, llama.head_dim(arch))
     scaling = arch.rope_scaling
     if scaling is None:
         return inv_freq
+    if scaling.rope_type == "linear":  # positions divided by the factor, i.e. every frequency
+        return inv_freq / scaling.factor
     if scaling.rope_type not in ("llama3",):
-        raise ValueError(f"rope_scaling type {scaling.rope_type!r} is not supported (only llama3)")
+        raise ValueError(f"rope_scaling type {scaling.rope_type!r} is not supported (only llama3 and linear)")
     low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
     high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -182,9 +206,10 @@ def build_gpt_model(arch: ArchitectureConfig, config: TransformerConfig, device:
             f"vocab_size {arch.vocab_size} is not divisible by tensor_parallel_size "
             f"{config.tensor_model_parallel_size}; choose a tensor_parallel_size that divides it."
         )
+    family = family_for(arch)
     model = CustomizerGPTModel(
         config=config,
-        transformer_layer_spec=llama_block_spec(config, attention_kernel),
+        transformer_layer_spec=llama_block_spec(config, attention_kernel, getattr(family, "LAYER", LayerOptions())),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -195,6 +220,12 @@ def build_gpt_model(arch: ArchitectureConfig, config: TransformerConfig, device:
         rotary_base=arch.rope_theta,
     )
     model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(device)
+    if getattr(family, "SCALED_EMBEDDINGS", False):
+        model.embedding_scale = arch.hidden_size ** 0.5
+    if arch.rope_local_base_freq is not None:
+        sliding = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0, use_cpu_initialization=True)
+        sliding.inv_freq = default_inv_freq(arch.rope_local_base_freq, config.kv_channels).to(device)
+        model.sliding_rotary_pos_emb = sliding
     if not config.perform_initialization:
         _mark_tensor_parallel_weights(model)
     return model.to(device)

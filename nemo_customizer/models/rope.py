@@ -21,18 +21,29 @@ from nemo_customizer.models.fused import fused_on_cuda, triton_kernel
 
 @dataclass
 class PackedRotaryParams(PackedSeqParams):
-    """Packed-sequence parameters plus the per-token rotary cos/sin (``[t, 1, head_dim]``, activation dtype)."""
+    """Packed-sequence parameters plus the per-token rotary cos/sin (``[t, 1, head_dim]``, activation dtype), and
+    those of sliding-window layers where they rotate with their own base (``models.layer_rope``)."""
 
     rotary_cos: Optional[torch.Tensor] = None
     rotary_sin: Optional[torch.Tensor] = None
+    sliding_rotary_cos: Optional[torch.Tensor] = None
+    sliding_rotary_sin: Optional[torch.Tensor] = None
 
     @classmethod
     def build(cls, params: PackedSeqParams, freqs: torch.Tensor, position_ids: torch.Tensor,
-              dtype: torch.dtype) -> "PackedRotaryParams":
-        """``freqs``: mcore's rotary table ``[max_len, 1, 1, head_dim]`` (fp32); ``position_ids``: ``[1, t]``."""
-        per_token = freqs[position_ids.reshape(-1)].squeeze(1)  # [t, 1, head_dim]
+              dtype: torch.dtype, sliding_freqs: Optional[torch.Tensor] = None) -> "PackedRotaryParams":
+        """``freqs``: mcore's rotary table ``[max_len, 1, 1, head_dim]`` (fp32); ``position_ids``: ``[1, t]``;
+        ``sliding_freqs``: the sliding-window layers' table, where it differs."""
         fields = {name: getattr(params, name) for name in params.__dataclass_fields__}
-        return cls(**fields, rotary_cos=per_token.cos().to(dtype), rotary_sin=per_token.sin().to(dtype))
+        cos, sin = _per_token(freqs, position_ids, dtype)
+        if sliding_freqs is not None:
+            fields["sliding_rotary_cos"], fields["sliding_rotary_sin"] = _per_token(sliding_freqs, position_ids, dtype)
+        return cls(**fields, rotary_cos=cos, rotary_sin=sin)
+
+
+def _per_token(freqs: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    per_token = freqs[position_ids.reshape(-1)].squeeze(1)  # [t, 1, head_dim]
+    return per_token.cos().to(dtype), per_token.sin().to(dtype)
 
 
 def rotate(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
