@@ -5,20 +5,15 @@ logits padded and packed, one LoRA step against peft, the merged export, TP=2 (+
 config.json forms and what we refuse."""
 
 import dataclasses
-import json
 
 import pytest
 import torch
 
-from _family_checks import (check_logits_match_transformers, check_lora_step_and_adapter_match_peft,
-                            check_merged_export_loads_in_transformers, tensor_parallel_worker, tokens)
+from _family_checks import (check_generation_matches_transformers, check_logits_match_transformers,
+                            check_lora_step_and_adapter_match_peft, check_merged_export_loads_in_transformers,
+                            tensor_parallel_worker, tokens)
 from _multiproc import run_world
 from _tiny import TINY_VOCAB, load_tiny_model, tiny_arch, write_tiny_checkpoint
-
-try:
-    from _family_checks import check_generation_matches_transformers
-except ImportError:
-    from _family import check_generation_matches_transformers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WINDOW = 8  # shorter than every test sequence (24 to 40 tokens)
