@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from nemo_customizer.checkpoints.mappings import Replicated, WeightMapping
 from nemo_customizer.config.schema import ArchitectureConfig
-from nemo_customizer.models import llama
+from nemo_customizer.models import llama, qwen3
 from nemo_customizer.models.geglu import GeGLU
 from nemo_customizer.models.llama import HF_MODULE_PREFIX, HF_PROJECTIONS, head_dim  # noqa: F401 (the family's API)
 from nemo_customizer.models.spec import LayerOptions
@@ -41,11 +41,10 @@ def transformer_fields(arch: ArchitectureConfig) -> dict:
 def weight_mappings(
     arch: ArchitectureConfig, layer_numbers: List[int], *, pre_process: bool, post_process: bool
 ) -> Dict[str, WeightMapping]:
-    mappings = llama.weight_mappings(arch, layer_numbers, pre_process=pre_process, post_process=post_process)
+    # Qwen3's weights (Llama's + the q/k norms), then the norms on the attention and MLP outputs.
+    mappings = qwen3.weight_mappings(arch, layer_numbers, pre_process=pre_process, post_process=post_process)
     for local, layer in enumerate(layer_numbers):
         mc, hf = f"decoder.layers.{local}.", f"model.layers.{layer}."
-        mappings[mc + "self_attention.q_layernorm.weight"] = Replicated(hf + "self_attn.q_norm.weight")
-        mappings[mc + "self_attention.k_layernorm.weight"] = Replicated(hf + "self_attn.k_norm.weight")
         mappings[mc + "self_attn_bda.norm.weight"] = Replicated(hf + "post_attention_layernorm.weight")
         mappings[mc + "pre_mlp_layernorm.weight"] = Replicated(hf + "pre_feedforward_layernorm.weight")
         mappings[mc + "mlp_bda.norm.weight"] = Replicated(hf + "post_feedforward_layernorm.weight")

@@ -87,7 +87,7 @@ class TrainingSession:
         ``trainable=False``: the base model as inference runs it (no adapters, nothing recomputed).
         """
         if self.model is not None:
-            raise RuntimeError("this session's model is already built")
+            raise RuntimeError("this TrainingSession's model is already built")
         hp = self.cfg.hyperparameters
         self.model, self.transformer_config = build_model_for_job(
             self.cfg.model, self.checkpoint_dir, device=self.device, params_dtype=self.params_dtype,
@@ -109,7 +109,7 @@ class TrainingSession:
         if self.trainable is None:
             raise RuntimeError("build_training needs the model built for training: call build_model() first")
         if self.wrapped is not None:
-            raise RuntimeError("this session's training parts are already built")
+            raise RuntimeError("this TrainingSession's training parts are already built")
         hp = self.cfg.hyperparameters
         if hp.cuda_graphs and packed:
             self.graphs = GraphedForwardBackward(self.device, max_seqlen=self.cfg.model.max_seq_length,
@@ -127,7 +127,7 @@ class TrainingSession:
 
     def close(self) -> None:
         """Release the captured graphs (before the process groups: NCCL's teardown can wait on communicators a live
-        graph references), let go of the built parts, and destroy the parallel state if this session started it.
+        graph references), let go of the built parts, and destroy the parallel state if this TrainingSession started it.
         Safe to call twice."""
         if self._closed:
             return
