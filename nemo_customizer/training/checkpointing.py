@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
 from nemo_customizer.compat import use_in_process_checkpoint_results_queue
 from nemo_customizer.config import ConfigError
@@ -64,7 +64,9 @@ class Checkpointer:
     def _model_state(self) -> dict:
         state = self.model.sharded_state_dict()
         if self.trainable_only:
-            state = {k: v for k, v in state.items() if isinstance(v, ShardedTensor) and v.data.requires_grad}
+            # A factory too: a fused gate/up adapter (Phi-3's gate_up_proj) saves its B as gate and up halves
+            state = {k: v for k, v in state.items()
+                     if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and v.data.requires_grad}
         return state
 
     def _sharded_state(self, *, is_loading: bool) -> dict:
