@@ -75,18 +75,22 @@ def ratio(numerator: str, denominator: str, as_percent: bool = False) -> Callabl
     return cell
 
 
+def present(name: str, show: Callable[[Any], str]) -> Callable[[dict], str]:
+    """A cell showing field ``name`` with ``show``, or ``—`` where the row lacks it."""
+    return lambda row: "—" if row.get(name) is None else show(row[name])
+
+
+def _minutes_and_seconds(value: float) -> str:
+    minutes, rest = divmod(round(value), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
 def seconds(name: str) -> Callable[[dict], str]:
-    def cell(row: dict) -> str:
-        value = row.get(name)
-        if value is None:
-            return "—"
-        minutes, rest = divmod(round(value), 60)
-        return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
-    return cell
+    return present(name, _minutes_and_seconds)
 
 
 def with_unit(name: str, unit: str, spec: str = "") -> Callable[[dict], str]:
-    return lambda row: "—" if row.get(name) is None else f"{number(row[name], spec)} {unit}"
+    return present(name, lambda value: f"{number(value, spec)} {unit}")
 
 
 def workload(row: dict) -> str:
@@ -96,25 +100,19 @@ def workload(row: dict) -> str:
 
 def bootstrap(name: str, spec: str) -> Callable[[dict], str]:
     """``[difference, low, high]``: a paired bootstrap's difference and its 95% interval."""
-    def cell(row: dict) -> str:
-        value = row.get(name)
-        if value is None:
-            return "—"
+    def show(value) -> str:
         diff, low, high = (format(v, spec).replace("-", "−") for v in value)
         return f"{diff} ({low} to {high})"
-    return cell
+    return present(name, show)
 
 
 def collective(name: str) -> Callable[[dict], str]:
     """``[ms, bus GB/s]``, either of which may be missing."""
-    def cell(row: dict) -> str:
-        value = row.get(name)
-        if value is None:
-            return "—"
+    def show(value) -> str:
         time_ms, bus = value
         parts = ([f"{time_ms} ms"] if time_ms is not None else []) + ([f"{bus} GB/s bus"] if bus else [])
         return " (".join(parts) + (")" if len(parts) == 2 else "")
-    return cell
+    return present(name, show)
 
 
 def parts(row: dict) -> str:
