@@ -66,8 +66,24 @@ def model_flops_per_token(arch, kind: str, seq_lengths: list[int]) -> float:
     n = layers * per_layer + vocab * hidden  # lm head (the input embedding lookup is not a matmul)
     k = 6 if kind == "all_weights" else 4
     tokens = sum(seq_lengths)
-    attention = sum(2 * 2 * layers * L * L / 2 * q for L in seq_lengths) / tokens  # causal fwd per token
+    attention = sum(2 * 2 * q * sum(_keys_seen(L, window) for window in _layer_windows(arch))
+                    for L in seq_lengths) / tokens  # causal fwd per token
     return k * n + attention * (3 if kind == "all_weights" else 2.5)
+
+
+def _layer_windows(arch) -> list:
+    """Each layer's attention window (None: the whole sequence), as ``models.llama.window_fields`` builds them."""
+    if arch.sliding_window is None:
+        return [None] * arch.num_hidden_layers
+    types = arch.layer_types or ["sliding_attention"] * arch.num_hidden_layers
+    return [arch.sliding_window if kind == "sliding_attention" else None for kind in types]
+
+
+def _keys_seen(length: int, window) -> float:
+    """Query-key pairs a causal layer computes over one sequence (≈ L²/2; a window W caps each query's keys)."""
+    if window is None or length <= window:
+        return length * length / 2
+    return window * window / 2 + (length - window) * window
 
 
 def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, warmup: int,
