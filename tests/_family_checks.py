@@ -62,7 +62,7 @@ def check_lora_step_and_adapter_match_peft(arch, directory, targets, tmp_path, l
     from nemo_customizer.peft.lora import adapter_parameters
 
     model, lora = lora_model(arch, directory, targets)
-    save_peft_adapter(model, lora, tmp_path / "adapter", base_model=str(directory))
+    save_peft_adapter(model, lora, tmp_path / "adapter", base_model=str(directory), architecture=arch)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(adapter_parameters(model))
 
@@ -87,7 +87,7 @@ def check_lora_step_and_adapter_match_peft(arch, directory, targets, tmp_path, l
     with torch.no_grad():
         for param in adapter_parameters(model).values():
             param.copy_(param.grad)
-    save_peft_adapter(model, lora, tmp_path / "grads", base_model=str(directory))
+    save_peft_adapter(model, lora, tmp_path / "grads", base_model=str(directory), architecture=arch)
     ours_grads = load_file(str(tmp_path / "grads/adapter_model.safetensors"))
     theirs_grads = {name.replace(".default", ""): p.grad for name, p in peft_model.named_parameters()
                     if p.requires_grad}

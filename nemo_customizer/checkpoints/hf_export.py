@@ -3,11 +3,19 @@ config and tokenizer, atomically, from the global rank 0.
 
 The weights come from ``models.hf_state.hf_state_dict`` (the model's shards gathered under HF names): this package
 knows files and weight mappings, never the model (``models/`` imports ``checkpoints/``, not the reverse).
+
+An image-text checkpoint (Gemma 3 4B and larger) exports as the image-text model it was: the trained text weights
+in the source's file layout, the vision tower and projector copied unchanged from the source, and the source's
+config.json, so ``transformers`` loads it as ``Gemma3ForConditionalGeneration`` (``checkpoints.image_text``).
+Without a source checkpoint (random weights from the model YAML) there is no vision tower to copy: the export is
+the text-only architecture (``Gemma3ForCausalLM``), and a warning says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,17 +25,31 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import save_file
 
-from nemo_customizer.config.families import family_of
+from nemo_customizer.checkpoints.image_text import with_vision_weights
+from nemo_customizer.config.families import ARCHITECTURES, family_of
 from nemo_customizer.config.schema import ArchitectureConfig
 
-# Files copied from the base checkpoint so the export is a complete model folder.
+logger = logging.getLogger(__name__)
+
+# Files copied from the base checkpoint so the export is a complete model folder (the processor's files of an
+# image-text model among them).
 _SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "tokenizer.model", "chat_template.jinja", "chat_template.json")
+               "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+               "processor_config.json")
 
 
 def save_hf_checkpoint(state: Dict[str, torch.Tensor], arch: ArchitectureConfig, directory: str | Path, *,
                        source_dir: Optional[Path], tokenizer=None) -> None:
-    """Write an HF model folder atomically (temp dir + rename). Call on the main rank only."""
+    """Write an HF model folder atomically (temp dir + rename). Call on the main rank only.
+
+    ``state`` holds the text model's weights under their HF names; an image-text architecture's export adds the
+    source's vision weights (see the module docstring)."""
+    if family_of(arch.architectures, arch.model_type).image_text:
+        if source_dir is not None:
+            state = with_vision_weights(state, source_dir)
+        else:
+            logger.warning("%s: no source checkpoint to copy the vision tower from, so this export is the text model "
+                           "alone, a %s (it takes no images)", directory, text_only_architecture(arch).architectures[0])
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -50,12 +72,16 @@ def save_hf_checkpoint(state: Dict[str, torch.Tensor], arch: ArchitectureConfig,
 
 def hf_config_dict(arch: ArchitectureConfig, source_dir: Optional[Path] = None) -> dict:
     """The source checkpoint's config.json (authoritative) or one written from the architecture (what
-    ``transformers`` builds the same model from)."""
+    ``transformers`` builds the same model from; an image-text architecture's text model alone)."""
     if source_dir is not None and (source_dir / "config.json").is_file():
         config = json.loads((source_dir / "config.json").read_text())
         config.pop("quantization_config", None)
         config["torch_dtype"] = "float32"
+        if "dtype" in config:  # transformers 5's name for it
+            config["dtype"] = "float32"
         return config
+    if family_of(arch.architectures, arch.model_type).image_text:  # no vision tower to describe: the text model
+        arch = text_only_architecture(arch)
     family = family_of(arch.architectures, arch.model_type)
     config = {
         "architectures": list(arch.architectures), "model_type": arch.model_type or family.model_type,
@@ -90,6 +116,12 @@ def hf_config_dict(arch: ArchitectureConfig, source_dir: Optional[Path] = None) 
             config.pop(key, None)
         config.update(_gemma3_keys(arch))
     return config
+
+
+def text_only_architecture(arch: ArchitectureConfig) -> ArchitectureConfig:
+    """An image-text architecture's text model as the text-only architecture of its family (Gemma3ForCausalLM)."""
+    text = family_of(arch.architectures, arch.model_type).text_architecture
+    return dataclasses.replace(arch, architectures=[text], model_type=ARCHITECTURES[text].model_type)
 
 
 def _gemma3_keys(arch: ArchitectureConfig) -> dict:

@@ -69,7 +69,8 @@ class SafetensorsCheckpoint:
 def load_hf_weights(
     model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, mappings: Dict[str, WeightMapping], tp: TPShard
 ) -> None:
-    """Copy every mapped parameter's shard from the checkpoint; any unmapped base parameter is an error."""
+    """Copy every mapped parameter's shard from the checkpoint (or a view of it with the same methods:
+    ``checkpoints.image_text.TextModelWeights``); any unmapped base parameter is an error."""
     params = dict(model.named_parameters())
     missing = [name for name in params if name not in mappings]
     if missing:

@@ -48,6 +48,15 @@ class Family:
     key is absent). Other families read a window only under ``use_sliding_window: true`` (Qwen2)."""
     sandwich_norms: bool = False
     """RMSNorms on the attention and MLP outputs too, before each residual add (Gemma): four per layer, not two."""
+    text_architecture: Optional[str] = None
+    """Set for an image-text architecture (Gemma 3 4B and larger): the text-only architecture of the same text
+    model, which is what we build. config.json nests the text model's keys under ``text_config``; its weights sit
+    under a language-model prefix and the vision tower is carried over unchanged, never trained
+    (``checkpoints.image_text``)."""
+
+    @property
+    def image_text(self) -> bool:
+        return self.text_architecture is not None
 
 
 ARCHITECTURES: dict[str, Family] = {
@@ -58,13 +67,14 @@ ARCHITECTURES: dict[str, Family] = {
     "Qwen3ForCausalLM": Family("qwen3", "qwen3", qk_norm=True),
     "Phi3ForCausalLM": Family("phi3", "phi3", projections=FUSED_PROJECTIONS),  # Phi-3, Phi-3.5, Phi-4
     "Gemma3ForCausalLM": Family("gemma3", "gemma3_text", qk_norm=True, sliding_window=True, sandwich_norms=True),
+    # Gemma 3 4B and larger: the text model trains, the vision tower rides along unchanged.
+    "Gemma3ForConditionalGeneration": Family("gemma3", "gemma3", qk_norm=True, sliding_window=True,
+                                             sandwich_norms=True,
+                                             text_architecture="Gemma3ForCausalLM"),
 }
 
 # Architectures we know but do not build, with what to use instead (appended to the unsupported-architecture error).
-HINTS: Mapping[str, str] = MappingProxyType({
-    "Gemma3ForConditionalGeneration": "Gemma 3 image-text checkpoints (4B and larger) are not supported, only their "
-                                      "text-only sibling Gemma3ForCausalLM (gemma-3-1b-it, or a text-only export)",
-})
+HINTS: Mapping[str, str] = MappingProxyType({})
 
 
 def family_of(architectures: Sequence[str], model_type: Optional[str] = None, *,

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 from .families import family_of, usual_model_type
-from .hf_gemma3 import gemma3_fields
+from .hf_gemma3 import gemma3_fields, image_text_config
 from .schema import ArchitectureConfig, ModelConfig, RopeScalingConfig
 
 # transformers' config defaults for keys a config.json may leave out.
@@ -45,9 +45,11 @@ def read_hf_config(path: str | os.PathLike) -> ArchitectureConfig:
 
 
 def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -> ArchitectureConfig:
-    """Map HF config keys to :class:`ArchitectureConfig` (transformers 4 and 5 rope layouts)."""
-    if "architectures" in data:  # an unsupported architecture (an image-text model, say) is named first
-        family_of(data["architectures"], data.get("model_type"), source=source)
+    """Map HF config keys to :class:`ArchitectureConfig` (transformers 4 and 5 rope layouts; an image-text model's
+    ``text_config``)."""
+    if "architectures" in data:  # an unsupported architecture is named first
+        if family_of(data["architectures"], data.get("model_type"), source=source).image_text:
+            data = image_text_config(data, source)
     missing = [key for key in _REQUIRED if key not in data]
     if missing:
         raise ConfigError(f"{source} lacks {', '.join(missing)}; is it a causal LM config of a supported family?")

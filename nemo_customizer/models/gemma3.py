@@ -11,7 +11,9 @@
 - tied embeddings.
 
 LoRA names are Llama's (q_proj ... down_proj, as PEFT writes them for Gemma). config.json is read in
-``config/hf_gemma3.py``; logit softcapping (Gemma 2) is refused there.
+``config/hf_gemma3.py``; logit softcapping (Gemma 2) is refused there. The image-text checkpoints
+(``Gemma3ForConditionalGeneration``) build this text model too; ``checkpoints/image_text.py`` maps their file and
+adapter names to the ones below.
 """
 
 from __future__ import annotations

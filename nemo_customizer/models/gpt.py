@@ -15,7 +15,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_customizer.checkpoints.hf_loader import SafetensorsCheckpoint, load_hf_weights
 from nemo_customizer.checkpoints.mappings import TPShard
+from nemo_customizer.checkpoints.image_text import TextModelWeights
 from nemo_customizer.compat import GPTModelHooks
+from nemo_customizer.config.families import family_of
 from nemo_customizer.config.schema import ArchitectureConfig
 from nemo_customizer.models import llama
 from nemo_customizer.models.loss import masked_token_losses
@@ -282,7 +284,10 @@ def load_hf_checkpoint(model: CustomizerGPTModel, arch: ArchitectureConfig, dire
         arch, stage_layer_numbers(model), pre_process=model.pre_process, post_process=model.post_process
     )
     tp = TPShard(parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size())
-    load_hf_weights(model, SafetensorsCheckpoint(directory), mappings, tp)
+    checkpoint = SafetensorsCheckpoint(directory)
+    if family_of(arch.architectures, arch.model_type).image_text:
+        checkpoint = TextModelWeights(checkpoint)  # the text model's tensors; the vision tower's stay on disk
+    load_hf_weights(model, checkpoint, mappings, tp)
 
 
 def build_model_for_job(model_cfg, checkpoint_dir, *, device: torch.device, params_dtype: torch.dtype,

@@ -2,6 +2,9 @@
 
 ``adapter_model.safetensors`` uses HF module names
 (``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight``), so ``peft`` and vLLM load it unchanged.
+An image-text checkpoint's adapter (Gemma 3 4B and larger) names the image-text model's modules
+(``base_model.model.model.language_model.layers.N...``), with a ``target_modules`` expression that leaves the vision
+tower's same-named projections alone (``checkpoints.image_text``); reading an adapter accepts both namings.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import torch
 from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
-from nemo_customizer.config.schema import LoraConfig
+from nemo_customizer.checkpoints.image_text import (image_text_adapter_key, language_model_targets,
+                                                    projections_of_targets, text_adapter_key)
+from nemo_customizer.config.families import family_of
+from nemo_customizer.config.schema import ArchitectureConfig, LoraConfig
 from nemo_customizer.distributed.collectives import gather_pipeline_objects, gather_tensor_parallel
 from nemo_customizer.peft.lora import ColumnParallelLoRA, lora_modules
 
@@ -65,7 +71,8 @@ def adapter_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return merged
 
 
-def peft_adapter_config(lora: LoraConfig, base_model: str, projections) -> dict:
+def peft_adapter_config(lora: LoraConfig, base_model: str, projections, *, image_text: bool = False) -> dict:
+    """adapter_config.json; ``image_text``: ``target_modules`` names only the language model's ``projections``."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -73,7 +80,7 @@ def peft_adapter_config(lora: LoraConfig, base_model: str, projections) -> dict:
         "r": lora.adapter_dim,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.adapter_dropout,
-        "target_modules": sorted(projections),
+        "target_modules": language_model_targets(projections) if image_text else sorted(projections),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -85,20 +92,26 @@ def peft_adapter_config(lora: LoraConfig, base_model: str, projections) -> dict:
     }
 
 
-def save_peft_adapter(model: torch.nn.Module, lora: LoraConfig, directory: str | Path, base_model: str) -> None:
+def save_peft_adapter(model: torch.nn.Module, lora: LoraConfig, directory: str | Path, base_model: str, *,
+                      architecture: ArchitectureConfig | None = None) -> None:
     """Write the adapter atomically (temp dir + rename): a crash never leaves a half-written adapter.
+    ``architecture``: the base model's, which decides the module names (an image-text model's differ).
 
     Collective: every rank must call it; only the global rank 0 writes.
     """
     weights = adapter_state_dict(model)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
+    image_text = architecture is not None and family_of(architecture.architectures, architecture.model_type).image_text
+    if image_text:
+        weights = {image_text_adapter_key(key): tensor for key, tensor in weights.items()}
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     projections = sorted({key.split(".")[-3] for key in weights})
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     save_file(weights, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (staging / ADAPTER_CONFIG).write_text(json.dumps(peft_adapter_config(lora, base_model, projections), indent=2))
+    config = peft_adapter_config(lora, base_model, projections, image_text=image_text)
+    (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -121,9 +134,12 @@ def read_adapter_config(directory: str | Path) -> dict:
 
 def read_lora_config(directory: str | Path) -> LoraConfig:
     """The LoraConfig an HF PEFT adapter was trained with (dropout 0: inference); raises ValueError for adapter
-    settings we cannot apply (regex or per-layer targets, DoRA, rsLoRA, per-module ranks)."""
+    settings we cannot apply (regex or per-layer targets, DoRA, rsLoRA, per-module ranks). The one expression
+    accepted is the one an image-text model's adapter gets from :func:`save_peft_adapter`."""
     config = read_adapter_config(directory)
     targets = config.get("target_modules")
+    if isinstance(targets, str):
+        targets = projections_of_targets(targets) or targets
     if not isinstance(targets, list) or not targets:
         raise ValueError(f"{directory}: adapter_config.json target_modules must be a list of module names "
                          f"(got {targets!r}); regex targets are not supported")
@@ -140,7 +156,7 @@ def read_lora_config(directory: str | Path) -> LoraConfig:
 @torch.no_grad()
 def load_peft_adapter(model: torch.nn.Module, directory: str | Path) -> None:
     """Copy an HF PEFT adapter's weights into the model's (already attached) LoRA modules, sharding for TP."""
-    weights = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    weights = read_adapter_weights(directory)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     used = set()
@@ -168,3 +184,8 @@ def load_peft_adapter(model: torch.nn.Module, directory: str | Path) -> None:
     if unused:
         raise KeyError(f"{directory}: adapter weights {sorted(unused)[:4]} have no matching LoRA module; attach LoRA "
                        "with the adapter's target_modules first")
+
+
+def read_adapter_weights(directory: str | Path) -> Dict[str, torch.Tensor]:
+    """``adapter_model.safetensors`` under the text model's module names (an image-text model's adapter renamed)."""
+    return {text_adapter_key(key): tensor for key, tensor in load_file(str(Path(directory) / ADAPTER_WEIGHTS)).items()}

@@ -17,11 +17,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
-from safetensors.torch import load_file
 
 from nemo_customizer.config.schema import ArchitectureConfig
 from nemo_customizer.peft.apply import _LINEAR_PATHS, _fused_slices, hf_projections, resolve_targets
-from nemo_customizer.peft.export import ADAPTER_WEIGHTS, _hf_key, read_lora_config
+from nemo_customizer.peft.export import _hf_key, read_adapter_weights, read_lora_config
 from nemo_customizer.peft.lora import FusedSlice
 
 # (A (r, in), B (out, r), alpha / r) of one adapter on one HF projection
@@ -132,7 +131,7 @@ class MultiLoRA:
             targets = resolve_targets(list(lora.target_modules), self._projections)
         except ValueError as exc:  # its messages name the training config key; name the adapter file instead
             raise ValueError(f"{directory}: adapter_config.json target_modules {lora.target_modules}: {exc}") from exc
-        weights = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+        weights = read_adapter_weights(directory)
         scaling = lora.alpha / lora.adapter_dim
         staged: Dict[Tuple[int, str], Dict[str, _Pair]] = {}
         used = set()

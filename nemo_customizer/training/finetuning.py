@@ -64,7 +64,9 @@ def best_checkpoint_saver(model: torch.nn.Module, cfg: Config, job: JobDirectory
     """The collective "save the best weights" callback for this finetuning type.
 
     ``lora`` writes ``adapter/`` (HF PEFT); ``lora_merged`` writes ``adapter/`` and ``model/`` (adapter folded into
-    the base, a plain HF checkpoint); ``all_weights`` writes ``model/``.
+    the base, a plain HF checkpoint); ``all_weights`` writes ``model/``. For an image-text checkpoint (Gemma 3 4B
+    and larger) ``model/`` is the image-text model again, its vision tower copied unchanged, and ``adapter/`` names
+    its language model's modules (``checkpoints.hf_export``, ``peft.export``).
     """
     from nemo_customizer.checkpoints.hf_export import is_export_rank, save_hf_checkpoint
     from nemo_customizer.models.hf_state import hf_state_dict
@@ -77,7 +79,7 @@ def best_checkpoint_saver(model: torch.nn.Module, cfg: Config, job: JobDirectory
 
     def save() -> None:
         if hp.finetuning_type in ("lora", "lora_merged"):
-            save_peft_adapter(model, hp.lora, job.adapter_path, base_name)
+            save_peft_adapter(model, hp.lora, job.adapter_path, base_name, architecture=arch)
         if hp.finetuning_type in ("lora_merged", "all_weights"):
             state = hf_state_dict(model, arch)
             if hp.finetuning_type == "lora_merged":
