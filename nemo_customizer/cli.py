@@ -110,7 +110,7 @@ def _generate(argv: list[str]) -> int:
                         help="chat instead of a prompt: a JSON file ('-' reads standard input) holding a list of "
                              "OpenAI messages, or {\"messages\": [...], \"tools\": [...]}; rendered with the "
                              "model's chat template")
-    parser.add_argument("--tool-syntax", choices=("hermes", "llama3", "mistral", "none"),
+    parser.add_argument("--tool-syntax", choices=("hermes", "llama3", "mistral", "mistral_args", "none"),
                         help="tool-call syntax to parse (default: detected from the chat template)")
     parser.add_argument("--max-tokens", type=int, default=128, metavar="N", help="new tokens to generate (128)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 means greedy (default)")

@@ -245,7 +245,7 @@ def test_tools_need_a_template_that_renders_them(tokenizers):
         ChatTemplate(tokenizers["hermes"]).render(QUESTION, [{"name": "get_weather"}])
     unknown = ChatTemplate(tokenizers["hermes"])
     unknown.tool_syntax = None  # a template that renders tools in a syntax we do not know
-    with pytest.raises(ValueError, match="tool_syntax='hermes', 'llama3' or 'mistral'"):
+    with pytest.raises(ValueError, match="tool_syntax \\(one of 'hermes', 'llama3', 'mistral', 'mistral_args'\\)"):
         unknown.render(QUESTION, [WEATHER])
     with pytest.raises(ValueError, match="tool_syntax must be one of"):
         ChatTemplate(tokenizers["hermes"], tool_syntax="xml")

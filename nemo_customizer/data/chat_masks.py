@@ -7,7 +7,10 @@ token(s) (``<|im_end|>``, ``<|eot_id|>``, ``</s>``); role headers, the generatio
 date header are all in ``P`` and stay untrained. That turn text is then located in the full render, whose tokens
 (with character offsets) get the mask. Templates that move text between turns (Mistral v0.3 puts tools and the system
 prompt next to the *last* user message) are handled by finding the turn text in the full render; when it cannot be
-found, the row is an error instead of a silently wrong mask.
+found, the row is an error instead of a silently wrong mask. Templates that render earlier turns differently once
+later ones exist (Qwen3 drops the reasoning of turns before the last user message; Phi-3.5 writes its eos only at the
+very end) are handled by reading such a turn from the full render: what follows its prompt, up to and including the
+template's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 Message = dict[str, Any]
+_SENTINEL = "Zq7Sentinel"  # assistant content to locate in a rendered turn; no whitespace, so `| trim` keeps it
 
 
 class ChatTemplateError(ValueError):
@@ -57,6 +61,7 @@ class ChatEncoder:
             specials[tokenizer.eos_token_id] = tokenizer.eos_token
         self.special_ids = set(specials)
         self.special_texts = tuple(specials.values())
+        self.end_of_turn = end_of_turn_token(tokenizer)
 
     def encode(self, messages: Sequence[Message], tools: Optional[Sequence[dict]]) -> EncodedChat:
         """Token ids and assistant-only mask of the whole conversation (which ends on an assistant message)."""
@@ -96,15 +101,18 @@ class ChatEncoder:
         cursor = 0
         for i in _assistant_indices(messages):
             through = full if i == len(messages) - 1 else self.render(messages[:i + 1], tools)
-            raw = self._turn_text(messages, i, tools, through)
+            prompt, raw = self._turn_text(messages, i, tools, through)
+            turn = self._trim_after_end_of_turn(raw)
             if full.startswith(through) and through.endswith(raw):
                 start = len(through) - len(raw)
-            else:  # the template renders earlier turns differently once later ones exist: find the turn's text
+            elif (later := self._turn_after_prompt(full, prompt)) is not None:
+                # rendered differently once later turns exist (Qwen3 drops its reasoning, Phi-3.5 its trailing eos)
+                start, turn = len(prompt), later
+            else:  # the template moves text between turns (Mistral v0.3): find the turn's text
                 start = full.find(raw, cursor)
             if start < cursor:
                 raise ChatTemplateError(f"assistant message messages[{i}] is rendered differently inside the full "
                                         f"conversation than on its own, so its tokens cannot be located")
-            turn = self._trim_after_end_of_turn(raw)
             for call in messages[i].get("tool_calls", ()):
                 if call["function"]["name"] not in turn:
                     raise ChatTemplateError(f"the chat template dropped the tool call "
@@ -123,21 +131,34 @@ class ChatEncoder:
             what = "the chat template cannot render tools" if tools else "the chat template failed"
             raise ChatTemplateError(f"{what}: {type(e).__name__}: {e}") from e
 
-    def _turn_text(self, messages: Sequence[Message], i: int, tools: Optional[Sequence[dict]], through: str) -> str:
-        """What the template adds for assistant message ``i``: ``through`` minus the prompt it answers."""
+    def _turn_text(self, messages: Sequence[Message], i: int, tools: Optional[Sequence[dict]],
+                   through: str) -> tuple[Optional[str], str]:
+        """The prompt assistant message ``i`` answers (None when ``through`` does not start with it) and what the
+        template adds for the message: ``through`` minus that prompt."""
         prompt = self.render(messages[:i], tools, add_generation_prompt=True)
         if through.startswith(prompt) and len(through) > len(prompt):
-            return through[len(prompt):]
+            return prompt, through[len(prompt):]
         # The template renders the prompt differently when it is the last message (Mistral v0.3 puts the system
         # prompt into the *last* user message): diff against the same conversation with an empty assistant turn.
         empty = self.render([*messages[:i], {"role": "assistant", "content": ""}], tools)
         turn = through[len(os.path.commonprefix([through, empty])):]
         if not turn.strip():
             raise ChatTemplateError(f"cannot find assistant message messages[{i}] in the rendered conversation")
-        return turn
+        return None, turn
+
+    def _turn_after_prompt(self, full: str, prompt: Optional[str]) -> Optional[str]:
+        """The turn that follows ``prompt`` in the full render, through the template's end-of-turn token; None when
+        ``full`` does not start with ``prompt`` or no end-of-turn token follows it."""
+        if prompt is None or self.end_of_turn is None or not full.startswith(prompt):
+            return None
+        end = full.find(self.end_of_turn, len(prompt))
+        return None if end < 0 else full[len(prompt):end + len(self.end_of_turn)]
 
     def _trim_after_end_of_turn(self, turn: str) -> str:
-        """Drop the separator after the end-of-turn token (ChatML's ``\\n`` after ``<|im_end|>``): never generated."""
+        """Drop what follows the end-of-turn token: never generated, since generation stops at that token (ChatML's
+        ``\\n`` after ``<|im_end|>``, Phi-3.5's ``\\n<|endoftext|>`` after ``<|end|>``)."""
+        if self.end_of_turn is not None and self.end_of_turn in turn:
+            return turn[:turn.rindex(self.end_of_turn) + len(self.end_of_turn)]
         stripped = turn.rstrip()
         return stripped if stripped != turn and stripped.endswith(self.special_texts) else turn
 
@@ -188,6 +209,24 @@ def truncate_chat(encoder: ChatEncoder, messages: Sequence[Message], tools: Opti
     content = first.input_ids[start:end - closing][:room]
     ids = first.input_ids[:start] + content + first.input_ids[end - closing:end]
     return TokenizedExample(ids, [0] * start + [1] * (len(ids) - start)), "truncated"
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> Optional[str]:
+    """The added token that closes an assistant turn in the tokenizer's chat template (``<|im_end|>``, ``<|eot_id|>``,
+    ``</s>``, ``<|end|>``, ``<end_of_turn>``), or None when the template writes none right after the content.
+
+    Found by rendering a short conversation and reading the token right after the assistant's content.
+    """
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # jinja errors, raise_exception() on this probe conversation: no end-of-turn token known
+        return None
+    if _SENTINEL not in text:
+        return None
+    after = tokenizer(text[text.rindex(_SENTINEL) + len(_SENTINEL):], add_special_tokens=False)["input_ids"]
+    added = tokenizer.added_tokens_decoder
+    return added[after[0]].content if after and after[0] in added else None
 
 
 def _assistant_indices(messages: Sequence[Message]) -> list[int]:

@@ -1,6 +1,10 @@
 """Chat generation pieces around the completion engine: render a conversation with the model's chat template, find
 the template's end-of-turn token, and turn a completion into an OpenAI-style assistant message.
 
+Reasoning: where the template teaches ``<think>`` blocks (Qwen3, Llama-Nemotron v1), a reply that opens with
+``<think>`` has the text up to ``</think>`` returned as ``reasoning_content`` and the rest as ``content``, as vLLM's
+reasoning parsers do; a reply cut inside its reasoning has only ``reasoning_content``.
+
 No model here: ``Generator.chat`` renders with :class:`ChatTemplate`, completes the token ids with the usual
 KV-cache path (stopping at ``ChatTemplate.end_of_turn_ids`` too), and builds the reply with :func:`chat_completion`.
 """
@@ -9,14 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from jinja2 import TemplateError
 
+from nemo_customizer.data.chat_masks import end_of_turn_token
 from nemo_customizer.data.chat_rows import normalize_messages
+from nemo_customizer.inference.sampling import stop_prefix_length
 from nemo_customizer.inference.tool_calls import TOOL_SYNTAXES, detect_tool_syntax, parse_tool_calls
 
-_SENTINEL = "Zq7Sentinel"  # assistant content to locate in a rendered turn; no whitespace, so `| trim` keeps it
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +30,8 @@ class ChatCompletion:
     """One generated assistant turn, OpenAI-style."""
 
     message: Dict[str, Any]
-    """``{"role": "assistant", "content": str | None}`` plus ``"tool_calls"`` when the model called tools (each
+    """``{"role": "assistant", "content": str | None}`` plus ``"reasoning_content"`` when the reply opened with a
+    ``<think>`` block the template teaches, and ``"tool_calls"`` when the model called tools (each
     ``{"id": "call_…", "type": "function", "function": {"name", "arguments"}}``, ``arguments`` a JSON string)."""
     finish_reason: str
     """``"tool_calls"`` (the turn ended with parsed tool calls), ``"stop"`` (end of turn or a stop string) or
@@ -46,8 +53,9 @@ class ChatCompletion:
 class ChatTemplate:
     """A tokenizer's chat template: rendering, its end-of-turn tokens and its tool-call syntax.
 
-    ``tool_syntax`` overrides the syntax detected from the template text: ``"hermes"``, ``"llama3"``,
-    ``"mistral"``, or ``"none"`` (tool calls are left in the content as text).
+    ``tool_syntax`` overrides the syntax detected from the template text: one of ``tool_calls.TOOL_SYNTAXES``
+    (``"hermes"``, ``"llama3"``, ``"mistral"``, ``"mistral_args"``), or ``"none"`` (tool calls are left in the
+    content as text).
     """
 
     def __init__(self, tokenizer, tool_syntax: Optional[str] = None):
@@ -60,6 +68,7 @@ class ChatTemplate:
         # tools=[] picks a tokenizer's "tool_use" template when it has several (Hermes 2 Pro, Command R)
         self.tool_syntax = tool_syntax or detect_tool_syntax(tokenizer.get_chat_template(tools=[]))
         self.end_of_turn_ids = _end_of_turn_ids(tokenizer)
+        self.reasoning = THINK_CLOSE in tokenizer.get_chat_template()  # it teaches <think>...</think> blocks
 
     def render(self, messages: Sequence[Dict[str, Any]], tools: Optional[Sequence[Dict[str, Any]]] = None) -> List[int]:
         """Token ids of ``messages`` (+ ``tools``) followed by the assistant generation prompt.
@@ -99,24 +108,67 @@ class ChatTemplate:
                              "cannot be offered tools; call it without tools, or set model.chat_template to a "
                              "template with a tool-calling format")
         if self.tool_syntax is None:
-            raise ValueError("the chat template renders tools, but its tool-call syntax is not one we parse "
-                             f"({', '.join(TOOL_SYNTAXES)}); pass tool_syntax='hermes', 'llama3' or "
-                             "'mistral', or tool_syntax='none' to get the calls as plain text")
+            raise ValueError("the chat template renders tools, but its tool-call syntax is not one we parse; pass "
+                             f"tool_syntax (one of {', '.join(map(repr, TOOL_SYNTAXES))}), or tool_syntax='none' to "
+                             "get the calls as plain text")
 
 
-def chat_completion(completion, *, tool_syntax: Optional[str]) -> ChatCompletion:
+def chat_completion(completion, *, tool_syntax: Optional[str], reasoning: bool = False) -> ChatCompletion:
     """The assistant turn of a :class:`~nemo_customizer.inference.Completion`; tool calls parsed with
-    ``tool_syntax`` (None or ``"none"``: the text is the content)."""
-    message: Dict[str, Any] = {"role": "assistant", "content": completion.text}
+    ``tool_syntax`` (None or ``"none"``: the text is the content), and with ``reasoning`` (the template teaches
+    ``<think>`` blocks) an opening ``<think>`` block split off as ``reasoning_content``."""
+    text = completion.text
+    message: Dict[str, Any] = {"role": "assistant", "content": text}
+    thought = split_reasoning(text) if reasoning else None
+    if thought is not None:
+        reasoning_content, text = thought
+        message = {"role": "assistant", "content": text or None, "reasoning_content": reasoning_content}
     finish_reason = completion.finish_reason
     if tool_syntax in TOOL_SYNTAXES:
-        content, calls = parse_tool_calls(completion.text, tool_syntax)
+        content, calls = parse_tool_calls(text, tool_syntax)
         if calls:
-            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            message.update(content=content, tool_calls=calls)
             if finish_reason == "stop":
                 finish_reason = "tool_calls"
     return ChatCompletion(message=message, finish_reason=finish_reason, prompt_tokens=completion.prompt_tokens,
                           completion_tokens=completion.completion_tokens, token_ids=list(completion.token_ids))
+
+
+def split_reasoning(text: str, *, partial: bool = False) -> Optional[Tuple[str, str]]:
+    """``(reasoning, content)`` of a reply that opens with ``<think>``: the text up to ``</think>`` (stripped) and
+    the text after it (leading whitespace dropped; "" when the reply ended inside its reasoning). None for a reply
+    that does not open with ``<think>``. ``partial``: the reply is still growing, so a tail that may become
+    ``</think>`` is held back; what is returned then only ever grows."""
+    body = text.lstrip()
+    if not body.startswith(THINK_OPEN):
+        return None
+    reasoning, closed, content = body[len(THINK_OPEN):].partition(THINK_CLOSE)
+    if partial and not closed:
+        reasoning = reasoning[:len(reasoning) - stop_prefix_length(reasoning, [THINK_CLOSE])]
+    return reasoning.strip(), content.lstrip()
+
+
+class ReasoningStream:
+    """A streamed reply split into ``reasoning_content`` and ``content`` deltas as :func:`split_reasoning` splits
+    the whole; their concatenations equal the non-streamed message's fields."""
+
+    def __init__(self):
+        self.text = ""
+        self.sent = {"reasoning_content": "", "content": ""}
+
+    def push(self, delta: str, *, final: bool) -> Dict[str, str]:
+        """The new parts of each field once ``delta`` is appended (``final``: the reply is complete)."""
+        self.text += delta
+        if not final and THINK_OPEN.startswith(self.text.lstrip()):
+            return {}  # too early to tell a reasoning reply from a plain one
+        thought = split_reasoning(self.text, partial=not final)
+        fields = dict(zip(("reasoning_content", "content"), thought)) if thought else {"content": self.text}
+        out = {}
+        for key, value in fields.items():
+            if value.startswith(self.sent[key]) and len(value) > len(self.sent[key]):
+                out[key] = value[len(self.sent[key]):]
+                self.sent[key] = value
+        return out
 
 
 def _template_messages(messages: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -130,21 +182,11 @@ def _template_messages(messages: Sequence[Dict[str, Any]]) -> List[Dict[str, Any
 
 def _end_of_turn_ids(tokenizer) -> frozenset:
     """The added token that closes an assistant turn in this template (``<|im_end|>``, ``<|eot_id|>``, ...), plus
-    Llama 3's ``<|eom_id|>`` (the end of a tool-calling turn) when the vocabulary has it.
-
-    Found by rendering a short conversation and reading the token right after the assistant's content.
-    """
+    Llama 3's ``<|eom_id|>`` (the end of a tool-calling turn) when the vocabulary has it."""
     ids = set()
-    added = set(tokenizer.added_tokens_decoder)
-    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
-    try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    except Exception:  # jinja errors, raise_exception() on this probe conversation: the eos ids alone end a turn
-        text = ""
-    if _SENTINEL in text:
-        after = tokenizer(text[text.rindex(_SENTINEL) + len(_SENTINEL):], add_special_tokens=False)["input_ids"]
-        if after and after[0] in added:
-            ids.add(after[0])
+    end_of_turn = end_of_turn_token(tokenizer)
+    if end_of_turn is not None:
+        ids.add(tokenizer.convert_tokens_to_ids(end_of_turn))
     vocab = tokenizer.get_vocab()
     if "<|eom_id|>" in vocab:
         ids.add(vocab["<|eom_id|>"])

@@ -19,6 +19,7 @@ from nemo_customizer.config import ArchitectureConfig, Config
 from nemo_customizer.inference.chat import ChatCompletion, ChatTemplate, chat_completion
 from nemo_customizer.inference.continuous import ContinuousBatch
 from nemo_customizer.inference.sampling import find_stop, next_token, stop_prefix_length
+from nemo_customizer.inference.tool_calls import CONTROL_TOKENS
 
 _REPLACEMENT = "\ufffd"  # what a decoder shows for incomplete UTF-8 bytes
 
@@ -52,6 +53,8 @@ class Generator:
         self._session = None  # the TrainingSession from_config built the model with (and its parallel state)
         self._chat_templates = {}  # tool_syntax override -> ChatTemplate, built on the first chat()
         self.has_adapter = False  # a single adapter attached with load_adapter()
+        vocab = tokenizer.get_vocab()
+        self._kept_ids = frozenset(vocab[token] for token in CONTROL_TOKENS if token in vocab)
 
     @classmethod
     def from_config(cls, cfg: Config, adapter: Optional[str] = None) -> "Generator":
@@ -173,13 +176,16 @@ class Generator:
         The conversation is rendered with the tokenizer's chat template (generation prompt appended) and completed
         like ``complete`` does, also stopping at the template's end-of-turn token. With ``tools``, tool calls in the
         reply are parsed into ``message["tool_calls"]`` using the syntax the template teaches (Hermes
-        ``<tool_call>`` or Llama 3 JSON; ``tool_syntax`` overrides the detection, ``"none"`` keeps them as text).
-        A template that does not render tools is an error when ``tools`` are given.
+        ``<tool_call>``, Llama 3 JSON, Mistral's ``[TOOL_CALLS]``; ``tool_syntax`` overrides the detection,
+        ``"none"`` keeps them as text).
+        A template that does not render tools is an error when ``tools`` are given. Where the template teaches
+        ``<think>`` blocks (Qwen3), a reply's opening block is returned as ``message["reasoning_content"]``.
         """
         prompt_ids, template = self.chat_prompt(messages, tools, tool_syntax)
         completion, = self.complete_ids([prompt_ids], max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                          stop=stop, seed=seed, eos_ids=self.eos_ids | template.end_of_turn_ids)
-        return chat_completion(completion, tool_syntax=template.tool_syntax if tools else None)
+        return chat_completion(completion, tool_syntax=template.tool_syntax if tools else None,
+                               reasoning=template.reasoning)
 
     def _chat_template(self, tool_syntax: Optional[str]) -> ChatTemplate:
         # its probe renderings (end-of-turn token, tools support) run once per tool_syntax override
@@ -223,8 +229,19 @@ class Generator:
         return Row(self, list(prompt_ids), max_tokens, temperature, top_p, stop, seed, eos_ids, adapter)
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        """Text of generated tokens, special tokens skipped (as OpenAI-compatible servers return it)."""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        """Text of generated tokens, special tokens skipped (as OpenAI-compatible servers return it) except the
+        tool-call markers of ``tool_calls.CONTROL_TOKENS``, which tell Mistral's calls from content."""
+        token_ids = list(token_ids)
+        if self._kept_ids.isdisjoint(token_ids):
+            return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        pieces, start = [], 0
+        for at, token in enumerate(token_ids):
+            if token in self._kept_ids:
+                pieces += [self.tokenizer.decode(token_ids[start:at], skip_special_tokens=True),
+                           self.tokenizer.convert_ids_to_tokens(token)]
+                start = at + 1
+        pieces.append(self.tokenizer.decode(token_ids[start:], skip_special_tokens=True))
+        return "".join(pieces)
 
 
 class Row:

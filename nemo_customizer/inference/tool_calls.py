@@ -1,14 +1,17 @@
 """Tool calls in generated text: which syntax a chat template teaches, and parsing it into OpenAI ``tool_calls``.
 
-Pure functions on strings, no model. Three syntaxes are known:
+Pure functions on strings, no model. Four syntaxes are known:
 
 - ``"hermes"`` (Qwen 2.5/3, Hermes, SmolLM3 ...): zero or more
   ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks, possibly after some text.
 - ``"llama3"`` (Llama 3.1-3.3 JSON tool calling): the whole turn is ``{"name": ..., "parameters": {...}}``,
   optionally after ``<|python_tag|>``; several calls are separated by ``;``.
-- ``"mistral"`` (Mistral 7B v0.3, Ministral, Mistral Nemo): ``[TOOL_CALLS]`` then a JSON list of
-  ``{"name": ..., "arguments": {...}}``. ``[TOOL_CALLS]`` is a control token, gone from text decoded without special
-  tokens, so the list after text (or alone) is read as the calls too.
+- ``"mistral"`` (Mistral 7B v0.3, Ministral 8B 2410, Mistral Nemo): ``[TOOL_CALLS]`` then a JSON list of
+  ``{"name": ..., "arguments": {...}}``. Where ``[TOOL_CALLS]`` was decoded away as a special token, a list that
+  ends the turn is read as the calls too.
+- ``"mistral_args"`` (Mistral Small 3.2, Magistral, Devstral, Ministral 3): one ``[TOOL_CALLS]name[ARGS]{...}`` per
+  call, back to back, possibly after some text (``[CALL_ID]id`` may sit before ``[ARGS]``). These markers are the
+  only separators, so generated text keeps them (``CONTROL_TOKENS``).
 
 Text that does not parse as calls of the syntax is returned as plain content: a model's malformed call is the
 caller's to see, never an exception.
@@ -19,24 +22,29 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import string
 from typing import Any, Dict, List, Optional, Tuple
 
-TOOL_SYNTAXES = ("hermes", "llama3", "mistral")
+TOOL_SYNTAXES = ("hermes", "llama3", "mistral", "mistral_args")
+CONTROL_TOKENS = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
+"""Special tokens that stay in decoded text (where the vocabulary has them): without them Mistral's calls cannot be
+told from content, so OpenAI-compatible servers keep them too (vLLM decodes Mistral tool calls with special tokens)."""
 
 _HERMES_BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _PYTHON_TAG = "<|python_tag|>"
 _MISTRAL_TAG = "[TOOL_CALLS]"
+_ARGS_TAG = "[ARGS]"
+_CALL_ID_TAG = "[CALL_ID]"
 
 
 def detect_tool_syntax(chat_template: Optional[str]) -> Optional[str]:
-    """The tool-call syntax ``chat_template`` teaches the model: ``"hermes"``, ``"llama3"``, ``"mistral"`` or None
-    (unknown)."""
+    """The tool-call syntax ``chat_template`` teaches the model: one of ``TOOL_SYNTAXES``, or None (unknown)."""
     if not chat_template:
         return None
     if "<tool_call>" in chat_template:
         return "hermes"
-    if _MISTRAL_TAG in chat_template:  # Mistral templates render past calls after it
-        return "mistral"
+    if _MISTRAL_TAG in chat_template:  # Mistral templates render past calls after it, newer ones with [ARGS]
+        return "mistral_args" if _ARGS_TAG in chat_template else "mistral"
     # Llama 3.x templates tell the model 'Respond in the format {"name": function name, "parameters": ...}' and
     # render past calls after <|python_tag|> (3.1) or as that JSON object (3.2/3.3).
     if _PYTHON_TAG in chat_template or '"parameters"' in chat_template:
@@ -48,7 +56,8 @@ def parse_tool_calls(text: str, syntax: str) -> Tuple[Optional[str], List[Dict[s
     """Split generated ``text`` into ``(content, tool_calls)`` for ``syntax`` (one of ``TOOL_SYNTAXES``).
 
     ``tool_calls`` are OpenAI-style ``{"id": "call_…", "type": "function", "function": {"name", "arguments"}}``
-    with ``arguments`` a JSON string. Without calls (nothing parsed, or a malformed call) the result is
+    with ``arguments`` a JSON string; Mistral's ids are 9 letters and digits, the only ids its templates accept when
+    the call comes back in the conversation. Without calls (nothing parsed, or a malformed call) the result is
     ``(text, [])``; with calls, ``content`` is the text outside them, or None when there is none.
     """
     if syntax == "hermes":
@@ -57,11 +66,13 @@ def parse_tool_calls(text: str, syntax: str) -> Tuple[Optional[str], List[Dict[s
         calls, rest = _llama3(text), ""
     elif syntax == "mistral":
         calls, rest = _mistral(text)
+    elif syntax == "mistral_args":
+        calls, rest = _mistral_args(text)
     else:
         raise ValueError(f"unknown tool-call syntax {syntax!r}; known: {', '.join(TOOL_SYNTAXES)}")
     if not calls:
         return text, []
-    return (rest.strip() or None), [_openai_call(name, arguments) for name, arguments in calls]
+    return (rest.strip() or None), [_openai_call(name, arguments, syntax) for name, arguments in calls]
 
 
 def _hermes(text: str) -> Tuple[Optional[List[Tuple[str, str]]], str]:
@@ -125,6 +136,23 @@ def _mistral(text: str) -> Tuple[Optional[List[Tuple[str, str]]], str]:
     return calls, before
 
 
+def _mistral_args(text: str) -> Tuple[Optional[List[Tuple[str, str]]], str]:
+    """The calls ``[TOOL_CALLS]name[ARGS]{...}`` from the first ``[TOOL_CALLS]`` to the end, and the text before it;
+    None if any of them is not a name and one JSON object."""
+    at = text.find(_MISTRAL_TAG)
+    if at < 0:
+        return None, text
+    calls = []
+    for chunk in text[at + len(_MISTRAL_TAG):].split(_MISTRAL_TAG):
+        head, found, arguments = chunk.partition(_ARGS_TAG)
+        name = head.partition(_CALL_ID_TAG)[0].strip()
+        value = _json_object(arguments.strip())
+        if not found or not name or any(c.isspace() for c in name) or value is None:
+            return None, text
+        calls.append(_call({"name": name, "arguments": value}, "arguments"))
+    return calls, text[:at]
+
+
 def _skip_space(text: str, at: int) -> int:
     while at < len(text) and text[at].isspace():
         at += 1
@@ -152,6 +180,9 @@ def _call(value: Any, *argument_keys: str) -> Optional[Tuple[str, str]]:
     return value["name"], json.dumps(arguments, ensure_ascii=False)
 
 
-def _openai_call(name: str, arguments: str) -> Dict[str, Any]:
-    return {"id": f"call_{secrets.token_hex(12)}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
+def _openai_call(name: str, arguments: str, syntax: str) -> Dict[str, Any]:
+    if syntax.startswith("mistral"):
+        call_id = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+    else:
+        call_id = f"call_{secrets.token_hex(12)}"
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nemo_customizer.inference.chat import chat_completion
+from nemo_customizer.inference.chat import ReasoningStream, chat_completion
 from nemo_customizer.inference.generator import Row
 from nemo_customizer.serving import protocol as p
 from nemo_customizer.serving.errors import APIError, bad_request, error_body
@@ -191,9 +191,11 @@ def _routes(service: Service) -> APIRouter:
         job = _submit(service, rows)
         request_id, created = p.new_id("chatcmpl"), p.now()
         if body.stream:
-            return _stream(job, _chat_events(job, body, request_id, created, len(prompt_ids), tool_syntax))
+            return _stream(job, _chat_events(job, body, request_id, created, len(prompt_ids), tool_syntax,
+                                             template.reasoning))
         await _finished(job)
-        replies = [chat_completion(row.completion(), tool_syntax=tool_syntax) for row in rows]
+        replies = [chat_completion(row.completion(), tool_syntax=tool_syntax, reasoning=template.reasoning)
+                   for row in rows]
         choices = [p.chat_choice(i, reply.message, reply.finish_reason) for i, reply in enumerate(replies)]
         return p.chat_body(request_id, created, body.model, choices,
                            p.usage(len(prompt_ids), sum(reply.completion_tokens for reply in replies)))
@@ -319,30 +321,34 @@ async def _completion_events(job: Job, body: p.CompletionRequest, request_id: st
 
 
 async def _chat_events(job: Job, body: p.ChatCompletionRequest, request_id: str, created: int, prompt_tokens: int,
-                       tool_syntax: Optional[str]) -> AsyncIterator[Dict[str, Any]]:
-    """Chat chunks: the role first, then content deltas. When tool calls may be parsed, a choice's text is held
-    until it finishes (a call cannot be told from content before its end) and then sent as content and/or whole
-    ``tool_calls``."""
+                       tool_syntax: Optional[str], reasoning: bool) -> AsyncIterator[Dict[str, Any]]:
+    """Chat chunks: the role first, then content deltas (and ``reasoning_content`` deltas while a ``<think>`` block
+    the template teaches is open). When tool calls may be parsed, a choice's text is held until it finishes (a call
+    cannot be told from content before its end) and then sent as reasoning, content and/or whole ``tool_calls``."""
 
     def chunk(choice: Dict[str, Any]) -> Dict[str, Any]:
         return p.chat_body(request_id, created, body.model, [choice], None, chunk=True)
 
+    splitters = [ReasoningStream() for _ in job.rows]
     for i in range(len(job.rows)):
         yield chunk(p.chat_delta(i, {"role": "assistant", "content": ""}))
     try:
         async for moved in _text_deltas(job):
             for i, delta, finish, row in moved:
                 if tool_syntax is None:
-                    if delta:
-                        yield chunk(p.chat_delta(i, {"content": delta}))
+                    fields = splitters[i].push(delta, final=finish is not None) if reasoning else {"content": delta}
+                    for key, piece in fields.items():
+                        if piece:
+                            yield chunk(p.chat_delta(i, {key: piece}))
                     if finish is not None:
                         yield chunk(p.chat_delta(i, {}, finish))
                     continue
                 if finish is None:
                     continue
-                reply = chat_completion(row.completion(), tool_syntax=tool_syntax)
-                if reply.message.get("content"):
-                    yield chunk(p.chat_delta(i, {"content": reply.message["content"]}))
+                reply = chat_completion(row.completion(), tool_syntax=tool_syntax, reasoning=reasoning)
+                for key in ("reasoning_content", "content"):
+                    if reply.message.get(key):
+                        yield chunk(p.chat_delta(i, {key: reply.message[key]}))
                 if reply.message.get("tool_calls"):
                     yield chunk(p.chat_delta(i, {"tool_calls": p.tool_call_deltas(reply.message["tool_calls"])}))
                 yield chunk(p.chat_delta(i, {}, reply.finish_reason))

@@ -192,7 +192,7 @@ def chat_body(request_id: str, created: int, model: str, choices: List[Dict[str,
 
 def chat_choice(index: int, message: Dict[str, Any], finish_reason: Optional[str]) -> Dict[str, Any]:
     message = {"role": "assistant", "content": message.get("content"), **{
-        key: value for key, value in message.items() if key == "tool_calls"}}
+        key: value for key, value in message.items() if key in ("reasoning_content", "tool_calls")}}
     return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
 
 
