@@ -464,3 +464,19 @@ def test_streamed_reasoning_adds_up_to_the_whole(text):
             for key, delta in stream.push(piece, final=k == len(pieces) - 1).items():
                 got[key] += delta
         assert got == expected, (text, size)
+
+
+def test_evaluation_scores_the_answer_after_qwen3_reasoning(tmp_path):
+    """Held-out answers of a reasoning template are the content after its ``<think>`` block, as the server returns."""
+    from nemo_customizer.evaluation.heldout import read_heldout, tokenize_heldout
+    from nemo_customizer.evaluation.runner import EvaluationOptions, _generate
+
+    path = tmp_path / "heldout.jsonl"
+    path.write_text(json.dumps({"messages": [user("Weather in Paris?"),
+                                             {"role": "assistant", "content": "It is sunny."}]}) + "\n")
+    heldout = read_heldout(path)
+    gen = generator("qwen3", THOUGHT)
+    tokenized = tokenize_heldout(heldout, gen.tokenizer, 512)
+    predictions, calls = _generate(gen, heldout, tokenized, EvaluationOptions(metrics=("exact_match",),
+                                                                              progress=False), 60, "base")
+    assert predictions == ["It is sunny."] and calls == [[]]

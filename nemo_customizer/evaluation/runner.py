@@ -103,7 +103,7 @@ def _generate(generator, heldout: HeldOutSet, tokenized: list[TokenizedExample],
     from nemo_customizer.inference.chat import chat_completion
 
     chat = heldout.format == "chat"
-    prompts, eos_ids, syntaxes = [], [], []
+    prompts, eos_ids, syntaxes, reasoning = [], [], [], False
     for row, example in enumerate(tokenized):
         if chat:
             conversation = heldout.examples[row]
@@ -111,6 +111,7 @@ def _generate(generator, heldout: HeldOutSet, tokenized: list[TokenizedExample],
             prompts.append(ids)
             eos_ids.append(generator.eos_ids | template.end_of_turn_ids)
             syntaxes.append(template.tool_syntax if conversation.tools else None)
+            reasoning = template.reasoning  # one template renders every row
         else:
             prompts.append(prompt_ids(example))
             eos_ids.append(None)
@@ -126,7 +127,9 @@ def _generate(generator, heldout: HeldOutSet, tokenized: list[TokenizedExample],
     bar.close()
     if not chat:
         return [answer.text.strip() for answer in answers], None
-    replies = [chat_completion(answer, tool_syntax=syntax).message for answer, syntax in zip(answers, syntaxes)]
+    # A reasoning model's <think> block is not its answer: metrics score the content after it.
+    replies = [chat_completion(answer, tool_syntax=syntax, reasoning=reasoning).message
+               for answer, syntax in zip(answers, syntaxes)]
     return [(reply.get("content") or "").strip() for reply in replies], [list(reply.get("tool_calls") or [])
                                                                         for reply in replies]
 
