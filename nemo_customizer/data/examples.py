@@ -21,3 +21,20 @@ class TokenizedExample:
 
 PADDING_EXAMPLE = TokenizedExample(input_ids=[], loss_mask=[])
 """A row with no tokens: collate turns it into a fully masked row of padding (fills the last validation batch)."""
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """One preference pair: the prompt followed by the chosen response, and by the rejected one.
+
+    Both sequences start with the same prompt tokens; each ``loss_mask`` covers only its response (the end-of-turn
+    or EOS token included). Batches keep the two sequences of a pair together, chosen first.
+    """
+
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+
+    @property
+    def length(self) -> int:
+        """Tokens of both sequences (what the pair takes of a packed micro batch)."""
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
