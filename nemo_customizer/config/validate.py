@@ -117,6 +117,15 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
     _non_negative("hyperparameters.early_stopping.min_delta", hp.early_stopping.min_delta)
 
 
+def check_cuda_graphs_architecture(hp: HyperparametersConfig, arch: ArchitectureConfig) -> None:
+    """CUDA graphs replay packed attention through flash kernels; a softcapped layer's attention runs per sequence,
+    with the boundaries read on the host (``models.attention``), which a graph cannot replay."""
+    if hp.cuda_graphs and arch.attn_logit_softcapping is not None:
+        raise ConfigError(f"hyperparameters.cuda_graphs=true cannot replay this model's softcapped attention "
+                          f"(attn_logit_softcapping={arch.attn_logit_softcapping}: no flash kernel here softcaps, so "
+                          "packed sequences are attended one by one); set hyperparameters.cuda_graphs=false.")
+
+
 def _validate_lora(hp: HyperparametersConfig, model: ModelConfig) -> None:
     lora = hp.lora
     _at_least("hyperparameters.lora.adapter_dim", lora.adapter_dim, 1)
@@ -185,6 +194,9 @@ def validate_architecture(arch: ArchitectureConfig, prefix: str = "model.archite
         _at_least(f"{prefix}.head_dim", arch.head_dim, 1)
     _positive(f"{prefix}.rope_theta", arch.rope_theta)
     _positive(f"{prefix}.rms_norm_eps", arch.rms_norm_eps)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(arch, key) is not None:
+            _positive(f"{prefix}.{key}", getattr(arch, key))
     _validate_windows(arch, prefix)
     if arch.rope_scaling is not None and arch.rope_scaling.rope_type not in ("llama3", "linear"):
         raise ConfigError(f"{prefix}.rope_scaling.rope_type={arch.rope_scaling.rope_type!r} is not supported; "
