@@ -34,7 +34,8 @@ from nemo_customizer.models.fused import fused_on_cuda, triton_kernel
 LOSS_CHUNK_TOKENS = 1024
 
 
-def _cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor, softcap: Optional[float] = None) -> torch.Tensor:
+def _cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor,
+                        softcap: Optional[float] = None) -> torch.Tensor:
     logits = logits.float()
     if softcap is not None:
         logits = softcapping.softcap(logits, softcap)
