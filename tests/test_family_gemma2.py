@@ -110,16 +110,21 @@ def test_unsupported_gemma2_config_json_is_a_config_error(changes, words):
         assert word in str(error.value)
 
 
-def test_cuda_graphs_refuse_softcapped_attention():
+def test_cuda_graphs_and_required_flash_attn4_refuse_softcapped_attention():
     from nemo_customizer.config import ConfigError
-    from nemo_customizer.config.schema import HyperparametersConfig
-    from nemo_customizer.config.validate import check_cuda_graphs_architecture
+    from nemo_customizer.config.schema import HyperparametersConfig, ModelConfig
+    from nemo_customizer.config.validate import check_softcapped_attention
 
+    capped, uncapped = ModelConfig(architecture=_arch()), ModelConfig(
+        architecture=dataclasses.replace(_arch(), attn_logit_softcapping=None))
     graphs = HyperparametersConfig(cuda_graphs=True, sequence_packing_enabled=True)
     with pytest.raises(ConfigError, match="cuda_graphs=false"):
-        check_cuda_graphs_architecture(graphs, _arch())
-    check_cuda_graphs_architecture(graphs, dataclasses.replace(_arch(), attn_logit_softcapping=None))
-    check_cuda_graphs_architecture(HyperparametersConfig(), _arch())
+        check_softcapped_attention(capped, graphs)
+    with pytest.raises(ConfigError, match="attention_kernel=auto"):
+        check_softcapped_attention(dataclasses.replace(capped, attention_kernel="fa4"), HyperparametersConfig())
+    for model, hp in ((uncapped, graphs), (dataclasses.replace(uncapped, attention_kernel="fa4"), graphs),
+                      (capped, HyperparametersConfig())):
+        check_softcapped_attention(model, hp)
 
 
 # --- numerics against transformers (+ peft), one process ------------------------------------------------------

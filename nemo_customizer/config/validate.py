@@ -117,13 +117,21 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
     _non_negative("hyperparameters.early_stopping.min_delta", hp.early_stopping.min_delta)
 
 
-def check_cuda_graphs_architecture(hp: HyperparametersConfig, arch: ArchitectureConfig) -> None:
-    """CUDA graphs replay packed attention through flash kernels; a softcapped layer's attention runs per sequence,
-    with the boundaries read on the host (``models.attention``), which a graph cannot replay."""
-    if hp.cuda_graphs and arch.attn_logit_softcapping is not None:
+def check_softcapped_attention(model: ModelConfig, hp: HyperparametersConfig) -> None:
+    """Softcapped attention (``attn_logit_softcapping``) runs without flash kernels, per sequence with the boundaries
+    read on the host (``models.attention``): ``model.attention_kernel=fa4`` (required) cannot serve it, nor can a
+    CUDA graph replay it. Checked once the architecture is known (``model=hf``: from config.json)."""
+    cap = model.architecture.attn_logit_softcapping
+    if cap is None:
+        return
+    if hp.cuda_graphs:
         raise ConfigError(f"hyperparameters.cuda_graphs=true cannot replay this model's softcapped attention "
-                          f"(attn_logit_softcapping={arch.attn_logit_softcapping}: no flash kernel here softcaps, so "
-                          "packed sequences are attended one by one); set hyperparameters.cuda_graphs=false.")
+                          f"(attn_logit_softcapping={cap}: no flash kernel here softcaps, so packed sequences are "
+                          "attended one by one); set hyperparameters.cuda_graphs=false.")
+    if model.attention_kernel == "fa4":
+        raise ConfigError(f"model.attention_kernel=fa4 cannot run this model's softcapped attention "
+                          f"(attn_logit_softcapping={cap}: FlashAttention-4 does not softcap in backward); set "
+                          "model.attention_kernel=auto.")
 
 
 def _validate_lora(hp: HyperparametersConfig, model: ModelConfig) -> None:

@@ -15,7 +15,7 @@ before the mask and softmax) run :func:`softcapped_attention` on every path, pad
 and torch's varlen flash attention take no cap, and FlashAttention-4 caps the forward but not its backward. It
 materializes each sequence's scores, so a softcapped layer's attention memory grows with the square of the sequence
 length; a windowed softcapped layer gets the window as its mask. CUDA graphs cannot replay it (the sequence bounds
-are read on the host): ``config.validate.check_cuda_graphs_architecture`` refuses the combination before a job.
+are read on the host): ``config.validate.check_softcapped_attention`` refuses the combination before a job.
 """
 
 from __future__ import annotations
