@@ -56,6 +56,13 @@ def hf_config(arch: ArchitectureConfig):
     for key in ("query_pre_attn_scalar", "rope_local_base_freq"):  # Gemma 3
         if getattr(arch, key) is not None:
             kwargs[key] = getattr(arch, key)
+    if family.module in ("gemma2", "gemma3"):
+        # Gemma2Config caps logits unless told null; both derive their own layer types where none are given
+        kwargs.update(attn_logit_softcapping=arch.attn_logit_softcapping,
+                      final_logit_softcapping=arch.final_logit_softcapping,
+                      layer_types=list(arch.layer_types or [
+                          "full_attention" if arch.sliding_window is None else "sliding_attention"]
+                          * arch.num_hidden_layers))
     if arch.rope_scaling is not None:
         s = arch.rope_scaling
         kwargs["rope_scaling"] = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,

@@ -9,12 +9,12 @@ from nemo_customizer.config import compose_config, configs, num_parameters
 
 def test_configs_lists_the_shipped_models_and_the_generic_ones():
     rows = {row["name"]: row for row in configs()}
-    assert sorted(rows) == ["gemma-3-1b-it", "gemma-3-4b-it", "hf", "hf-llama", "llama-3.1-8b-instruct", "llama-3.1-nemotron-nano-8b-v1",
+    assert sorted(rows) == ["gemma-2-2b-it", "gemma-3-1b-it", "gemma-3-4b-it", "hf", "hf-llama", "llama-3.1-8b-instruct", "llama-3.1-nemotron-nano-8b-v1",
                             "llama-3.2-1b-instruct", "llama-3.3-70b-instruct", "ministral-8b-instruct-2410",
                             "mistral-7b-instruct-v0.3", "phi-3.5-mini-instruct", "phi-4", "qwen2.5-7b-instruct",
                             "qwen3-0.6b", "qwen3-8b", "smollm2-135m-instruct"]
     assert {name: row["max_seq_length"] for name, row in rows.items()} == {
-        "gemma-3-1b-it": 4096, "gemma-3-4b-it": 4096, "hf": 4096, "hf-llama": 4096, "llama-3.1-8b-instruct": 4096, "llama-3.2-1b-instruct": 4096,
+        "gemma-2-2b-it": 4096, "gemma-3-1b-it": 4096, "gemma-3-4b-it": 4096, "hf": 4096, "hf-llama": 4096, "llama-3.1-8b-instruct": 4096, "llama-3.2-1b-instruct": 4096,
         "llama-3.3-70b-instruct": 4096, "llama-3.1-nemotron-nano-8b-v1": 4096, "ministral-8b-instruct-2410": 4096,
         "mistral-7b-instruct-v0.3": 4096, "phi-3.5-mini-instruct": 4096, "phi-4": 4096, "qwen2.5-7b-instruct": 4096,
         "qwen3-0.6b": 4096, "qwen3-8b": 4096,
@@ -43,6 +43,7 @@ def test_test_models_are_listed_on_request():
     ("llama-3.1-nemotron-nano-8b-v1", 8_030_261_248),  # 8.03B, Llama-3.1-8B's shape
     ("phi-3.5-mini-instruct", 3_821_079_552),  # 3.82B
     ("phi-4", 14_659_507_200),  # 14.7B
+    ("gemma-2-2b-it", 2_614_341_888),  # 2.61B (four norms per layer, tied embedding)
     ("gemma-3-1b-it", 999_885_952),  # 1B (four norms per layer, q/k norms, tied embedding)
     ("gemma-3-4b-it", 3_880_263_168),  # the text model of the 4.3B image-text model (no vision tower)
     ("mistral-7b-instruct-v0.3", 7_248_023_552),  # 7.25B

@@ -18,7 +18,7 @@ from nemo_customizer.config import (
 )
 from nemo_customizer.config.schema import MISSING_PATH
 
-SHIPPED = ["gemma-3-1b-it", "gemma-3-4b-it", "hf", "hf-llama", "llama-3.1-8b-instruct", "llama-3.1-nemotron-nano-8b-v1", "llama-3.2-1b-instruct",
+SHIPPED = ["gemma-2-2b-it", "gemma-3-1b-it", "gemma-3-4b-it", "hf", "hf-llama", "llama-3.1-8b-instruct", "llama-3.1-nemotron-nano-8b-v1", "llama-3.2-1b-instruct",
            "llama-3.3-70b-instruct", "ministral-8b-instruct-2410", "mistral-7b-instruct-v0.3", "phi-3.5-mini-instruct",
            "phi-4", "qwen2.5-7b-instruct", "qwen3-0.6b", "qwen3-8b", "smollm2-135m-instruct", "tiny-llama-test"]
 

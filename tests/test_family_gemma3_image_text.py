@@ -166,7 +166,7 @@ def test_model_hf_picks_the_text_family(checkpoints):
 
 @pytest.mark.parametrize("changes, words", [
     (dict(text_config=None), ["Gemma3ForConditionalGeneration", "text_config"]),
-    (dict(text_config={"final_logit_softcapping": 30.0}), ["final_logit_softcapping=30.0"]),
+    (dict(text_config={"hidden_activation": "relu"}), ["hidden_activation", "relu"]),
 ])
 def test_bad_image_text_config_json_is_a_config_error(changes, words):
     from nemo_customizer.config import ConfigError, architecture_from_hf

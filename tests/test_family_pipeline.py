@@ -1,8 +1,9 @@
 """PP=2 training on CPU over gloo equals one process for every family beside Llama (``test_pipeline_parallel`` covers
 Llama): per-step losses, gradient norms, validation losses and the exported adapter (or model) of short ``model=hf``
 jobs on tiny random checkpoints. Each family's odd parts cross the stage boundary: Qwen2's q/k/v biases and tied
-embedding, Qwen3's q/k norms, Phi-3's fused projections, Mistral's window (shorter than the sequences) and Gemma 3's
-sandwich norms, scaled embedding and interleaved windows (two layers per stage: a windowed and a full one on each)."""
+embedding, Qwen3's q/k norms, Phi-3's fused projections, Mistral's window (shorter than the sequences), Gemma 3's
+sandwich norms, scaled embedding and interleaved windows (two layers per stage: a windowed and a full one on each) and
+Gemma 2's softcapped attention scores and logits (the last stage caps the logits)."""
 
 import dataclasses
 import json
@@ -25,6 +26,13 @@ def _gemma3():
                                query_pre_attn_scalar=20, rms_norm_eps=1e-6)
 
 
+def _gemma2():
+    arch = tiny_arch(architecture="Gemma2ForCausalLM", layers=4, head_dim=24, vocab=TINY_VOCAB, tied=True,
+                     sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"] * 2)
+    return dataclasses.replace(arch, model_type="gemma2", query_pre_attn_scalar=20, rms_norm_eps=1e-6,
+                               attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+
+
 # family → its tiny architecture (GQA everywhere: 4 heads, 2 key/value heads)
 FAMILIES = {
     "qwen2": tiny_arch(architecture="Qwen2ForCausalLM", vocab=TINY_VOCAB, tied=True),
@@ -32,6 +40,7 @@ FAMILIES = {
     "phi3": tiny_arch(architecture="Phi3ForCausalLM", vocab=TINY_VOCAB),
     "mistral": tiny_arch(architecture="MistralForCausalLM", vocab=TINY_VOCAB, sliding_window=WINDOW),
     "gemma3": _gemma3(),
+    "gemma2": _gemma2(),
 }
 
 # LoRA on every linear layer, under the names PEFT uses for the family
@@ -45,7 +54,7 @@ CASES["gemma3-all_weights"] = ("gemma3", "all_weights")
 
 def _write_checkpoint(directory: Path, arch) -> None:
     hf = write_tiny_checkpoint(directory, dataclasses.replace(arch, bos_token_id=1, eos_token_id=2))
-    if arch.model_type == "gemma3_text":  # Gemma's norms scale by 1 + w: center the random weights on 0, not 1
+    if arch.model_type in ("gemma2", "gemma3_text"):  # Gemma's norms scale by 1 + w: center the weights on 0, not 1
         with torch.no_grad():
             for name, param in hf.named_parameters():
                 if "norm" in name:

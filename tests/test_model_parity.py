@@ -58,10 +58,12 @@ def test_loss_positions_index_the_flattened_sequence_major_layout():
 
 @pytest.mark.parametrize("weight_trains", [True, False], ids=["trained-weight", "frozen-weight"])
 @pytest.mark.parametrize("weighted", [True, False], ids=["position-weights", "unweighted"])
-def test_chunked_loss_matches_plain_cross_entropy(monkeypatch, weight_trains, weighted):
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["uncapped", "softcapped"])
+def test_chunked_loss_matches_plain_cross_entropy(monkeypatch, weight_trains, weighted, softcap):
     """The loss head (gradients computed in forward, chunk by chunk), chunked and not, gives torch's cross-entropy
     and its gradients: with a frozen weight for any upstream gradient, with a trained one for the summed loss (any
-    constant upstream gradient), with and without position weights (0 on a graph's padding positions)."""
+    constant upstream gradient), with and without position weights (0 on a graph's padding positions), with and
+    without softcapped logits (Gemma 2's ``tanh(logit / cap) * cap``, a cap below most logits here)."""
     from nemo_customizer.models import loss
 
     gen = torch.Generator().manual_seed(3)
@@ -73,19 +75,23 @@ def test_chunked_loss_matches_plain_cross_entropy(monkeypatch, weight_trains, we
         position_weights[-5:] = 0.0
     # A trained weight's gradient supports only sums of the losses (here times 3: a loss scale).
     upstream = torch.full((50,), 3.0) if weight_trains else torch.rand(50, generator=gen)
-    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    logits = hidden @ weight.t()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
     if weighted:
         expected = expected * position_weights
     wrt = (hidden, weight) if weight_trains else (hidden,)
     expected_grads = torch.autograd.grad(expected, wrt, upstream)
     for chunk in (1024, 7):
         monkeypatch.setattr(loss, "LOSS_CHUNK_TOKENS", chunk)
-        losses = loss.masked_token_losses(hidden, targets, weight, position_weights)
+        losses = loss.masked_token_losses(hidden, targets, weight, position_weights, softcap=softcap)
         torch.testing.assert_close(losses, expected)
         for got, want in zip(torch.autograd.grad(losses, wrt, upstream), expected_grads):
             torch.testing.assert_close(got, want)
     with torch.no_grad():  # validation: plain losses
-        torch.testing.assert_close(loss.masked_token_losses(hidden, targets, weight, position_weights), expected)
+        torch.testing.assert_close(loss.masked_token_losses(hidden, targets, weight, position_weights,
+                                                            softcap=softcap), expected)
 
 
 def test_trained_output_weight_refuses_an_upstream_gradient_that_differs_by_position(monkeypatch):
@@ -134,23 +140,30 @@ def _vocab_parallel_loss(rank: int, chunk: int, weight_trains: bool) -> None:
     loss.LOSS_CHUNK_TOKENS = chunk
     layout = initialize_parallel(tensor_parallel_size=2, pipeline_parallel_size=1, device=torch.device("cpu"), seed=0)
     try:
-        gen = torch.Generator().manual_seed(5)
-        hidden = torch.randn(50, 8, generator=gen, requires_grad=True)
-        weight = (torch.randn(32, 8, generator=gen) * 3).requires_grad_(weight_trains)  # peaked softmaxes
-        targets = torch.randint(0, 32, (50,), generator=gen)
-        targets[:4] = torch.tensor([0, 15, 16, 31])  # both shards' first and last ids
-        position_weights = torch.rand(50, generator=gen)
-        upstream = torch.full((50,), 2.0) if weight_trains else torch.rand(50, generator=gen)
-        expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none") * position_weights
-        wrt = (hidden, weight) if weight_trains else (hidden,)
-        expected_grads = torch.autograd.grad(expected, wrt, upstream)
-        shard = weight.detach()[16 * rank:16 * (rank + 1)].requires_grad_(weight_trains)
-        losses = loss.masked_token_losses(hidden, targets, shard, position_weights)
-        torch.testing.assert_close(losses, expected)
-        grads = torch.autograd.grad(losses, (hidden, shard) if weight_trains else (hidden,), upstream)
-        torch.testing.assert_close(grads[0], expected_grads[0])
-        if weight_trains:
-            torch.testing.assert_close(grads[1], expected_grads[1][16 * rank:16 * (rank + 1)])
+        for softcap in (None, 5.0):  # Gemma 2's softcapped logits too, a cap below the largest logits here
+            gen = torch.Generator().manual_seed(5)
+            hidden = torch.randn(50, 8, generator=gen, requires_grad=True)
+            weight = (torch.randn(32, 8, generator=gen) * 3).requires_grad_(weight_trains)  # peaked softmaxes
+            targets = torch.randint(0, 32, (50,), generator=gen)
+            targets[:4] = torch.tensor([0, 15, 16, 31])  # both shards' first and last ids
+            position_weights = torch.rand(50, generator=gen)
+            upstream = torch.full((50,), 2.0) if weight_trains else torch.rand(50, generator=gen)
+            logits = hidden @ weight.t()
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            expected = torch.nn.functional.cross_entropy(logits, targets, reduction="none") * position_weights
+            wrt = (hidden, weight) if weight_trains else (hidden,)
+            expected_grads = torch.autograd.grad(expected, wrt, upstream)
+            shard = weight.detach()[16 * rank:16 * (rank + 1)].requires_grad_(weight_trains)
+            losses = loss.masked_token_losses(hidden, targets, shard, position_weights, softcap=softcap)
+            torch.testing.assert_close(losses, expected)
+            grads = torch.autograd.grad(losses, (hidden, shard) if weight_trains else (hidden,), upstream)
+            torch.testing.assert_close(grads[0], expected_grads[0])
+            if weight_trains:
+                torch.testing.assert_close(grads[1], expected_grads[1][16 * rank:16 * (rank + 1)])
+            with torch.no_grad():  # validation: mcore's vocab-parallel cross-entropy
+                torch.testing.assert_close(loss.masked_token_losses(hidden, targets, shard, position_weights,
+                                                                    softcap=softcap), expected)
     finally:
         destroy_parallel(layout)
 

@@ -111,10 +111,10 @@ def hf_config_dict(arch: ArchitectureConfig, source_dir: Optional[Path] = None) 
         if s.rope_type == "llama3":
             config["rope_scaling"].update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
                                           original_max_position_embeddings=s.original_max_position_embeddings)
-    if family.module == "gemma3":
-        for key in ("hidden_act", "mlp_bias", "use_sliding_window"):  # not Gemma3TextConfig's keys
+    if family.module in ("gemma2", "gemma3"):
+        for key in ("hidden_act", "mlp_bias", "use_sliding_window"):  # not Gemma2Config's or Gemma3TextConfig's keys
             config.pop(key, None)
-        config.update(_gemma3_keys(arch))
+        config.update(_gemma_keys(arch, family.module))
     return config
 
 
@@ -124,13 +124,22 @@ def text_only_architecture(arch: ArchitectureConfig) -> ArchitectureConfig:
     return dataclasses.replace(arch, architectures=[text], model_type=ARCHITECTURES[text].model_type)
 
 
-def _gemma3_keys(arch: ArchitectureConfig) -> dict:
-    """Gemma3TextConfig's keys beyond Llama's (transformers 4's layout, which transformers 5 also reads); no
-    softcapping, which we refuse on import."""
+def _gemma_keys(arch: ArchitectureConfig, module: str) -> dict:
+    """Gemma2Config's and Gemma3TextConfig's keys beyond Llama's (transformers 4's layout, which transformers 5 also
+    reads). Every layer's type is written out: where the key is absent, the config classes derive their own (Gemma 2
+    alternates, Gemma 3 attends fully on every 6th layer)."""
     head_dim = arch.head_dim or arch.hidden_size // arch.num_attention_heads
-    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": arch.query_pre_attn_scalar or head_dim,
-            "rope_local_base_freq": arch.rope_local_base_freq or arch.rope_theta,
-            "attn_logit_softcapping": None, "final_logit_softcapping": None}
+    if arch.sliding_window is None:
+        layer_types = ["full_attention"] * arch.num_hidden_layers
+    else:
+        layer_types = list(arch.layer_types or ["sliding_attention"] * arch.num_hidden_layers)
+    keys = {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": arch.query_pre_attn_scalar or head_dim,
+            "sliding_window": arch.sliding_window, "layer_types": layer_types,
+            "attn_logit_softcapping": arch.attn_logit_softcapping,
+            "final_logit_softcapping": arch.final_logit_softcapping}
+    if module == "gemma3":
+        keys["rope_local_base_freq"] = arch.rope_local_base_freq or arch.rope_theta
+    return keys
 
 
 def is_export_rank() -> bool:

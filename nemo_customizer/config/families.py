@@ -66,6 +66,7 @@ ARCHITECTURES: dict[str, Family] = {
     "Qwen2ForCausalLM": Family("qwen2", "qwen2", qkv_bias=True),
     "Qwen3ForCausalLM": Family("qwen3", "qwen3", qk_norm=True),
     "Phi3ForCausalLM": Family("phi3", "phi3", projections=FUSED_PROJECTIONS),  # Phi-3, Phi-3.5, Phi-4
+    "Gemma2ForCausalLM": Family("gemma2", "gemma2", sliding_window=True, sandwich_norms=True),
     "Gemma3ForCausalLM": Family("gemma3", "gemma3_text", qk_norm=True, sliding_window=True, sandwich_norms=True),
     # Gemma 3 4B and larger: the text model trains, the vision tower rides along unchanged.
     "Gemma3ForConditionalGeneration": Family("gemma3", "gemma3", qk_norm=True, sliding_window=True,

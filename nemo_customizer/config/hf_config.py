@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 from .families import family_of, usual_model_type
+from .hf_gemma2 import gemma2_fields
 from .hf_gemma3 import gemma3_fields, image_text_config
 from .schema import ArchitectureConfig, ModelConfig, RopeScalingConfig
 
@@ -28,6 +29,9 @@ _SHOWN_CONFLICTS = 3
 _LONGROPE = ("; Phi-3.5 and the Phi-3 128k checkpoints use it (its short and long factors are not built yet): use "
              "a checkpoint without rope_scaling, such as Phi-4")
 _ROPE_HINTS = {"longrope": _LONGROPE, "su": _LONGROPE}
+# Families whose config.json has keys of their own, by family module: the reader of those keys. Gemma 3 reads its own
+# RoPE (two bases); Gemma 2 and Gemma 3 read their own window layout.
+_FAMILY_KEYS = {"gemma2": gemma2_fields, "gemma3": gemma3_fields}
 
 
 def read_hf_config(path: str | os.PathLike) -> ArchitectureConfig:
@@ -54,16 +58,19 @@ def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -
     if missing:
         raise ConfigError(f"{source} lacks {', '.join(missing)}; is it a causal LM config of a supported family?")
     family = family_of(data["architectures"], data.get("model_type"), source=source)
-    _refuse_unsupported_options(data, source)
+    reader = _FAMILY_KEYS.get(family.module)
+    _refuse_unsupported_options(data, source, reads_hidden_act=reader is None)
     if family.module == "phi3":
         _refuse_unsupported_phi3_options(data, source)
-    family_fields = gemma3_fields(data, source) if family.module == "gemma3" else {}
-    if family_fields:
+    family_fields = reader(data, source) if reader is not None else {}
+    if "rope_theta" in family_fields:
         rope_theta, rope_scaling = family_fields.pop("rope_theta"), family_fields.pop("rope_scaling")
+    else:
+        rope_theta, rope_scaling = _rope(data, source)
+    if "layer_types" in family_fields:
         sliding_window, layer_types = normalize_windows(family_fields.pop("sliding_window"),
                                                         family_fields.pop("layer_types"))
     else:
-        rope_theta, rope_scaling = _rope(data, source)
         sliding_window, layer_types = _windows(data, family.sliding_window, source)
     eos = data.get("eos_token_id")
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else None
@@ -93,14 +100,15 @@ def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -
     )
 
 
-def _refuse_unsupported_options(data: Mapping[str, Any], source: str) -> None:
+def _refuse_unsupported_options(data: Mapping[str, Any], source: str, reads_hidden_act: bool = True) -> None:
     """Options of the supported families that our layers do not build: an error naming the key, not a model whose
-    logits silently differ from the checkpoint's."""
+    logits silently differ from the checkpoint's. ``reads_hidden_act``: the family's MLP follows ``hidden_act``
+    (Gemma's follows ``hidden_activation``, checked by ``hf_gemma2``; its config.json may carry both)."""
     if data.get("attention_bias"):
         raise ConfigError(f"{source}: attention_bias=true (biases on q, k, v and o_proj) is not supported.")
     if data.get("mlp_bias"):
         raise ConfigError(f"{source}: mlp_bias=true is not supported.")
-    if data.get("hidden_act", "silu") != "silu":
+    if reads_hidden_act and data.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act={data['hidden_act']!r} is not supported (only silu).")
 
 

@@ -5,7 +5,9 @@ transformers 4 writes ``rope_theta`` (full-attention layers), ``rope_local_base_
 attends fully); transformers 5 writes one ``rope_parameters`` dict per layer type and an explicit ``layer_types``.
 Both read into the same :class:`ArchitectureConfig` fields. An image-text checkpoint
 (``Gemma3ForConditionalGeneration``, ``model_type: gemma3``) nests these keys under ``text_config``, leaving out
-those equal to Gemma3TextConfig's defaults: :func:`image_text_config` flattens it first. No torch.
+those equal to Gemma3TextConfig's defaults: :func:`image_text_config` flattens it first. The keys Gemma 3 shares with
+Gemma 2 (the activation, the attention scale, the window, logit softcapping, which Gemma 3 checkpoints set to null)
+are read by ``hf_gemma2``. No torch.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .hf_gemma2 import gemma_fields
 from .schema import RopeScalingConfig
 
 # Gemma3TextConfig's defaults for keys a config.json may leave out.
 _DEFAULTS = {"rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "sliding_window": 4096,
-             "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh"}
+             "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+             "attn_logit_softcapping": None, "final_logit_softcapping": None}
 
 
 # Gemma3TextConfig's size defaults (the same in transformers 4.50 and 5): google/gemma-3-4b-it's text_config names
@@ -48,7 +52,7 @@ def image_text_config(data: Mapping[str, Any], source: str) -> dict:
 def gemma3_fields(data: Mapping[str, Any], source: str) -> dict:
     """The :class:`ArchitectureConfig` fields a Gemma 3 text config.json sets beyond Llama's keys; a ConfigError
     naming any key whose option our layers do not build."""
-    _refuse_unsupported(data, source)
+    shared = gemma_fields(data, source, _DEFAULTS)
     layers = data["num_hidden_layers"]
     types = data.get("layer_types")
     if types is None:
@@ -56,22 +60,8 @@ def gemma3_fields(data: Mapping[str, Any], source: str) -> dict:
                                                                 _DEFAULTS["sliding_window_pattern"]))
         types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
     theta, local_theta, scaling = _rope(data, source)
-    return dict(rope_theta=float(theta), rope_local_base_freq=float(local_theta), rope_scaling=scaling,
-                sliding_window=data.get("sliding_window", _DEFAULTS["sliding_window"]), layer_types=list(types),
-                query_pre_attn_scalar=int(data.get("query_pre_attn_scalar", _DEFAULTS["query_pre_attn_scalar"])),
-                tie_word_embeddings=bool(data.get("tie_word_embeddings", True)))
-
-
-def _refuse_unsupported(data: Mapping[str, Any], source: str) -> None:
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if data.get(key) is not None:
-            raise ConfigError(f"{source}: {key}={data[key]} (logit softcapping, as in Gemma 2) is not supported; "
-                              "Gemma 3 checkpoints set it to null.")
-    activation = data.get("hidden_activation", _DEFAULTS["hidden_activation"])
-    if activation != "gelu_pytorch_tanh":
-        raise ConfigError(f"{source}: hidden_activation={activation!r} is not supported (only gelu_pytorch_tanh).")
-    if data.get("use_bidirectional_attention"):
-        raise ConfigError(f"{source}: use_bidirectional_attention=true (an encoder) is not supported.")
+    return dict(shared, rope_theta=float(theta), rope_local_base_freq=float(local_theta), rope_scaling=scaling,
+                layer_types=list(types))
 
 
 def _rope(data: Mapping[str, Any], source: str) -> tuple[float, float, RopeScalingConfig | None]:

@@ -60,6 +60,12 @@ class ArchitectureConfig:
     rope_local_base_freq: Optional[float] = None
     """Gemma 3: the RoPE base of the sliding-window layers (without ``rope_scaling``, which applies to the
     full-attention layers only). ``None``: every layer uses ``rope_theta``."""
+    attn_logit_softcapping: Optional[float] = None
+    """Gemma 2: attention scores (after the ``query_pre_attn_scalar`` scale, before the mask and softmax) become
+    ``tanh(score / cap) * cap``. ``None``: no cap."""
+    final_logit_softcapping: Optional[float] = None
+    """Gemma 2: output logits become ``tanh(logit / cap) * cap`` before the loss, sampling and scoring. ``None``: no
+    cap."""
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     """End-of-sequence id; when config.json lists several, the first of them."""

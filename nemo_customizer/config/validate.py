@@ -117,6 +117,23 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
     _non_negative("hyperparameters.early_stopping.min_delta", hp.early_stopping.min_delta)
 
 
+def check_softcapped_attention(model: ModelConfig, hp: HyperparametersConfig) -> None:
+    """Softcapped attention (``attn_logit_softcapping``) runs without flash kernels, per sequence with the boundaries
+    read on the host (``models.attention``): ``model.attention_kernel=fa4`` (required) cannot serve it, nor can a
+    CUDA graph replay it. Checked once the architecture is known (``model=hf``: from config.json)."""
+    cap = model.architecture.attn_logit_softcapping
+    if cap is None:
+        return
+    if hp.cuda_graphs:
+        raise ConfigError(f"hyperparameters.cuda_graphs=true cannot replay this model's softcapped attention "
+                          f"(attn_logit_softcapping={cap}: no flash kernel here softcaps, so packed sequences are "
+                          "attended one by one); set hyperparameters.cuda_graphs=false.")
+    if model.attention_kernel == "fa4":
+        raise ConfigError(f"model.attention_kernel=fa4 cannot run this model's softcapped attention "
+                          f"(attn_logit_softcapping={cap}: FlashAttention-4 does not softcap in backward); set "
+                          "model.attention_kernel=auto.")
+
+
 def _validate_lora(hp: HyperparametersConfig, model: ModelConfig) -> None:
     lora = hp.lora
     _at_least("hyperparameters.lora.adapter_dim", lora.adapter_dim, 1)
@@ -185,6 +202,9 @@ def validate_architecture(arch: ArchitectureConfig, prefix: str = "model.archite
         _at_least(f"{prefix}.head_dim", arch.head_dim, 1)
     _positive(f"{prefix}.rope_theta", arch.rope_theta)
     _positive(f"{prefix}.rms_norm_eps", arch.rms_norm_eps)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(arch, key) is not None:
+            _positive(f"{prefix}.{key}", getattr(arch, key))
     _validate_windows(arch, prefix)
     if arch.rope_scaling is not None and arch.rope_scaling.rope_type not in ("llama3", "linear"):
         raise ConfigError(f"{prefix}.rope_scaling.rope_type={arch.rope_scaling.rope_type!r} is not supported; "

@@ -9,11 +9,20 @@ Sliding-window layers (mcore's ``window_size`` and ``window_attn_skip_freq``, se
 let a query at position i attend keys j with ``i - W < j <= i`` of its own sequence, as transformers does; in a
 packed batch the window restarts with each sequence. The flash kernels take the window as ``(W - 1, 0)``; SDPA gets
 an explicit mask, built only where a sequence is longer than the window (shorter ones cannot tell the difference).
+
+Softcapped layers (Gemma 2's ``attn_logit_softcapping``: scores become ``tanh(score / cap) * cap`` after the scale,
+before the mask and softmax) run :func:`softcapped_attention` on every path, padded and packed, CPU and CUDA: SDPA
+and torch's varlen flash attention take no cap, and FlashAttention-4 caps the forward but not its backward. It
+materializes each sequence's scores, so a softcapped layer's attention memory grows with the square of the sequence
+length; a windowed softcapped layer gets the window as its mask. CUDA graphs cannot replay it (the sequence bounds
+are read on the host): ``config.validate.check_softcapped_attention`` refuses the combination before a job.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import math
 from typing import Optional
 
@@ -27,6 +36,9 @@ from megatron.core.transformer.utils import is_layer_window_attention
 
 from nemo_customizer.models.flash_attn4 import packed_causal_attention, use_flash_attn4
 from nemo_customizer.models.rope import PackedRotaryParams, rotate
+from nemo_customizer.models.softcap import softcap
+
+logger = logging.getLogger(__name__)
 
 
 def _varlen_attn():
@@ -74,12 +86,45 @@ def _expand_kv(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.repeat_interleave(heads // tensor.shape[1], dim=1)
 
 
+def softcapped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         allowed: Optional[torch.Tensor], scale: float, cap: float,
+                         dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention over softcapped scores, ``softmax(tanh(q·k * scale / cap) * cap)`` where ``allowed``, as
+    transformers' eager attention computes it for Gemma 2 (scores and softmax in fp32 here, also for bf16 inputs,
+    as flash kernels keep them).
+
+    query ``(b, heads, sq, d)``, key/value ``(b, kv_heads, sk, d)`` (GQA: each group's head read by its query heads),
+    ``allowed`` bool broadcastable to ``(b, heads, sq, sk)`` (True = attend; every query must see a key) or None
+    (every key) → ``(b, heads, sq, d)``. The ``(b, heads, sq, sk)`` fp32 scores exist in memory and are kept for
+    backward: no fused kernel.
+    """
+    heads = query.shape[1]
+    if key.shape[1] != heads:
+        key, value = _expand_kv(key, heads), _expand_kv(value, heads)
+    scores = softcap(torch.matmul(query.float(), key.float().transpose(-2, -1)) * scale, cap)  # (b, heads, sq, sk)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, value)
+
+
+@functools.lru_cache(maxsize=None)
+def _say_softcapped_layers_skip_flash_attention() -> None:
+    logger.warning("attention-logit softcapping: packed batches on the GPU run the softcapped layers' attention per "
+                   "sequence with materialized scores (flash attention kernels here cannot softcap in backward); "
+                   "attention memory grows with the square of each sequence's length")
+
+
 class CoreAttention(MegatronModule):
     """Scaled dot-product attention with GQA, for padded and packed batches, on CPU and CUDA.
 
     ``attention_kernel`` (``model.attention_kernel``, passed through the layer spec) picks the flash attention that
     packed batches get on GPUs: see ``models.flash_attn4``. Every kernel here honours a sliding window, and a
     window is a Python number, so windowed packed attention is captured in CUDA graphs like full attention.
+    ``logit_softcapping`` (``attn_logit_softcapping``, passed through the layer spec): every path of this layer runs
+    :func:`softcapped_attention` instead (module docstring).
     """
 
     def __init__(
@@ -93,6 +138,7 @@ class CoreAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
         attention_kernel: str = "auto",
+        logit_softcapping: Optional[float] = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
@@ -101,6 +147,7 @@ class CoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.attention_kernel = attention_kernel
+        self.softcap = logit_softcapping
         windowed = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
         # HF's sliding_window of this layer (the keys a query sees, its own included); None: the whole sequence
         self.window: Optional[int] = config.window_size[0] + 1 if windowed else None
@@ -149,7 +196,7 @@ class CoreAttention(MegatronModule):
         # mcore hands decode steps (one query per row after the prompt) over as no_mask, the query seeing every
         # cached key; a windowed layer must still drop the keys that fell out of its window.
         if mask_type == AttnMaskType.causal or window is not None:
-            if allowed is None and sq == sk and window is None:
+            if allowed is None and sq == sk and window is None and self.softcap is None:
                 is_causal = True  # lets SDPA pick its fused causal kernel
             else:  # queries are the last sq positions (decoding with a KV cache): bottom-right aligned causal
                 causal = causal_mask(sq, sk, q.device, window)
@@ -158,11 +205,13 @@ class CoreAttention(MegatronModule):
             # A padding query would otherwise see no key at all; SDPA then returns NaN, which leaks into real
             # positions through 0 * NaN. Let every query see its own position.
             allowed = allowed | torch.eye(sq, sk, dtype=torch.bool, device=q.device).roll(sk - sq, dims=1)
-        mask = allowed
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self._dropout(), is_causal=is_causal,
-            scale=self.softmax_scale, enable_gqa=k.shape[1] != heads,
-        )  # (b, heads, sq, head_dim)
+        if self.softcap is not None:
+            out = softcapped_attention(q, k, v, allowed, self.softmax_scale, self.softcap, self._dropout())
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, dropout_p=self._dropout(), is_causal=is_causal,
+                scale=self.softmax_scale, enable_gqa=k.shape[1] != heads,
+            )  # (b, heads, sq, head_dim)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)
 
     def _packed(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
@@ -173,9 +222,12 @@ class CoreAttention(MegatronModule):
         if isinstance(params, PackedRotaryParams):
             query, key = rotate(query, key, params.rotary_cos, params.rotary_sin)
         gqa = key.shape[1] != heads
-        half = query.dtype in (torch.float16, torch.bfloat16)
-        flash4 = half and use_flash_attn4(self.attention_kernel, query.device, head_dim)
-        flash = flash4 or (query.is_cuda and self._varlen is not None and half)
+        # bf16/fp16 only, and no softcap (module docstring)
+        flashable = query.dtype in (torch.float16, torch.bfloat16) and self.softcap is None
+        flash4 = flashable and use_flash_attn4(self.attention_kernel, query.device, head_dim)
+        flash = flash4 or (query.is_cuda and self._varlen is not None and flashable)
+        if query.is_cuda and self.softcap is not None:
+            _say_softcapped_layers_skip_flash_attention()
         if query.is_cuda and gqa and not (flash4 or (flash and self._varlen_native_gqa)):
             # Without native GQA, give every query head its own copy of its group's key/value head: CUDA SDPA
             # with enable_gqa falls back to the slow math kernel (fp32 bmm + softmax), a large share of a step.
@@ -205,7 +257,7 @@ class CoreAttention(MegatronModule):
         # One causal SDPA per sequence (same result as SDPA with packed_causal_mask): the work grows with the sum of
         # squared lengths instead of t², and SDPA can take its fused causal kernel; a block-diagonal [t, t] mask
         # would compute and then discard every cross-sequence score. A sequence longer than the window gets the
-        # window's mask instead of the fused causal kernel.
+        # window's mask instead of the fused causal kernel; a softcapped layer gets its causal (windowed) mask.
         q, k, v = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)  # (heads | kv_heads, t, head_dim)
         bounds = params.cu_seqlens_q.tolist()
         outs = []
@@ -213,6 +265,11 @@ class CoreAttention(MegatronModule):
             if e == s:
                 continue
             seq_window = self._window_over(e - s)
+            if self.softcap is not None:
+                outs.append(softcapped_attention(
+                    q[None, :, s:e], k[None, :, s:e], v[None, :, s:e], causal_mask(e - s, e - s, q.device, seq_window),
+                    self.softmax_scale, self.softcap, self._dropout())[0])
+                continue
             mask = None if seq_window is None else causal_mask(e - s, e - s, q.device, seq_window)
             outs.append(F.scaled_dot_product_attention(
                 q[:, s:e], k[:, s:e], v[:, s:e], attn_mask=mask, dropout_p=self._dropout(), is_causal=mask is None,

@@ -24,6 +24,7 @@ from nemo_customizer.models.loss import masked_token_losses
 from nemo_customizer.models.registry import family_for
 from nemo_customizer.models.rope import PackedRotaryParams
 from nemo_customizer.models.layer_rope import stack_tables
+from nemo_customizer.models.softcap import softcap
 from nemo_customizer.models.spec import LayerOptions, llama_block_spec
 
 
@@ -35,14 +36,24 @@ class CustomizerGPTModel(GPTModelHooks):
     vocabulary would be wasted compute and memory. Returns the losses of those positions, flattened, in fp32.
     Without labels it behaves like GPTModel (logits ``[b, s, vocab]``).
 
-    A family's model may also scale the embeddings (``embedding_scale``: Gemma's √hidden) and give its
-    sliding-window layers their own RoPE (``sliding_rotary_pos_emb``: Gemma 3, see ``models.layer_rope``).
+    A family's model may also scale the embeddings (``embedding_scale``: Gemma's √hidden), give its
+    sliding-window layers their own RoPE (``sliding_rotary_pos_emb``: Gemma 3, see ``models.layer_rope``) and
+    softcap its logits (``cap_logits``: Gemma 2).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.embedding_scale: Optional[float] = None
         self.sliding_rotary_pos_emb: Optional[torch.nn.Module] = None
+        self.final_logit_softcapping: Optional[float] = None
+
+    def cap_logits(self, cap: float) -> None:
+        """Softcap every logit this model makes, ``tanh(logit / cap) * cap`` (``final_logit_softcapping``): the loss
+        head's, and the output layer's, from which mcore's forward returns logits (generation, scoring,
+        ``forward_logits``) or computes its own loss."""
+        self.final_logit_softcapping = cap
+        if self.post_process:
+            self.output_layer.register_forward_hook(SoftcappedOutput(cap))
 
     def forward(self, input_ids, position_ids, attention_mask, *args, packed_seq_params=None, **kwargs):
         if (packed_seq_params is not None and packed_seq_params.qkv_format == "thd" and position_ids is not None
@@ -85,7 +96,19 @@ class CustomizerGPTModel(GPTModelHooks):
         targets = labels.transpose(0, 1).flatten().index_select(0, index)  # (n,)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else \
             self.output_layer.weight
-        return masked_token_losses(hidden, targets, weight, loss_weight)
+        return masked_token_losses(hidden, targets, weight, loss_weight, softcap=self.final_logit_softcapping)
+
+
+@dataclass(frozen=True)
+class SoftcappedOutput:
+    """A forward hook of mcore's output layer (it returns ``(logits, bias)``) that softcaps the logits, whichever
+    vocabulary shard and dtype they are in."""
+
+    cap: float
+
+    def __call__(self, module: torch.nn.Module, args, output):
+        logits, bias = output
+        return softcap(logits, self.cap), bias
 
 
 @dataclass
@@ -211,7 +234,8 @@ def build_gpt_model(arch: ArchitectureConfig, config: TransformerConfig, device:
     family = family_for(arch)
     model = CustomizerGPTModel(
         config=config,
-        transformer_layer_spec=llama_block_spec(config, attention_kernel, getattr(family, "LAYER", LayerOptions())),
+        transformer_layer_spec=llama_block_spec(config, attention_kernel, getattr(family, "LAYER", LayerOptions()),
+                                                attn_logit_softcapping=arch.attn_logit_softcapping),
         vocab_size=arch.vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -224,6 +248,8 @@ def build_gpt_model(arch: ArchitectureConfig, config: TransformerConfig, device:
     model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(device)
     if getattr(family, "SCALED_EMBEDDINGS", False):
         model.embedding_scale = arch.hidden_size ** 0.5
+    if arch.final_logit_softcapping is not None:
+        model.cap_logits(arch.final_logit_softcapping)
     if arch.rope_local_base_freq is not None:
         sliding = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0, use_cpu_initialization=True)
         sliding.inv_freq = default_inv_freq(arch.rope_local_base_freq, config.kv_channels).to(device)

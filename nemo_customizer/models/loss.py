@@ -10,6 +10,10 @@ shard: the softmax's max, normalizer and target logit are all-reduced over the T
 each rank's partial gradient of the hidden states is summed by the all-reduce that
 ``copy_to_tensor_model_parallel_region`` does in backward, and each rank's weight gradient is its shard's own.
 Without gradients (validation) the losses come from one fused cross-entropy over the logits.
+
+With a ``softcap`` (Gemma 2's ``final_logit_softcapping``) every path caps the logits, ``tanh(logit / cap) * cap`` in
+fp32, before the cross-entropy, and the gradients computed in forward carry the cap's derivative: the caps happen
+inside the chunk's cross-entropy (and inside the Triton kernel), so no capped ``[tokens, vocab]`` copy is kept.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
+from nemo_customizer.models import softcap as softcapping
 from nemo_customizer.models.fused import fused_on_cuda, triton_kernel
 
 # Tokens per chunk of the output projection + cross-entropy: a chunk's logits are the largest temporary
@@ -29,8 +34,12 @@ from nemo_customizer.models.fused import fused_on_cuda, triton_kernel
 LOSS_CHUNK_TOKENS = 1024
 
 
-def _cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, reduction="none")
+def _cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor,
+                        softcap: Optional[float] = None) -> torch.Tensor:
+    logits = logits.float()
+    if softcap is not None:
+        logits = softcapping.softcap(logits, softcap)
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 # fp32 cross-entropy over bf16 logits, fused: the [tokens, vocab] fp32 logits (0.5 GB per 1k tokens at a 128k
@@ -39,14 +48,18 @@ def _cross_entropy_fp32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 _fused_cross_entropy = fused_on_cuda(_cross_entropy_fp32)
 
 
-def _cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor):
-    """fp32 cross-entropy per row and its gradient w.r.t. the logits (softmax minus one-hot), in the logits' dtype
-    (as autograd of ``_cross_entropy_fp32`` gives it)."""
+def _cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, softcap: Optional[float] = None):
+    """fp32 cross-entropy per row and its gradient w.r.t. the logits (softmax minus one-hot, times the softcap's
+    slope), in the logits' dtype (as autograd of ``_cross_entropy_fp32`` gives it)."""
     dtype, logits = logits.dtype, logits.float()
+    if softcap is not None:
+        logits = softcapping.softcap(logits, softcap)
     log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
     losses = (log_normalizer - logits.gather(1, targets.unsqueeze(1))).squeeze(1)
     is_target = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0) == targets.unsqueeze(1)
     grad = torch.exp(logits - log_normalizer) - is_target.float()
+    if softcap is not None:
+        grad = grad * softcapping.softcap_slope(logits, softcap)
     return losses, grad.to(dtype)
 
 
@@ -58,13 +71,19 @@ def _kernel_cross_entropy_and_grad():
     return triton_kernel("nemo_customizer.models.loss_kernel", "cross_entropy_and_grad_triton")
 
 
-def _vocab_parallel_cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor):
+def _vocab_parallel_cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor,
+                                           softcap: Optional[float] = None):
     """``_cross_entropy_and_grad`` of logits whose vocabulary is split over the tensor-parallel group: this rank's
     ``(n, vocab/tp)`` shard (rank r holds ids ``[r·vocab/tp, (r+1)·vocab/tp)``, as mcore's vocab-parallel output
     layer does). Returns the full losses (n,) and this shard's columns of the logits' gradient."""
     group = parallel_state.get_tensor_model_parallel_group()
-    # One fp32 (n, vocab/tp) buffer, updated in place: logits, shifted logits, exponentials, then the gradient.
+    # One fp32 (n, vocab/tp) buffer, updated in place: logits, shifted logits, exponentials, then the gradient
+    # (with a softcap, a second one holds the cap's slope).
     dtype, buffer = logits.dtype, logits.float()
+    slope = None
+    if softcap is not None:
+        buffer = softcapping.softcap(buffer, softcap)
+        slope = softcapping.softcap_slope(buffer, softcap)
     shard = buffer.shape[1]
     local_targets = targets - parallel_state.get_tensor_model_parallel_rank() * shard
     in_shard = (local_targets >= 0) & (local_targets < shard)
@@ -78,12 +97,15 @@ def _vocab_parallel_cross_entropy_and_grad(logits: torch.Tensor, targets: torch.
     dist.all_reduce(sums, group=group)
     normalizer, target_logit = sums
     buffer.div_(normalizer.unsqueeze(1)).scatter_add_(1, local_targets, -in_shard.to(buffer.dtype).unsqueeze(1))
+    if slope is not None:
+        buffer.mul_(slope)
     return normalizer.log() - target_logit, buffer.to(dtype)
 
 
 class OutputCrossEntropy(torch.autograd.Function):
     """Per-position cross-entropy (n,) of ``hidden @ weight.T`` against ``targets``, times ``position_weights`` (n,)
-    when given (e.g. 0 on a CUDA graph's padding positions); all gradients computed in forward (module docstring).
+    when given (e.g. 0 on a CUDA graph's padding positions), the logits softcapped where ``softcap`` is given; all
+    gradients computed in forward (module docstring).
 
     The hidden states' gradient is exact for any upstream gradient: position i's loss depends on hidden row i only,
     so its gradient is the forward's row i scaled by the upstream gradient of loss i. The output weight's gradient
@@ -94,7 +116,7 @@ class OutputCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                position_weights: Optional[torch.Tensor]) -> torch.Tensor:
+                position_weights: Optional[torch.Tensor], softcap: Optional[float] = None) -> torch.Tensor:
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = None  # (vocab/tp, h) in the weight's dtype, summed over chunks by the GEMMs' accumulation
@@ -107,7 +129,7 @@ class OutputCrossEntropy(torch.autograd.Function):
             else:
                 cross_entropy = _kernel_cross_entropy_and_grad() if logits.is_cuda else None
                 cross_entropy = cross_entropy or _fused_cross_entropy_and_grad
-            chunk_losses, grad_logits = cross_entropy(logits, targets[rows])
+            chunk_losses, grad_logits = cross_entropy(logits, targets[rows], softcap=softcap)
             del logits
             # Position weights scale the (chunk, h) operands and results, not the (chunk, vocab) gradient.
             scale = None if position_weights is None else position_weights[rows].unsqueeze(1).to(hidden.dtype)
@@ -134,24 +156,30 @@ class OutputCrossEntropy(torch.autograd.Function):
                                 "the loss head's output weight gradient needs the same upstream gradient at every "
                                 "position (sum the losses; weight positions with position_weights)")
             grad_weight = grad_weight * grad_losses[0].to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
-def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                  softcap: Optional[float] = None) -> torch.Tensor:
     hidden = copy_to_tensor_model_parallel_region(hidden)  # identity forward; all-reduce of input grads backward
     logits = F.linear(hidden, weight)  # (n, vocab/tp)
     if logits.is_cuda and parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return _fused_cross_entropy(logits, targets)
-    return vocab_parallel_cross_entropy(logits.float().unsqueeze(1), targets.unsqueeze(1)).squeeze(1)
+        return _fused_cross_entropy(logits, targets, softcap=softcap)
+    logits = logits.float()
+    if softcap is not None:
+        logits = softcapping.softcap(logits, softcap)
+    return vocab_parallel_cross_entropy(logits.unsqueeze(1), targets.unsqueeze(1)).squeeze(1)
 
 
 def masked_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                        position_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        position_weights: Optional[torch.Tensor] = None, *,
+                        softcap: Optional[float] = None) -> torch.Tensor:
     """Cross-entropy (n,) of hidden states (n, h) against targets (n,) with a vocab-parallel output weight, times
-    ``position_weights`` (n,) when given. With gradients, sum the result before backward when the weight trains
-    (``OutputCrossEntropy``)."""
+    ``position_weights`` (n,) when given; ``softcap``: the logits are ``tanh(logit / cap) * cap`` (module docstring).
+    With gradients, sum the result before backward when the weight trains (``OutputCrossEntropy``)."""
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        losses = _token_losses(hidden, targets, weight)
+        losses = _token_losses(hidden, targets, weight, softcap)
         return losses if position_weights is None else losses * position_weights
     # identity forward; backward all-reduces the TP ranks' partial gradients (a no-op at TP=1)
-    return OutputCrossEntropy.apply(copy_to_tensor_model_parallel_region(hidden), weight, targets, position_weights)
+    return OutputCrossEntropy.apply(copy_to_tensor_model_parallel_region(hidden), weight, targets, position_weights,
+                                    softcap)

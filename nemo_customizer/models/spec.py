@@ -35,11 +35,13 @@ class LayerOptions:
 
 
 def llama_layer_spec(attention_kernel: str = "auto", qk_norm: bool = False, options: LayerOptions = LayerOptions(),
-                     config: Optional[TransformerConfig] = None) -> ModuleSpec:
+                     config: Optional[TransformerConfig] = None,
+                     attn_logit_softcapping: Optional[float] = None) -> ModuleSpec:
     """Pre-norm decoder layer: RMSNorm, GQA self-attention with RoPE, RMSNorm, SwiGLU MLP (gate/up fused in fc1).
     ``attention_kernel``: ``model.attention_kernel``, the flash attention packed batches get on GPUs. ``qk_norm``:
     an RMSNorm over each query and key head (Qwen3; the family sets mcore's ``qk_layernorm``). ``options``: the
-    family's differences; ``config`` is needed for ``options.post_norms`` (the norms' width and epsilon)."""
+    family's differences; ``config`` is needed for ``options.post_norms`` (the norms' width and epsilon).
+    ``attn_logit_softcapping``: the architecture's cap on attention scores (Gemma 2), or None."""
     head_norm = RMSNorm if qk_norm else IdentityOp
     residual_add = get_bias_dropout_add
     if options.post_norms:
@@ -53,7 +55,8 @@ def llama_layer_spec(attention_kernel: str = "auto", qk_norm: bool = False, opti
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=ModuleSpec(module=CoreAttention, params={"attention_kernel": attention_kernel}),
+                    core_attention=ModuleSpec(module=CoreAttention, params={
+                        "attention_kernel": attention_kernel, "logit_softcapping": attn_logit_softcapping}),
                     linear_proj=RowParallelLinear,
                     q_layernorm=head_norm,
                     k_layernorm=head_norm,
@@ -72,8 +75,10 @@ def llama_layer_spec(attention_kernel: str = "auto", qk_norm: bool = False, opti
 
 
 def llama_block_spec(config: TransformerConfig, attention_kernel: str = "auto",
-                     options: LayerOptions = LayerOptions()) -> TransformerBlockSubmodules:
+                     options: LayerOptions = LayerOptions(),
+                     attn_logit_softcapping: Optional[float] = None) -> TransformerBlockSubmodules:
     """This pipeline stage's layers plus our RMSNorm as the final norm (mcore would pick its own norm class)."""
     layers = get_num_layers_to_build(config)
-    spec = llama_layer_spec(attention_kernel, qk_norm=config.qk_layernorm, options=options, config=config)
+    spec = llama_layer_spec(attention_kernel, qk_norm=config.qk_layernorm, options=options, config=config,
+                            attn_logit_softcapping=attn_logit_softcapping)
     return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)

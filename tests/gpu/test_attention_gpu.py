@@ -1,6 +1,6 @@
 """Packed (THD, varlen flash) attention on CUDA: the attention module against fp32 attention per sequence, with GQA,
-for torch's kernel and FlashAttention-4, with and without a sliding window; and a whole model's packed logits against
-its unpacked ones."""
+for torch's kernel and FlashAttention-4, with and without a sliding window, and softcapped (Gemma 2: no flash kernel);
+and a whole model's packed logits against its unpacked ones."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
-def _packed_gqa_attention_error(generator: torch.Generator, kernel: str,
-                                window: int | None = None) -> tuple[float, bool]:
+def _packed_gqa_attention_error(generator: torch.Generator, kernel: str, window: int | None = None,
+                                softcap: float | None = None) -> tuple[float, bool]:
     """Packed flash attention with 8 key/value heads for 32 query heads, as the model calls it (``CoreAttention``,
     heads not expanded where the flash kernel takes GQA), bf16, against fp32 causal attention per sequence with
     expanded heads: the largest relative norm of the difference over out, d_q, d_k, d_v, and whether the module
     expanded the key/value heads. ``kernel``: ``model.attention_kernel``. ``window``: a sliding window (HF's
-    ``sliding_window``) shorter than the longer sequences, restarting with each of them."""
+    ``sliding_window``) shorter than the longer sequences, restarting with each of them. ``softcap``: attention scores
+    capped at ``tanh(score / cap) * cap`` (``attn_logit_softcapping``)."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -26,7 +27,7 @@ def _packed_gqa_attention_error(generator: torch.Generator, kernel: str,
 
     arch = tiny_arch(heads=32, kv_heads=8, hidden=32 * 64, sliding_window=window)
     attention = CoreAttention(transformer_config(arch), 1,
-                              AttnMaskType.causal, "self", attention_kernel=kernel)
+                              AttnMaskType.causal, "self", attention_kernel=kernel, logit_softcapping=softcap)
     lengths = [700, 13, 1500, 1, 380, 1502, 0, 0]  # empty segments at the end, as CUDA graphs pad cu_seqlens
     total = sum(lengths)
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
@@ -47,6 +48,12 @@ def _packed_gqa_attention_error(generator: torch.Generator, kernel: str,
             if e == s:
                 continue
             mask = None if window is None else causal_mask(e - s, e - s, q.device, window)
+            if softcap is not None:
+                scores = q[s:e].transpose(0, 1) @ k[s:e].transpose(0, 1).transpose(1, 2) / 8.0  # 1/√64
+                scores = (torch.tanh(scores / softcap) * softcap).masked_fill(
+                    ~causal_mask(e - s, e - s, q.device, window), float("-inf"))
+                outs.append((scores.softmax(-1) @ v[s:e].transpose(0, 1)).transpose(0, 1).reshape(e - s, -1))
+                continue
             outs.append(torch.nn.functional.scaled_dot_product_attention(
                 q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), attn_mask=mask,
                 is_causal=mask is None,
@@ -76,6 +83,13 @@ def test_packed_sliding_window_attention_matches_fp32_per_sequence(generator):
     """torch's flash attention with ``window_size=(W - 1, 0)`` is HF's window of W keys, restarting per sequence."""
     worst, _ = _packed_gqa_attention_error(generator, "torch", window=WINDOW)
     assert worst <= 2e-2, f"torch's flash attention, window {WINDOW}: {worst:.2e}"
+
+
+def test_packed_softcapped_attention_matches_fp32_per_sequence(generator):
+    """Softcapped scores (a cap the scores reach) over a sliding window: no flash kernel here softcaps in backward,
+    so the module attends per sequence with materialized scores, whatever ``attention_kernel`` asks for."""
+    worst, _ = _packed_gqa_attention_error(generator, "auto", window=WINDOW, softcap=2.0)
+    assert worst <= 2e-2, f"softcapped attention, window {WINDOW}: {worst:.2e}"
 
 
 def test_packed_sliding_window_flash_attn4_matches_fp32_per_sequence(generator, flash_attn4):

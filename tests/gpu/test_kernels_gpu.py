@@ -81,10 +81,33 @@ def test_triton_cross_entropy_with_gradient_matches_autograd(cross_entropy):
     assert worst_rel([(losses, cross_entropy.losses), (grad.float(), cross_entropy.grad.float())]) <= 2e-2
 
 
-def test_loss_head_matches_fp32_autograd(generator):
+SOFTCAP = 5.0  # Gemma 2's final-logit softcapping, a cap the logits here (std 3) often reach
+
+
+@pytest.mark.parametrize("kernel", ["triton", "compiled"])
+def test_softcapped_cross_entropy_with_gradient_matches_autograd(cross_entropy, kernel):
+    """The frozen-output-weight loss head's cross-entropy of softcapped logits (the cap inside the kernel) against
+    autograd through the eager cap and cross-entropy in fp32."""
+    from nemo_customizer.models.loss import _cross_entropy_fp32, _fused_cross_entropy_and_grad, \
+        _kernel_cross_entropy_and_grad
+
+    logits = cross_entropy.logits.detach().requires_grad_()
+    expected = _cross_entropy_fp32(logits, cross_entropy.targets, softcap=SOFTCAP)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    if kernel == "triton":
+        losses, grad = _kernel_cross_entropy_and_grad()(logits.detach(), cross_entropy.targets, softcap=SOFTCAP)
+    else:
+        losses, grad = _fused_cross_entropy_and_grad.compiled(softcap=SOFTCAP)(logits.detach(), cross_entropy.targets)
+    uncapped, _ = _kernel_cross_entropy_and_grad()(logits.detach(), cross_entropy.targets)
+    assert worst_rel([(uncapped, expected.detach())]) > 0.1  # the cap changes the losses
+    assert worst_rel([(losses, expected.detach()), (grad.float(), expected_grad.float())]) <= 2e-2
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["uncapped", "softcapped"])
+def test_loss_head_matches_fp32_autograd(generator, softcap):
     """The training loss head on CUDA (bf16, the Triton cross-entropy, gradients computed in forward chunk by chunk)
     with a trained output weight and position weights, against fp32 autograd over the whole logits: losses, d_hidden,
-    d_weight."""
+    d_weight; with Gemma 2's softcapped logits too."""
     from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
     from nemo_customizer.models.loss import masked_token_losses
 
@@ -95,12 +118,15 @@ def test_loss_head_matches_fp32_autograd(generator):
     position_weights = (torch.rand(tokens, generator=generator) > 0.1).float().cuda()  # 0: a graph's padding
     layout = initialize_parallel(tensor_parallel_size=1, pipeline_parallel_size=1, device=torch.device("cuda"), seed=0)
     try:
-        losses = masked_token_losses(hidden, targets, weight, position_weights)
+        losses = masked_token_losses(hidden, targets, weight, position_weights, softcap=softcap)
         ours = [losses, *torch.autograd.grad(losses.sum(), (hidden, weight))]
     finally:
         destroy_parallel(layout)
     hidden32, weight32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
-    reference = torch.nn.functional.cross_entropy(hidden32 @ weight32.t(), targets, reduction="none") * position_weights
+    logits = hidden32 @ weight32.t()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    reference = torch.nn.functional.cross_entropy(logits, targets, reduction="none") * position_weights
     expected = [reference, *torch.autograd.grad(reference.sum(), (hidden32, weight32))]
     assert worst_rel((a.float(), b) for a, b in zip(ours, expected)) <= 2e-2
 
