@@ -56,7 +56,11 @@ def hf_config(arch: ArchitectureConfig):
     for key in ("query_pre_attn_scalar", "rope_local_base_freq"):  # Gemma 3
         if getattr(arch, key) is not None:
             kwargs[key] = getattr(arch, key)
-    if arch.rope_scaling is not None:
+    if arch.rope_scaling is not None and arch.rope_scaling.rope_type == "longrope":  # Phi-3
+        s = arch.rope_scaling
+        kwargs["rope_scaling"] = dict(rope_type="longrope", short_factor=s.short_factor, long_factor=s.long_factor)
+        kwargs["original_max_position_embeddings"] = s.original_max_position_embeddings  # Phi3Config's own key
+    elif arch.rope_scaling is not None:
         s = arch.rope_scaling
         kwargs["rope_scaling"] = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
                                       high_freq_factor=s.high_freq_factor,
