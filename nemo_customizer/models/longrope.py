@@ -23,7 +23,7 @@ The attention factor multiplies queries and keys alike, so the family folds its 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -49,30 +49,34 @@ class LongRoPE(torch.nn.Module):
         self.original_max_position_embeddings = scaling.original_max_position_embeddings
         self.long = RotaryEmbedding(kv_channels=kv_channels, rotary_percent=1.0, use_cpu_initialization=True)
         self.long.inv_freq = inverse_frequencies(arch.rope_theta, kv_channels, scaling.long_factor).to(device)
-        self._rows_past_original: Optional[torch.Tensor] = None  # [b] bool, for the next table() only
+        # for the next table() only: None (no KV cache), or whether the rows are past the original context (one
+        # bool for all, or [b] on the device where rows have their own lengths)
+        self._past_original: Union[None, bool, torch.Tensor] = None
 
     def select_rows(self, attention_mask: Optional[torch.Tensor], inference_context, new_tokens: int) -> None:
         """Before a forward: with a KV cache, each row's choice from its tokens so far; without one, none (the
         table then follows the batch's width)."""
-        self._rows_past_original = None
+        self._past_original = None
         if inference_context is None:
             return
         total = inference_context.sequence_len_offset + new_tokens
-        lengths = torch.full((1,), total, dtype=torch.long)
-        if attention_mask is not None:  # mcore's mask: True where a key may not be seen (before a row's tokens)
-            hidden = attention_mask[..., -1, :total]  # the last query's row: [b, 1, keys]
-            lengths = total - hidden.reshape(hidden.shape[0], -1).sum(-1)
-        self._rows_past_original = lengths > self.original_max_position_embeddings
+        if attention_mask is None:  # every row holds all ``total`` tokens
+            self._past_original = total > self.original_max_position_embeddings
+            return
+        hidden = attention_mask[..., -1, :total]  # mcore's mask, True = not seen: the last query's row [b, 1, keys]
+        lengths = total - hidden.reshape(hidden.shape[0], -1).sum(-1)  # [b] the keys before a row's tokens left out
+        self._past_original = lengths > self.original_max_position_embeddings
 
     def table(self, short: torch.Tensor) -> torch.Tensor:
         """The RoPE table for this forward: ``short`` is mcore's ``[s, 1, 1, head_dim]`` (s: the width, or the KV
         cache's capacity); returns it, the long table, or ``[s, b, 1, head_dim]`` with each row's own."""
-        rows, self._rows_past_original = self._rows_past_original, None
+        past, self._past_original = self._past_original, None
         length = short.shape[0]
-        if rows is None:
-            return self.long(length) if length > self.original_max_position_embeddings else short
-        long = self.long(length)
-        return torch.where(rows.to(short.device)[None, :, None, None], long, short)  # [s, b, 1, head_dim]
+        if past is None:
+            past = length > self.original_max_position_embeddings
+        if isinstance(past, bool):
+            return self.long(length) if past else short
+        return torch.where(past[None, :, None, None], self.long(length), short)  # [s, b, 1, head_dim]
 
     def packed(self, short: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                max_seqlen: int) -> torch.Tensor:
