@@ -210,7 +210,7 @@ def _check_flash_attn4(cfg: Config) -> None:
 def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
     """Resolve the checkpoint, read and validate every dataset row, tokenize (no megatron, no process group)."""
     from nemo_customizer.checkpoints.resolve import load_tokenizer, resolve_model
-    from nemo_customizer.config.families import check_lora_targets
+    from nemo_customizer.config.families import check_lora_targets, lora_targets
     from nemo_customizer.config.validate import check_softcapped_attention
     from nemo_customizer.data import DatasetError, load_dataset, tokenize_examples
     from nemo_customizer.data.store import resolve_dataset_path
@@ -222,6 +222,10 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
     arch = cfg.model.architecture  # model=hf: the family is known only now; its LoRA names too
     check_lora_targets(hp.lora.target_modules, arch.architectures, arch.model_type)
     check_softcapped_attention(cfg.model, hp)
+    # An unset target list becomes the family's default here, so the job's resolved config names what trains.
+    hp = dataclasses.replace(hp, lora=dataclasses.replace(hp.lora, target_modules=lora_targets(
+        hp.lora.target_modules, arch.architectures, arch.model_type)))
+    cfg = dataclasses.replace(cfg, hyperparameters=hp)
     tokenizer = load_tokenizer(resolved.tokenizer_dir, cfg.model.chat_template)
     splits = load_dataset(dataset_path, cfg.dataset.val_fraction, hp.seed,
                           max_val_examples=cfg.dataset.max_val_examples)

@@ -63,7 +63,11 @@ def hf_config(arch: ArchitectureConfig):
                       layer_types=list(arch.layer_types or [
                           "full_attention" if arch.sliding_window is None else "sliding_attention"]
                           * arch.num_hidden_layers))
-    if arch.rope_scaling is not None:
+    if arch.rope_scaling is not None and arch.rope_scaling.rope_type == "longrope":  # Phi-3
+        s = arch.rope_scaling
+        kwargs["rope_scaling"] = dict(rope_type="longrope", short_factor=s.short_factor, long_factor=s.long_factor)
+        kwargs["original_max_position_embeddings"] = s.original_max_position_embeddings  # Phi3Config's own key
+    elif arch.rope_scaling is not None:
         s = arch.rope_scaling
         kwargs["rope_scaling"] = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
                                       high_freq_factor=s.high_freq_factor,

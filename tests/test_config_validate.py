@@ -66,6 +66,12 @@ def test_llama_models_are_valid_given_a_checkpoint(name):
     ("model.pipeline_parallel_size=3", "pipeline_parallel_size=3 does not divide"),
     ("model.checkpoint=/ckpt", "model.checkpoint and model.random_weights=true are both set"),
     ("model.random_weights=false", "has no weights: pass model.checkpoint="),
+    # LlamaForCausalLM has no window in transformers: the export would attend to keys training did not see
+    ("model.architecture.sliding_window=8",
+     "model.architecture.sliding_window=8: LlamaForCausalLM has no sliding-window attention.*MistralForCausalLM"),
+    ("model.architecture.architectures=[Phi3ForCausalLM] model.architecture.sliding_window=8 "
+     "model.architecture.layer_types=[sliding_attention,full_attention]",
+     "layer_types mixes windowed and full layers, but Phi3ForCausalLM windows every layer alike"),
 ])
 def test_each_mistake_is_reported(override, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
@@ -92,6 +98,49 @@ def test_tp_with_sequence_parallel_is_valid():
 def test_batch_size_not_multiple_of_16_only_warns():
     with pytest.warns(ConfigWarning, match="batch_size=12 is not a multiple of 16"):
         _validate("hyperparameters.batch_size=12", "hyperparameters.micro_batch_size=4")
+
+
+def test_windows_of_families_that_have_them_are_valid():
+    _validate("model.architecture.architectures=[MistralForCausalLM]", "model.architecture.sliding_window=8")
+    _validate("model.architecture.architectures=[Qwen2ForCausalLM]", "model.architecture.sliding_window=8",
+              "model.architecture.layer_types=[full_attention,sliding_attention]")
+    _validate("model.architecture.architectures=[Phi3ForCausalLM]", "model.architecture.sliding_window=8",
+              "hyperparameters.lora.target_modules=[qkv_proj]")
+
+
+def test_unset_lora_targets_are_the_familys_query_and_value_projections():
+    from nemo_customizer.config.families import lora_targets
+
+    llama = compose_config(BASE)
+    assert llama.hyperparameters.lora.target_modules is None  # unset: filled in once the family is known
+    validate_config(llama)
+    assert lora_targets(None, ["LlamaForCausalLM"]) == ["q_proj", "v_proj"]
+    assert lora_targets(None, ["Qwen3ForCausalLM"]) == ["q_proj", "v_proj"]
+    assert lora_targets(None, ["Phi3ForCausalLM"]) == ["qkv_proj"]  # Phi-3's q, k and v are one HF module
+    assert lora_targets(["o_proj"], ["Phi3ForCausalLM"]) == ["o_proj"]  # a list the user set stays as it is
+
+
+def test_longrope_only_for_phi3_and_with_a_factor_per_frequency():
+    from nemo_customizer.config.schema import ArchitectureConfig, RopeScalingConfig
+    from nemo_customizer.config.validate import validate_architecture
+
+    def arch(name, **rope):  # head_dim 16: 8 rotary frequencies
+        return ArchitectureConfig(architectures=[name], rope_scaling=RopeScalingConfig(**{"rope_type": "longrope",
+                                                                                          **rope}))
+
+    good = dict(original_max_position_embeddings=32, short_factor=[1.0] * 8, long_factor=[2.0] * 8)
+    validate_architecture(arch("Phi3ForCausalLM", **good))
+    for name, rope, pattern in [
+        ("LlamaForCausalLM", good, "rope_type='longrope' is not supported for LlamaForCausalLM.*Phi-3 only"),
+        ("Phi3ForCausalLM", dict(rope_type="llama3"), "rope_type='llama3' is not supported for Phi3ForCausalLM; "
+                                                      "use longrope"),
+        ("Phi3ForCausalLM", {}, r"rope_scaling.short_factor must list 8 positive numbers .* got none.*model=hf"),
+        ("Phi3ForCausalLM", dict(good, long_factor=[2.0] * 48), "long_factor must list 8 .* got 48 numbers"),
+        ("Phi3ForCausalLM", dict(good, short_factor=[0.0] * 8), "short_factor must list 8 positive numbers"),
+        ("Phi3ForCausalLM", dict(good, attention_factor=0.0), "attention_factor must be greater than 0"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern):
+            validate_architecture(arch(name, **rope))
 
 
 def test_megatron_target_names_are_accepted():

@@ -105,7 +105,15 @@ def hf_config_dict(arch: ArchitectureConfig, source_dir: Optional[Path] = None) 
         # max_window_layers default. (A Mistral config.json with layer_types loads as Ministral, which is right then.)
         config["use_sliding_window"] = True
         config["layer_types"] = list(arch.layer_types or ["sliding_attention"] * arch.num_hidden_layers)
-    if arch.rope_scaling is not None:
+    if arch.rope_scaling is not None and arch.rope_scaling.rope_type == "longrope":
+        s = arch.rope_scaling
+        config["rope_scaling"] = {"rope_type": "longrope", "short_factor": list(s.short_factor),
+                                  "long_factor": list(s.long_factor)}
+        if s.attention_factor is not None:
+            config["rope_scaling"]["attention_factor"] = s.attention_factor
+        # Phi3Config reads this top-level key (4096 where absent), not the one in the rope dict
+        config["original_max_position_embeddings"] = s.original_max_position_embeddings
+    elif arch.rope_scaling is not None:
         s = arch.rope_scaling
         config["rope_scaling"] = {"rope_type": s.rope_type, "factor": s.factor}
         if s.rope_type == "llama3":

@@ -44,10 +44,20 @@ class Family:
     projections: Mapping[str, Tuple[str, ...]] = field(default_factory=lambda: SEPARATE_PROJECTIONS, hash=False)
     """The HF module names of each Megatron linear (what LoRA ``target_modules`` may name)."""
     sliding_window: bool = False
-    """config.json's ``sliding_window`` bounds attention unless null (Mistral; transformers assumes 4096 where the
-    key is absent). Other families read a window only under ``use_sliding_window: true`` (Qwen2)."""
+    """config.json's ``sliding_window`` bounds attention unless null (Mistral, Phi-3, Gemma 3). Other families read
+    a window only under ``use_sliding_window: true`` (Qwen2, Qwen3), or never (``windows="none"``: Llama)."""
+    absent_window: Optional[int] = 4096
+    """The window transformers' config class assumes where config.json has no ``sliding_window`` key (Mistral,
+    Qwen2, Qwen3: 4096; Phi-3: none)."""
+    windows: str = "per_layer"
+    """The sliding windows the family's transformers class runs, and so what an export can carry: ``per_layer``
+    (on the layers ``layer_types`` names, or all), ``every_layer`` (one window on every layer or none: Phi-3) or
+    ``none`` (Llama: transformers ignores a ``sliding_window`` key)."""
     sandwich_norms: bool = False
     """RMSNorms on the attention and MLP outputs too, before each residual add (Gemma): four per layer, not two."""
+    default_lora_targets: Tuple[str, ...] = ("q_proj", "v_proj")
+    """What LoRA adapts when ``hyperparameters.lora.target_modules`` is not set: the query and value projections,
+    under the family's HF names (Phi-3's are one fused ``qkv_proj``)."""
     text_architecture: Optional[str] = None
     """Set for an image-text architecture (Gemma 3 4B and larger): the text-only architecture of the same text
     model, which is what we build. config.json nests the text model's keys under ``text_config``; its weights sit
@@ -60,12 +70,13 @@ class Family:
 
 
 ARCHITECTURES: dict[str, Family] = {
-    "LlamaForCausalLM": Family("llama", "llama"),
+    "LlamaForCausalLM": Family("llama", "llama", windows="none"),
     "MistralForCausalLM": Family("mistral", "mistral", sliding_window=True),
     "MinistralForCausalLM": Family("mistral", "ministral", sliding_window=True),
     "Qwen2ForCausalLM": Family("qwen2", "qwen2", qkv_bias=True),
     "Qwen3ForCausalLM": Family("qwen3", "qwen3", qk_norm=True),
-    "Phi3ForCausalLM": Family("phi3", "phi3", projections=FUSED_PROJECTIONS),  # Phi-3, Phi-3.5, Phi-4
+    "Phi3ForCausalLM": Family("phi3", "phi3", projections=FUSED_PROJECTIONS, sliding_window=True, absent_window=None,
+                              windows="every_layer", default_lora_targets=("qkv_proj",)),  # Phi-3, Phi-3.5, Phi-4
     "Gemma2ForCausalLM": Family("gemma2", "gemma2", sliding_window=True, sandwich_norms=True),
     "Gemma3ForCausalLM": Family("gemma3", "gemma3_text", qk_norm=True, sliding_window=True, sandwich_norms=True),
     # Gemma 3 4B and larger: the text model trains, the vision tower rides along unchanged.
@@ -106,12 +117,27 @@ def lora_target_names(family: Family) -> List[str]:
     return [name for names in family.projections.values() for name in names]
 
 
-def check_lora_targets(target_modules: Sequence[str], architectures: Sequence[str], model_type: Optional[str] = None,
-                       *, source: str = "hyperparameters.lora.target_modules") -> None:
-    """A ConfigError naming the first module this family does not have, and the ones it has."""
+def lora_targets(target_modules: Optional[Sequence[str]], architectures: Sequence[str],
+                 model_type: Optional[str] = None) -> List[str]:
+    """``hyperparameters.lora.target_modules`` as given, or the family's default where it is None (not set)."""
+    if target_modules is not None:
+        return list(target_modules)
+    return list(family_of(architectures, model_type).default_lora_targets)
+
+
+def window_families() -> str:
+    """The supported architectures whose transformers class runs a sliding window (for error messages)."""
+    return ", ".join(sorted(name for name, family in ARCHITECTURES.items() if family.windows != "none"))
+
+
+def check_lora_targets(target_modules: Optional[Sequence[str]], architectures: Sequence[str],
+                       model_type: Optional[str] = None, *,
+                       source: str = "hyperparameters.lora.target_modules") -> None:
+    """A ConfigError naming the first module this family does not have, and the ones it has (None: the family's
+    default, which it has)."""
     family = family_of(architectures, model_type)
     hf_names = lora_target_names(family)
-    for name in target_modules:
+    for name in target_modules or ():
         if name not in hf_names and name not in family.projections:
             raise ConfigError(f"{source} has unknown module {name!r} for {', '.join(architectures) or model_type}; "
                               f"use its HF names ({', '.join(hf_names)}) or Megatron names "

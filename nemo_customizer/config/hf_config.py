@@ -14,21 +14,19 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .families import family_of, usual_model_type
+from .families import Family, family_of, usual_model_type
 from .hf_gemma2 import gemma2_fields
 from .hf_gemma3 import gemma3_fields, image_text_config
 from .schema import ArchitectureConfig, ModelConfig, RopeScalingConfig
 
 # transformers' config defaults for keys a config.json may leave out.
 _HF_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-                "tie_word_embeddings": False, "sliding_window": 4096,
-                "max_window_layers": 28}
+                "tie_word_embeddings": False, "max_window_layers": 28}
 _REQUIRED = ("architectures", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
              "vocab_size")
 _SHOWN_CONFLICTS = 3
-_LONGROPE = ("; Phi-3.5 and the Phi-3 128k checkpoints use it (its short and long factors are not built yet): use "
-             "a checkpoint without rope_scaling, such as Phi-4")
-_ROPE_HINTS = {"longrope": _LONGROPE, "su": _LONGROPE}
+_PHI3_ORIGINAL_CONTEXT = 4096  # Phi3Config's original_max_position_embeddings where config.json has none
+_LONGROPE_TYPES = ("longrope", "su")  # Phi3Config reads the older name "su" as longrope
 # Families whose config.json has keys of their own, by family module: the reader of those keys. Gemma 3 reads its own
 # RoPE (two bases); Gemma 2 and Gemma 3 read their own window layout.
 _FAMILY_KEYS = {"gemma2": gemma2_fields, "gemma3": gemma3_fields}
@@ -66,12 +64,12 @@ def architecture_from_hf(data: Mapping[str, Any], source: str = "config.json") -
     if "rope_theta" in family_fields:
         rope_theta, rope_scaling = family_fields.pop("rope_theta"), family_fields.pop("rope_scaling")
     else:
-        rope_theta, rope_scaling = _rope(data, source)
+        rope_theta, rope_scaling = _rope(data, source, phi3=family.module == "phi3")
     if "layer_types" in family_fields:
         sliding_window, layer_types = normalize_windows(family_fields.pop("sliding_window"),
                                                         family_fields.pop("layer_types"))
     else:
-        sliding_window, layer_types = _windows(data, family.sliding_window, source)
+        sliding_window, layer_types = _windows(data, family, source)
     eos = data.get("eos_token_id")
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else None
     heads = data["num_attention_heads"]
@@ -113,31 +111,29 @@ def _refuse_unsupported_options(data: Mapping[str, Any], source: str, reads_hidd
 
 
 def _refuse_unsupported_phi3_options(data: Mapping[str, Any], source: str) -> None:
-    """Phi3Config keys our layers do not build (its ``rope_scaling`` types are refused by :func:`_rope`)."""
+    """Phi3Config keys our layers do not build (its ``rope_scaling`` types are checked by :func:`_rope`)."""
     rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
     partial = rope.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor={partial} (RoPE on part of each head, as in Phi-4-mini) "
                           "is not supported; only 1.0.")
-    window, context = data.get("sliding_window"), data.get("max_position_embeddings", _HF_DEFAULTS[
-        "max_position_embeddings"])
-    if window is not None and window < context:  # Phi-3.5-mini's 262144 never binds; Phi-3-mini-4k's 2047 does
-        raise ConfigError(f"{source}: sliding_window={window} is shorter than max_position_embeddings={context}; "
-                          "sliding-window attention is not supported for Phi-3 here.")
 
 
-def _windows(data: Mapping[str, Any], family_windows: bool, source: str) -> tuple[int | None, list[str] | None]:
-    """``(sliding_window, layer_types)`` as transformers builds the model: Mistral's ``sliding_window`` (its default
-    where absent), Qwen2's ``use_sliding_window`` switch and ``max_window_layers`` (layers from that index on are
-    windowed), or explicit ``layer_types``. Normalized so that equal models compare equal: no window where no layer
-    has one, and ``layer_types`` only where some layer attends fully."""
-    on = bool(data["use_sliding_window"]) if "use_sliding_window" in data else family_windows
-    window = data.get("sliding_window", _HF_DEFAULTS["sliding_window"]) if on else None
+def _windows(data: Mapping[str, Any], family: Family, source: str) -> tuple[int | None, list[str] | None]:
+    """``(sliding_window, layer_types)`` as transformers builds the model: Mistral's and Phi-3's ``sliding_window``
+    (Mistral's default where absent), Qwen2's ``use_sliding_window`` switch and ``max_window_layers`` (layers from
+    that index on are windowed), or explicit ``layer_types``; Llama never has one. Normalized so that equal models
+    compare equal: no window where no layer has one, and ``layer_types`` only where some layer attends fully."""
+    if family.windows == "none":  # LlamaForCausalLM ignores the keys, so the model has no window
+        return None, None
+    per_layer = family.windows == "per_layer"  # else Phi3Config: no switch, no layer types; its window binds if set
+    on = bool(data["use_sliding_window"]) if per_layer and "use_sliding_window" in data else family.sliding_window
+    window = data.get("sliding_window", family.absent_window) if on else None
     if window is None:
         return None, None
     layers = data["num_hidden_layers"]
-    types = data.get("layer_types")
-    if types is None and "use_sliding_window" in data:  # Qwen2/Qwen3's config classes default to 28
+    types = data.get("layer_types") if per_layer else None
+    if types is None and per_layer and "use_sliding_window" in data:  # Qwen2/Qwen3's config classes default to 28
         first = data.get("max_window_layers", _HF_DEFAULTS["max_window_layers"])
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     if types is not None and (len(types) != layers or set(types) - {"sliding_attention", "full_attention"}):
@@ -156,8 +152,9 @@ def normalize_windows(window: int | None, types: list[str] | None) -> tuple[int 
     return window, list(types)
 
 
-def _rope(data: Mapping[str, Any], source: str) -> tuple[float, RopeScalingConfig | None]:
-    """``rope_theta`` + ``rope_scaling`` (transformers 4) or one ``rope_parameters`` dict (transformers 5)."""
+def _rope(data: Mapping[str, Any], source: str, *, phi3: bool = False) -> tuple[float, RopeScalingConfig | None]:
+    """``rope_theta`` + ``rope_scaling`` (transformers 4) or one ``rope_parameters`` dict (transformers 5).
+    ``phi3``: the scaling is longrope, the only kind Phi3Config accepts."""
     params = data.get("rope_parameters")
     if params is not None:
         theta, scaling = params.get("rope_theta", data.get("rope_theta")), params
@@ -167,10 +164,48 @@ def _rope(data: Mapping[str, Any], source: str) -> tuple[float, RopeScalingConfi
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return theta, None
-    if kind != "llama3":
-        raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (only llama3){_ROPE_HINTS.get(kind, '')}.")
-    fields = {f.name for f in dataclasses.fields(RopeScalingConfig)} - {"rope_type"}
+    if phi3 and kind in _LONGROPE_TYPES:
+        return theta, _longrope(data, scaling, source)
+    if kind != "llama3" or phi3:
+        raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported "
+                          f"({'Phi-3: only longrope' if phi3 else 'only llama3'}).")
+    fields = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
     return theta, RopeScalingConfig(rope_type="llama3", **{k: scaling[k] for k in fields if k in scaling})
+
+
+def _longrope(data: Mapping[str, Any], scaling: Mapping[str, Any], source: str) -> RopeScalingConfig:
+    """Phi-3's longrope as Phi3Config reads it: the top-level ``original_max_position_embeddings`` (4096 where
+    absent) wins over the one in the rope dict; an explicit ``factor`` only sets the default attention factor."""
+    for key in ("short_factor", "long_factor"):
+        factors = scaling.get(key)
+        if not isinstance(factors, list) or not all(isinstance(x, (int, float)) for x in factors):
+            raise ConfigError(f"{source}: rope_scaling.{key} must be a list of numbers for longrope; got {factors!r}.")
+    original = int(data.get("original_max_position_embeddings", _PHI3_ORIGINAL_CONTEXT))
+    attention = scaling.get("attention_factor")
+    if attention is None and scaling.get("factor") is not None:
+        attention = longrope_attention_factor(float(scaling["factor"]), original)
+    return RopeScalingConfig(rope_type="longrope", original_max_position_embeddings=original,
+                             short_factor=[float(x) for x in scaling["short_factor"]],
+                             long_factor=[float(x) for x in scaling["long_factor"]],
+                             attention_factor=None if attention is None else float(attention))
+
+
+def longrope_attention_factor(factor: float, original_max_position_embeddings: int) -> float:
+    """transformers' default longrope attention factor for a context extended ``factor`` times."""
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(original_max_position_embeddings))
+
+
+def longrope_attention_scale(arch: ArchitectureConfig) -> float:
+    """What longrope multiplies cos and sin by for ``arch`` (1 without longrope)."""
+    scaling = arch.rope_scaling
+    if scaling is None or scaling.rope_type != "longrope":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    original = scaling.original_max_position_embeddings
+    return longrope_attention_factor(arch.max_position_embeddings / original, original)
 
 
 def merge_checkpoint_architecture(model: ModelConfig, checkpoint_arch: ArchitectureConfig,
@@ -180,8 +215,8 @@ def merge_checkpoint_architecture(model: ModelConfig, checkpoint_arch: Architect
     Raises ConfigError listing every key whose YAML value differs from ``source`` (the checkpoint's config.json).
     """
     ours, theirs = _comparable(model.architecture), _comparable(checkpoint_arch)
-    conflicts = [f"model.architecture.{key} is {ours[key]!r} in the model YAML but {theirs[key]!r} in the "
-                 "checkpoint" for key in ours if not _same(ours[key], theirs[key])]
+    conflicts = [f"model.architecture.{key} is {_brief(ours[key])} in the model YAML but {_brief(theirs[key])} in "
+                 "the checkpoint" for key in ours if not _same(ours[key], theirs[key])]
     if conflicts:
         shown = "; ".join(conflicts[:_SHOWN_CONFLICTS])
         more = f" (and {len(conflicts) - _SHOWN_CONFLICTS} more)" if len(conflicts) > _SHOWN_CONFLICTS else ""
@@ -203,6 +238,12 @@ def _comparable(arch: ArchitectureConfig) -> dict[str, Any]:
     return values
 
 
+def _brief(value: Any, limit: int = 120) -> str:
+    """``repr(value)``, cut short (longrope's factor lists would fill the screen)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
@@ -221,5 +262,5 @@ def _pick_model(arch: ArchitectureConfig) -> str:
         ours = _comparable(model.architecture)
         if all(_same(ours[key], target[key]) for key in ours):
             return f"use model={model.name} for this checkpoint."
-    return ("pick the model name whose architecture matches this checkpoint, or add a conf/model/<name>.yaml "
+    return ("use model=hf, which takes the whole architecture from config.json, or add a conf/model/<name>.yaml "
             "with the values of its config.json.")

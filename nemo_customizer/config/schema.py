@@ -15,14 +15,25 @@ MISSING_PATH = "???"
 
 @dataclass
 class RopeScalingConfig:
-    """RoPE frequency scaling, in HF ``config.json`` terms: ``llama3`` (Llama-3.1 and later), or ``linear`` (every
-    frequency divided by ``factor``; Gemma 3's global layers), which reads only ``factor``."""
+    """RoPE frequency scaling, in HF ``config.json`` terms: ``llama3`` (Llama-3.1 and later); ``linear`` (every
+    frequency divided by ``factor``; Gemma 3's global layers), which reads only ``factor``; or ``longrope`` (Phi-3.5,
+    the Phi-3 128k checkpoints: ``models.longrope``), which reads ``short_factor``, ``long_factor``,
+    ``original_max_position_embeddings`` and ``attention_factor``."""
 
     rope_type: str = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: Optional[List[float]] = None
+    """longrope: per rotary frequency, what it is divided by in a sequence of at most
+    ``original_max_position_embeddings`` tokens (head_dim / 2 numbers)."""
+    long_factor: Optional[List[float]] = None
+    """longrope: the same for a longer sequence."""
+    attention_factor: Optional[float] = None
+    """longrope: what cos and sin are multiplied by (every attention score by its square), at any length. ``None``:
+    transformers' default, ``sqrt(1 + ln(s) / ln(original_max_position_embeddings))`` with ``s =
+    max_position_embeddings / original_max_position_embeddings`` (1 where ``s <= 1``)."""
 
 
 @dataclass
@@ -50,7 +61,8 @@ class ArchitectureConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
     sliding_window: Optional[int] = None
-    """Sliding-window attention (Mistral, Qwen2 with ``use_sliding_window``): a query at position i attends keys
+    """Sliding-window attention (Mistral, Phi-3, Qwen2 with ``use_sliding_window``; not Llama, whose transformers
+    class has none): a query at position i attends keys
     j with ``i - sliding_window < j <= i`` of its own sequence, as in transformers. ``None``: the whole sequence."""
     layer_types: Optional[List[str]] = None
     """Per layer, HF's ``sliding_attention`` or ``full_attention``: which layers use ``sliding_window`` (interleaved
@@ -120,9 +132,11 @@ class LoraConfig:
     alpha: float = 16.0
     """Scale numerator: the update is multiplied by ``alpha / adapter_dim``."""
     adapter_dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """HF names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or Megatron names (linear_qkv,
-    linear_proj, linear_fc1, linear_fc2); a Megatron fused name stands for all of its HF parts."""
+    target_modules: Optional[List[str]] = None
+    """HF names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Phi-3: qkv_proj, o_proj,
+    gate_up_proj, down_proj) or Megatron names (linear_qkv, linear_proj, linear_fc1, linear_fc2); a Megatron fused
+    name stands for all of its HF parts. ``None``: the family's query and value projections (q_proj, v_proj; Phi-3,
+    whose query, key and value are one HF module: qkv_proj), filled in once the model's family is known."""
 
 
 @dataclass

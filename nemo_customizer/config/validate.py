@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 
 from .errors import ConfigError, ConfigWarning
-from .families import ARCHITECTURES, check_lora_targets, family_of, lora_target_names
+from .families import ARCHITECTURES, Family, check_lora_targets, family_of, lora_target_names, window_families
 from .schema import (ATTENTION_KERNELS, MISSING_PATH, RECOMPUTE_MODULES, ArchitectureConfig, Config,
                      HyperparametersConfig, ModelConfig, ServingConfig)
 
@@ -140,8 +140,11 @@ def _validate_lora(hp: HyperparametersConfig, model: ModelConfig) -> None:
     _positive("hyperparameters.lora.alpha", lora.alpha)
     if not 0.0 <= lora.adapter_dropout < 1.0:
         raise ConfigError(f"hyperparameters.lora.adapter_dropout must be in [0, 1), got {lora.adapter_dropout}.")
+    if lora.target_modules is None:  # the family's default (families.lora_targets), valid by construction
+        return
     if not lora.target_modules:
-        raise ConfigError("hyperparameters.lora.target_modules is empty; list modules such as [q_proj,v_proj].")
+        raise ConfigError("hyperparameters.lora.target_modules is empty; list modules such as [q_proj,v_proj], or "
+                          "leave it unset for the family's default.")
     known = HF_TARGET_MODULES + MEGATRON_TARGET_MODULES
     for name in lora.target_modules:
         if name not in known:
@@ -188,7 +191,7 @@ def validate_model(model: ModelConfig) -> None:
 
 def validate_architecture(arch: ArchitectureConfig, prefix: str = "model.architecture") -> None:
     """A supported family and consistent shapes (also applied to a checkpoint's config.json)."""
-    family_of(arch.architectures, arch.model_type, source=f"{prefix}.architectures")
+    family = family_of(arch.architectures, arch.model_type, source=f"{prefix}.architectures")
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size", "max_position_embeddings"):
         _at_least(f"{prefix}.{key}", getattr(arch, key), 1)
@@ -205,19 +208,48 @@ def validate_architecture(arch: ArchitectureConfig, prefix: str = "model.archite
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(arch, key) is not None:
             _positive(f"{prefix}.{key}", getattr(arch, key))
-    _validate_windows(arch, prefix)
-    if arch.rope_scaling is not None and arch.rope_scaling.rope_type not in ("llama3", "linear"):
-        raise ConfigError(f"{prefix}.rope_scaling.rope_type={arch.rope_scaling.rope_type!r} is not supported; "
-                          "only llama3 and linear rope scaling are implemented.")
+    _validate_windows(arch, family, prefix)
+    if arch.rope_scaling is not None:
+        _validate_rope_scaling(arch, family, prefix)
+
+
+def _validate_rope_scaling(arch: ArchitectureConfig, family: Family, prefix: str) -> None:
+    """A known rope type; longrope where the family's transformers class reads it, and only there (Phi-3, whose
+    class reads no other), with one short and one long factor per rotary frequency."""
+    scaling = arch.rope_scaling
+    kinds = ("longrope",) if family.module == "phi3" else ("llama3", "linear")
+    if scaling.rope_type not in kinds:
+        raise ConfigError(f"{prefix}.rope_scaling.rope_type={scaling.rope_type!r} is not supported for "
+                          f"{', '.join(arch.architectures)}; use {' or '.join(kinds)}"
+                          + (" (longrope: Phi-3 only)." if scaling.rope_type == "longrope" else "."))
+    if scaling.rope_type != "longrope":
+        return
+    _at_least(f"{prefix}.rope_scaling.original_max_position_embeddings", scaling.original_max_position_embeddings, 1)
+    frequencies = (arch.head_dim or arch.hidden_size // arch.num_attention_heads) // 2
+    for key in ("short_factor", "long_factor"):
+        factors = getattr(scaling, key)
+        if factors is None or len(factors) != frequencies or not all(f > 0 for f in factors):
+            got = "none" if factors is None else f"{len(factors)} numbers"
+            raise ConfigError(f"{prefix}.rope_scaling.{key} must list {frequencies} positive numbers (one per rotary "
+                              f"frequency, head_dim / 2) for longrope; got {got}. Copy it from the checkpoint's "
+                              "config.json, or use model=hf model.checkpoint=/path to read it from there.")
+    if scaling.attention_factor is not None:
+        _positive(f"{prefix}.rope_scaling.attention_factor", scaling.attention_factor)
 
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
-def _validate_windows(arch: ArchitectureConfig, prefix: str) -> None:
-    """A positive window, one known layer type per layer; layer types only with a window."""
+def _validate_windows(arch: ArchitectureConfig, family: Family, prefix: str) -> None:
+    """A positive window, one known layer type per layer; layer types only with a window; and only windows the
+    family's transformers class runs, else its export would attend differently from the trained model."""
     if arch.sliding_window is not None:
         _at_least(f"{prefix}.sliding_window", arch.sliding_window, 1)
+        if family.windows == "none":
+            raise ConfigError(f"{prefix}.sliding_window={arch.sliding_window}: {', '.join(arch.architectures)} has no "
+                              "sliding-window attention in transformers, so its export would attend to every key "
+                              f"where training did not; set {prefix}.sliding_window to null, or use a family that "
+                              f"has one ({window_families()}).")
     if arch.layer_types is None:
         return
     if arch.sliding_window is None:
@@ -226,6 +258,10 @@ def _validate_windows(arch: ArchitectureConfig, prefix: str) -> None:
     if len(arch.layer_types) != arch.num_hidden_layers or set(arch.layer_types) - set(LAYER_TYPES):
         raise ConfigError(f"{prefix}.layer_types must name one of {', '.join(LAYER_TYPES)} for each of the "
                           f"{arch.num_hidden_layers} layers; got {list(arch.layer_types)}.")
+    if family.windows == "every_layer" and len(set(arch.layer_types)) > 1:
+        raise ConfigError(f"{prefix}.layer_types mixes windowed and full layers, but {', '.join(arch.architectures)} "
+                          "windows every layer alike in transformers; set layer_types to null (every layer uses "
+                          f"{prefix}.sliding_window).")
 
 
 def model_source(model: ModelConfig) -> tuple[str, str | None]:

@@ -4,6 +4,10 @@
 requests as they arrive, so a new request starts decoding at the next step instead of waiting for a batch to drain.
 With adapters attached (``Generator.attach_adapters``) every forward first tells the model which adapter each row
 uses, so rows of different adapters share one decode step and one copy of the base weights.
+
+A longrope model (Phi-3.5: ``models.longrope``) rotates a sequence longer than its original context with other RoPE
+factors, which changes every layer's keys and values of the tokens before too: a row that grows past that length is
+prefilled again, alone and whole, once, so that its logits stay those of its whole sequence.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, List, Sequence, Tuple
 
 from nemo_customizer.inference._kv_cache import LiveKVCache, prefill
+from nemo_customizer.models.longrope import prefill_again_at
 
 if TYPE_CHECKING:
     from nemo_customizer.inference.generator import Generator, Row
@@ -32,6 +37,7 @@ class ContinuousBatch:
         self.rows: List["Row"] = []  # decoding now; rows[i] is row i of the cache
         self._joining: List[Tuple["Row", object]] = []  # prefilled (row, one-row cache), in the cache from next step
         self._cache = LiveKVCache(generator.device)
+        self._prefill_again_at = prefill_again_at(generator.model)  # a longrope row's length that switches its RoPE
 
     @property
     def free_slots(self) -> int:
@@ -56,6 +62,7 @@ class ContinuousBatch:
 
     def step(self) -> None:
         """Feed every live row its last token and choose the next; finished and cancelled rows leave first."""
+        self._prefill_rows_switching_rope()
         if self._joining or any(row.done for row in self.rows):
             self._rebuild()
         if not self.rows:
@@ -65,10 +72,26 @@ class ContinuousBatch:
         for row, row_logits in zip(self.rows, logits.float().cpu()):
             row.push(row_logits)
 
+    def _prefill_rows_switching_rope(self) -> None:
+        """Rows whose next forward would be the first over more tokens than a longrope model's original context:
+        prefilled again with every token so far (their next token chosen from that), joining as new rows."""
+        if self._prefill_again_at is None:
+            return
+        joining = {id(row): (row, context) for row, context in self._joining}
+        for row in self.rows + [row for row, _ in self._joining]:
+            if row.done or len(row.prompt_ids) + len(row.generated) != self._prefill_again_at:
+                continue
+            self._select([row])
+            logits, context = prefill(self.generator.model, row.prompt_ids + row.generated, self.generator.device)
+            row.push(logits.float().cpu())
+            joining[id(row)] = (row, context)  # replaces a joining row's own prefill
+        self._joining = list(joining.values())
+
     def _rebuild(self) -> None:
         # read each row's `done` once: another thread may cancel a row meanwhile, and the kept indices and the
         # row list must agree
-        keep = [(index, row) for index, row in enumerate(self.rows) if not row.done]
+        moving = {id(row) for row, _ in self._joining}  # rows prefilled again leave their old place in the cache
+        keep = [(index, row) for index, row in enumerate(self.rows) if not row.done and id(row) not in moving]
         joining = [(row, context) for row, context in self._joining if not row.done]
         rows = [row for _, row in keep] + [row for row, _ in joining]
         # the tokens each row may still feed back: its budget minus what it generated (the last is never fed)

@@ -22,9 +22,10 @@ from nemo_customizer.config.schema import ArchitectureConfig
 from nemo_customizer.models import llama
 from nemo_customizer.models.loss import masked_token_losses
 from nemo_customizer.models.registry import family_for
-from nemo_customizer.models.rope import PackedRotaryParams
 from nemo_customizer.models.layer_rope import stack_tables
 from nemo_customizer.models.softcap import softcap
+from nemo_customizer.models.longrope import LongRoPE, inverse_frequencies as longrope_inverse_frequencies
+from nemo_customizer.models.rope import PackedRotaryParams, token_angles
 from nemo_customizer.models.spec import LayerOptions, llama_block_spec
 
 
@@ -37,7 +38,8 @@ class CustomizerGPTModel(GPTModelHooks):
     Without labels it behaves like GPTModel (logits ``[b, s, vocab]``).
 
     A family's model may also scale the embeddings (``embedding_scale``: Gemma's √hidden), give its
-    sliding-window layers their own RoPE (``sliding_rotary_pos_emb``: Gemma 3, see ``models.layer_rope``) and
+    sliding-window layers their own RoPE (``sliding_rotary_pos_emb``: Gemma 3, see ``models.layer_rope``),
+    switch to a second RoPE table for long sequences (``long_rope``: Phi-3's longrope, see ``models.longrope``) and
     softcap its logits (``cap_logits``: Gemma 2).
     """
 
@@ -45,6 +47,7 @@ class CustomizerGPTModel(GPTModelHooks):
         super().__init__(*args, **kwargs)
         self.embedding_scale: Optional[float] = None
         self.sliding_rotary_pos_emb: Optional[torch.nn.Module] = None
+        self.long_rope: Optional[LongRoPE] = None
         self.final_logit_softcapping: Optional[float] = None
 
     def cap_logits(self, cap: float) -> None:
@@ -59,9 +62,16 @@ class CustomizerGPTModel(GPTModelHooks):
         if (packed_seq_params is not None and packed_seq_params.qkv_format == "thd" and position_ids is not None
                 and self.position_embedding_type == "rope"):
             length = int(packed_seq_params.max_seqlen_q)
-            sliding = None if self.sliding_rotary_pos_emb is None else self.sliding_rotary_pos_emb(length)
-            packed_seq_params = PackedRotaryParams.build(packed_seq_params, self.rotary_pos_emb(length), position_ids,
-                                                         self.config.params_dtype, sliding_freqs=sliding)
+            freqs = self.rotary_pos_emb(length)
+            angles = token_angles(freqs, position_ids) if self.long_rope is None else \
+                self.long_rope.packed(freqs, position_ids, packed_seq_params.cu_seqlens_q, length)
+            sliding = None if self.sliding_rotary_pos_emb is None else \
+                token_angles(self.sliding_rotary_pos_emb(length), position_ids)
+            packed_seq_params = PackedRotaryParams.build(packed_seq_params, angles, self.config.params_dtype,
+                                                         sliding_angles=sliding)
+        elif self.long_rope is not None:
+            self.long_rope.select_rows(attention_mask, kwargs.get("inference_context"),
+                                       new_tokens=position_ids.shape[1] if position_ids is not None else 0)
         return super().forward(input_ids, position_ids, attention_mask, *args, packed_seq_params=packed_seq_params,
                                **kwargs)
 
@@ -72,6 +82,8 @@ class CustomizerGPTModel(GPTModelHooks):
             decoder_input = decoder_input * float(torch.tensor(self.embedding_scale, dtype=decoder_input.dtype))
         if isinstance(packed_seq_params, PackedRotaryParams):
             rotary_pos_emb = None  # no mcore RoPE: CoreAttention rotates with the per-token cos/sin
+        elif rotary_pos_emb is not None and self.long_rope is not None:
+            rotary_pos_emb = self.long_rope.table(rotary_pos_emb)
         elif rotary_pos_emb is not None and self.sliding_rotary_pos_emb is not None:
             rotary_pos_emb = stack_tables(rotary_pos_emb, self.sliding_rotary_pos_emb(rotary_pos_emb.shape[0]))
         if (self.config.recompute_granularity == "full" and torch.is_grad_enabled() and decoder_input is not None
@@ -150,7 +162,7 @@ def default_inv_freq(base: float, dim: int) -> torch.Tensor:
 
 def llama3_inv_freq(arch: ArchitectureConfig) -> torch.Tensor:
     """RoPE inverse frequencies exactly as ``transformers`` computes them, with Llama-3 or linear scaling when
-    configured.
+    configured (longrope: its short factors, the table of sequences within the original context).
 
     mcore's own rope scaling hard-codes low/high frequency factors and the original context; this uses the
     checkpoint's values.
@@ -161,8 +173,10 @@ def llama3_inv_freq(arch: ArchitectureConfig) -> torch.Tensor:
         return inv_freq
     if scaling.rope_type == "linear":  # positions divided by the factor, i.e. every frequency
         return inv_freq / scaling.factor
+    if scaling.rope_type == "longrope":
+        return longrope_inverse_frequencies(arch.rope_theta, llama.head_dim(arch), scaling.short_factor)
     if scaling.rope_type not in ("llama3",):
-        raise ValueError(f"rope_scaling type {scaling.rope_type!r} is not supported (only llama3 and linear)")
+        raise ValueError(f"rope_scaling type {scaling.rope_type!r} is not supported (llama3, linear, longrope)")
     low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
     high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -250,6 +264,8 @@ def build_gpt_model(arch: ArchitectureConfig, config: TransformerConfig, device:
         model.embedding_scale = arch.hidden_size ** 0.5
     if arch.final_logit_softcapping is not None:
         model.cap_logits(arch.final_logit_softcapping)
+    if arch.rope_scaling is not None and arch.rope_scaling.rope_type == "longrope":
+        model.long_rope = LongRoPE(arch, config.kv_channels, device)
     if arch.rope_local_base_freq is not None:
         sliding = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0, use_cpu_initialization=True)
         sliding.inv_freq = default_inv_freq(arch.rope_local_base_freq, config.kv_channels).to(device)

@@ -30,20 +30,25 @@ class PackedRotaryParams(PackedSeqParams):
     sliding_rotary_sin: Optional[torch.Tensor] = None
 
     @classmethod
-    def build(cls, params: PackedSeqParams, freqs: torch.Tensor, position_ids: torch.Tensor,
-              dtype: torch.dtype, sliding_freqs: Optional[torch.Tensor] = None) -> "PackedRotaryParams":
-        """``freqs``: mcore's rotary table ``[max_len, 1, 1, head_dim]`` (fp32); ``position_ids``: ``[1, t]``;
-        ``sliding_freqs``: the sliding-window layers' table, where it differs."""
+    def build(cls, params: PackedSeqParams, angles: torch.Tensor, dtype: torch.dtype,
+              sliding_angles: Optional[torch.Tensor] = None) -> "PackedRotaryParams":
+        """``angles``: each token's RoPE angles ``[t, 1, head_dim]`` (fp32, :func:`token_angles`);
+        ``sliding_angles``: the sliding-window layers' own, where they differ."""
         fields = {name: getattr(params, name) for name in params.__dataclass_fields__}
-        cos, sin = _per_token(freqs, position_ids, dtype)
-        if sliding_freqs is not None:
-            fields["sliding_rotary_cos"], fields["sliding_rotary_sin"] = _per_token(sliding_freqs, position_ids, dtype)
+        if sliding_angles is not None:
+            fields["sliding_rotary_cos"], fields["sliding_rotary_sin"] = _cos_sin(sliding_angles, dtype)
+        cos, sin = _cos_sin(angles, dtype)
         return cls(**fields, rotary_cos=cos, rotary_sin=sin)
 
 
-def _per_token(freqs: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    per_token = freqs[position_ids.reshape(-1)].squeeze(1)  # [t, 1, head_dim]
-    return per_token.cos().to(dtype), per_token.sin().to(dtype)
+def token_angles(freqs: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's row ``[t, 1, head_dim]`` of mcore's rotary table ``freqs`` (``[max_len, 1, 1, head_dim]``,
+    fp32), by its ``position_ids`` (``[1, t]``)."""
+    return freqs[position_ids.reshape(-1)].squeeze(1)
+
+
+def _cos_sin(angles: torch.Tensor, dtype: torch.dtype):
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rotate(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

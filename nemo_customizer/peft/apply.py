@@ -8,6 +8,7 @@ from typing import Dict, List, Set
 import torch
 from megatron.core import parallel_state
 
+from nemo_customizer.config.families import lora_targets
 from nemo_customizer.config.schema import ArchitectureConfig, LoraConfig
 from nemo_customizer.models.llama import HF_PROJECTIONS as LLAMA_PROJECTIONS, head_dim
 from nemo_customizer.models.registry import family_for
@@ -80,7 +81,8 @@ def _fused_slices(linear: str, arch: ArchitectureConfig, tp_size: int) -> tuple[
 
 def apply_lora(model: torch.nn.Module, arch: ArchitectureConfig, lora: LoraConfig, seed: int) -> LoraSummary:
     """Freeze ``model`` and wrap the targeted linears of every layer in this stage with LoRA (B = 0)."""
-    targets = resolve_targets(list(lora.target_modules), hf_projections(arch))
+    targets = resolve_targets(lora_targets(lora.target_modules, arch.architectures, arch.model_type),
+                              hf_projections(arch))
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for param in model.parameters():
@@ -105,7 +107,8 @@ def apply_lora(model: torch.nn.Module, arch: ArchitectureConfig, lora: LoraConfi
             setattr(parent, attr, module)
             wrapped += 1
     if wrapped == 0:
-        raise ValueError(f"hyperparameters.lora.target_modules {list(lora.target_modules)} matched no layer")
+        raise ValueError(f"hyperparameters.lora.target_modules {sorted(p for n in targets.values() for p in n)} "
+                         "matched no layer")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     projections = sorted({p for names in targets.values() for p in names})
