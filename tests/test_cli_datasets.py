@@ -67,6 +67,31 @@ def test_store_comes_from_the_environment(model_dir, tmp_path, monkeypatch, caps
     assert capsys.readouterr().out.splitlines()[1].split()[:4] == ["t", "prompt_completion", "1", "0"]
 
 
+def test_upload_and_show_preference_pairs(model_dir, tmp_path, capsys):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+        {"input": {"messages": [{"role": "user", "content": "2+2?"}]},
+         "preferred_output": [{"role": "assistant", "content": "4"}]},
+    ]))
+    store = ["--store", str(tmp_path / "store")]
+    assert cli.main(["datasets", "upload", str(path), "--name", "p", *store, *model_overrides(model_dir)]) == 2
+    assert f'{path}:2: field "non_preferred_output" is missing' in _error_line(capsys)
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+        {"prompt": "2+2?", "chosen_response": "4", "rejected_response": "5"},
+    ]))
+    assert cli.main(["datasets", "upload", str(path), "--name", "p", *store, *model_overrides(model_dir)]) == 0
+    uploaded = capsys.readouterr().out
+    assert uploaded.splitlines()[0] == "dataset 'p': preference, 2 training pairs, 0 validation pairs"
+    assert "  prompt    min 4, median 4, p95 18, max 18" in uploaded.splitlines()
+    assert cli.main(["datasets", "show", "p", *store]) == 0
+    assert capsys.readouterr().out == uploaded
+    assert cli.main(["datasets", "list", *store]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:4] == ["p", "preference", "2", "0"]
+
+
 def _error_line(capsys) -> str:
     out, err = capsys.readouterr()
     assert out == ""

@@ -133,6 +133,41 @@ def test_report_counts_lengths_truncation_and_drops(upload, tmp_path):
     assert str(datasets.dataset_report("lengths", tmp_path / "store")) == text
 
 
+def test_preference_report_counts_pairs_and_the_lengths_of_their_parts(upload, tmp_path):
+    # Byte tokenizer: a prompt is its bytes, a response its bytes + EOS; a pair is as long as its longer sequence.
+    write_jsonl(tmp_path / "d" / "train.jsonl", [
+        {"prompt": "abcd", "chosen_response": "xy", "rejected_response": "z"},   # 4 + 3: fits
+        {"prompt": "p" * 20, "chosen_response": "ok", "rejected_response": "no"},  # 20 + 3: prompt truncated
+        {"prompt": "q", "chosen_response": "c" * 20, "rejected_response": "d"},   # chosen + EOS alone is 21: dropped
+    ])
+    write_jsonl(tmp_path / "d" / "validation.jsonl", [{"prompt": "hi", "chosen": "yes", "rejected": "no"}])  # TRL's
+    report = upload(tmp_path / "d", "prefs", max_seq_length=16)
+
+    assert (report.format, report.training_rows, report.validation_rows) == ("preference", 3, 1)
+    assert [(f.split, f.format, f.rows) for f in report.files] == [("training", "preference", 3),
+                                                                   ("validation", "preference", 1)]
+    fit = report.training_fit
+    assert (fit.unchanged, fit.truncated, fit.dropped) == (1, 1, 1)
+    assert fit.dropped_origins == [f"{tmp_path / 'd' / 'train.jsonl'}:3"]
+    assert (report.lengths.count, report.lengths.min, report.lengths.max) == (4, 6, 23)
+    parts = report.pair_lengths
+    assert (parts.prompt.min, parts.prompt.median, parts.prompt.max) == (1, 2, 20)
+    assert (parts.chosen.min, parts.chosen.median, parts.chosen.max) == (3, 3, 21)
+    assert (parts.rejected.min, parts.rejected.median, parts.rejected.max) == (2, 2, 3)
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0] == "dataset 'prefs': preference, 3 training pairs, 1 validation pairs"
+    assert "(4 pairs, the longer sequence of each, special tokens included): min 6, median 7, p95 23, max 23" in text
+    start = lines.index("token lengths of the parts of each pair:")
+    assert lines[start + 1:start + 4] == ["  prompt    min 1, median 2, p95 20, max 20",
+                                          "  chosen    min 3, median 3, p95 21, max 21",
+                                          "  rejected  min 2, median 2, p95 3, max 3"]
+    assert "training: 1 fit, 1 truncated, 1 dropped" in text
+    assert str(datasets.dataset_report("prefs", tmp_path / "store")) == text  # round-trips through dataset.json
+    assert [(d.name, d.format) for d in datasets.list_datasets(tmp_path / "store")] == [("prefs", "preference")]
+    assert "pair" not in str(upload(write_jsonl(tmp_path / "pc.jsonl", [row("a", "b")]), "pc"))
+
+
 def test_bad_rows_raise_one_error_and_write_nothing(upload, tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [row("a", "b"), {"prompt": "a"}, row("a", 3)])
     with pytest.raises(DatasetError) as err:

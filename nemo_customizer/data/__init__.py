@@ -1,4 +1,5 @@
-"""Datasets (prompt/completion and chat): find files, validate rows, tokenize with loss masks, batch, collate.
+"""Datasets (prompt/completion, chat, preference pairs): find files, validate rows, tokenize with loss masks, batch,
+collate.
 
 Files: ``discovery`` (which files), ``jsonl`` (read lines, strict JSON), ``formats/`` (one module per row format),
 ``loading`` (``load_dataset``), ``split`` (seeded validation hold-out), ``truncation`` (the length rule),

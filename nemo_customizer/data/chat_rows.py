@@ -8,7 +8,7 @@ the templates (Llama 3.1, Qwen, Hermes) serialize them with ``tojson`` themselve
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from nemo_customizer.data.jsonl import JsonValueError, json_type_name, parse_json, shown_keys, shown_value
 
@@ -25,47 +25,59 @@ def chat_row_problems(row: dict[str, Any]) -> list[str]:
             return [f"row is prompt/completion data (keys found: {keys}) but this file's first row is chat data; "
                     f"a file holds one format"]
         return [f'field "messages" is missing (keys found: {keys})']
-    problems = _tools_problems(row.get("tools"))
+    problems = tools_problems(row.get("tools"))
     messages = row["messages"]
     if not isinstance(messages, list):
         return problems + [f'field "messages" must be a list of message objects, got {json_type_name(messages)}']
     if not messages:
         return problems + ['field "messages" is empty']
-    tool_names = _tool_names(row.get("tools"))
-    open_call_ids: Optional[set[str]] = None  # ids of the latest assistant tool calls; None: no call to answer
-    seen_user = False
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            problems.append(f'field "{where}" must be an object, got {json_type_name(message)}')
-            continue
-        role = message.get("role")
-        if role not in ROLES:
-            shown = "missing" if "role" not in message else f"got {shown_value(role)}"
-            problems.append(f'field "{where}.role" must be one of {", ".join(map(json.dumps, ROLES))} ({shown})')
-            seen_user = True  # whatever it was meant to be, do not also blame the order of the messages after it
-            continue
-        if role == "system" and i > 0:
-            problems.append(f'field "{where}.role" is "system" but only the first message may be a system message')
-        if role in ("assistant", "tool") and not seen_user:
-            problems.append(f'field "{where}.role" is "{role}" but the conversation must start with a user message '
-                            f'(after an optional system message)')
-        seen_user = seen_user or role == "user"
-        problems += _content_problems(message, where, role)
-        if "tool_calls" in message and role != "assistant" and message["tool_calls"] is not None:
-            problems.append(f'field "{where}.tool_calls" is only allowed on assistant messages')
-        if role == "assistant":
-            calls = message.get("tool_calls")
-            problems += _tool_calls_problems(calls, where, tool_names)
-            open_call_ids = _call_ids(calls) if calls else None
-        elif role == "tool":
-            problems += _tool_message_problems(message, where, open_call_ids)
-        else:
-            open_call_ids = None
+    problems += message_problems(messages, lambda i: f"messages[{i}]", tool_names(row.get("tools")))
     last = messages[-1]
     if isinstance(last, dict) and last.get("role") in ROLES and last["role"] != "assistant":
         problems.append(f'field "messages[{len(messages) - 1}].role" is "{last["role"]}" but the last message must '
                         f'be an assistant message (the turn to train on)')
+    return problems
+
+
+def message_problems(messages: list[Any], where: Callable[[int], str], tool_names: Optional[set[str]]) -> list[str]:
+    """Every problem with the messages of one conversation, in order; ``where(i)`` is message ``i``'s field path.
+
+    Checks each message (role, content, tool calls against ``tool_names`` when the row declares tools) and the
+    order: an optional system message first, then a user message before any assistant or tool message, and each tool
+    message answering the tool calls of the assistant message before it. Whether the conversation may end where it
+    does is the caller's rule.
+    """
+    problems = []
+    open_call_ids: Optional[set[str]] = None  # ids of the latest assistant tool calls; None: no call to answer
+    seen_user = False
+    for i, message in enumerate(messages):
+        at = where(i)
+        if not isinstance(message, dict):
+            problems.append(f'field "{at}" must be an object, got {json_type_name(message)}')
+            continue
+        role = message.get("role")
+        if role not in ROLES:
+            shown = "missing" if "role" not in message else f"got {shown_value(role)}"
+            problems.append(f'field "{at}.role" must be one of {", ".join(map(json.dumps, ROLES))} ({shown})')
+            seen_user = True  # whatever it was meant to be, do not also blame the order of the messages after it
+            continue
+        if role == "system" and i > 0:
+            problems.append(f'field "{at}.role" is "system" but only the first message may be a system message')
+        if role in ("assistant", "tool") and not seen_user:
+            problems.append(f'field "{at}.role" is "{role}" but the conversation must start with a user message '
+                            f'(after an optional system message)')
+        seen_user = seen_user or role == "user"
+        problems += _content_problems(message, at, role)
+        if "tool_calls" in message and role != "assistant" and message["tool_calls"] is not None:
+            problems.append(f'field "{at}.tool_calls" is only allowed on assistant messages')
+        if role == "assistant":
+            calls = message.get("tool_calls")
+            problems += _tool_calls_problems(calls, at, tool_names)
+            open_call_ids = _call_ids(calls) if calls else None
+        elif role == "tool":
+            problems += _tool_message_problems(message, at, open_call_ids)
+        else:
+            open_call_ids = None
     return problems
 
 
@@ -172,14 +184,15 @@ def _tool_message_problems(message: Message, where: str, open_call_ids: Optional
     return []
 
 
-def _tools_problems(tools: Any) -> list[str]:
+def tools_problems(tools: Any, field: str = "tools") -> list[str]:
+    """Every problem with a row's tool schemas (``None`` is no tools); ``field`` is their path in the row."""
     if tools is None:
         return []
     if not isinstance(tools, list):
-        return [f'field "tools" must be a list of tool objects, got {json_type_name(tools)}']
+        return [f'field "{field}" must be a list of tool objects, got {json_type_name(tools)}']
     problems = []
     for k, tool in enumerate(tools):
-        at = f"tools[{k}]"
+        at = f"{field}[{k}]"
         if not isinstance(tool, dict):
             problems.append(f'field "{at}" must be an object, got {json_type_name(tool)}')
             continue
@@ -207,7 +220,7 @@ def _tools_problems(tools: Any) -> list[str]:
     return problems
 
 
-def _tool_names(tools: Any) -> Optional[set[str]]:
+def tool_names(tools: Any) -> Optional[set[str]]:
     """Names of the row's well-formed tools; ``None`` when the row declares no tools (calls are not checked then)."""
     if not isinstance(tools, list) or not tools:
         return None

@@ -22,10 +22,10 @@ class DatasetSplits:
     """A loaded dataset: validated examples of one format, and where they came from."""
 
     train: list[Any]
-    """Examples of ``format`` (``PromptCompletion`` for prompt/completion data), in file order."""
+    """Examples of ``format`` (``PromptCompletion``, ``Conversation`` or ``PreferenceExample``), in file order."""
     val: list[Any]
     format: str
-    """Name of the detected ``DataFormat`` (``"prompt_completion"``)."""
+    """Name of the detected ``DataFormat`` (``"prompt_completion"``, ``"chat"`` or ``"preference"``)."""
     files: DatasetFiles
     val_source: str
     """Where ``val`` came from, e.g. ``"validation files"`` or ``"seeded split (10% of training rows, seed 42)"``."""
@@ -159,7 +159,7 @@ def _parse_line(line: JsonLine, fmt: DataFormat, issues: IssueLog) -> Optional[A
         return None
     if (row_format := _other_format(line.value, fmt)) is not None:
         issues.add(line.location, f"row is {row_format.name} data but this file's first row is {fmt.name} data",
-                   "Keep one format per file: split chat rows and prompt/completion rows into separate datasets.")
+                   f"Keep one format per file: put {_plural(row_format)} and {_plural(fmt)} in separate datasets.")
         return None
     problems = fmt.row_problems(line.value)
     for problem in problems:
@@ -177,6 +177,14 @@ def _other_format(row: dict[str, Any], fmt: DataFormat) -> Optional[DataFormat]:
         if other.matches(row):
             return None if other is fmt else other
     return None
+
+
+_ROWS_OF = {"prompt_completion": "prompt/completion rows", "preference": "preference pairs"}
+
+
+def _plural(fmt: DataFormat) -> str:
+    """What a format's rows are called in messages: "chat rows", "preference pairs"."""
+    return _ROWS_OF.get(fmt.name, f"{fmt.name} rows")
 
 
 def _is_array_of_objects(value: Any) -> bool:

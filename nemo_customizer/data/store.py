@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from nemo_customizer._cache import default_cache_dir
 from nemo_customizer.data._store_files import copy_rows, make_temp_dir, move_aside, publish, remove
-from nemo_customizer.data._store_report import DatasetReport, FileSummary, LengthHistogram, measure
+from nemo_customizer.data._store_report import (DatasetReport, FileSummary, LengthHistogram, PairLengths,
+                                                measure)
 from nemo_customizer.data.errors import DatasetError
 from nemo_customizer.data.loading import load_dataset
 
@@ -83,9 +84,10 @@ def upload(
 
     ``model`` is a model config name (``model_overrides`` such as ``{"checkpoint": "/ckpt"}`` adjust it) or a
     composed ``ModelConfig``; its tokenizer and ``max_seq_length`` give the token-length histogram and the rows that
-    training would truncate or drop. Bad rows raise one ``DatasetError`` (file:line: field) before anything is
-    written. An existing ``name`` is replaced only with ``overwrite=True``. Rows are stored byte-for-byte (see
-    ``_store_files.copy_rows`` for the whitespace that is normalized).
+    training would truncate or drop (preference data: pairs, with the lengths of their prompts and responses). Bad
+    rows raise one ``DatasetError`` (file:line: field) before anything is written. An existing ``name`` is replaced
+    only with ``overwrite=True``. Rows are stored byte-for-byte (see ``_store_files.copy_rows`` for the whitespace
+    that is normalized).
     """
     store = Path(store_dir).expanduser() if store_dir is not None else default_store_dir()
     target = store / check_name(name)
@@ -94,8 +96,10 @@ def upload(
     splits = load_dataset(path, val_fraction=0.0)  # every row of training files in train, of validation files in val
     model_cfg = _model_config(model, model_overrides)
     tokenizer, model_cfg = _tokenizer(model_cfg, cache_dir)
-    train_lengths, training_fit = measure(splits.train, tokenizer, model_cfg.max_seq_length)
-    val_lengths, validation_fit = measure(splits.val, tokenizer, model_cfg.max_seq_length)
+    train = measure(splits.train, tokenizer, model_cfg.max_seq_length)
+    val = measure(splits.val, tokenizer, model_cfg.max_seq_length)
+    pairs = train.pair_parts + val.pair_parts
+    pair_lengths = PairLengths.from_parts(pairs) if splits.format == "preference" else None
 
     tmp = make_temp_dir(store, name)
     try:
@@ -117,9 +121,10 @@ def upload(
             ignored_files=tuple(str(p) for p in splits.files.ignored),
             training_rows=len(splits.train), validation_rows=len(splits.val),
             model=model_cfg.name, max_seq_length=model_cfg.max_seq_length,
-            lengths=LengthHistogram.from_lengths(train_lengths + val_lengths),
-            training_fit=training_fit, validation_fit=validation_fit,
+            lengths=LengthHistogram.from_lengths(train.lengths + val.lengths),
+            training_fit=train.fit, validation_fit=val.fit,
             content_sha256=_manifest_sha256(stored), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            pair_lengths=pair_lengths,
         )
         _write_metadata(tmp / METADATA_FILE, report, stored)
         publish(tmp, target, overwrite=overwrite)

@@ -46,6 +46,10 @@ def read_heldout(path: str | Path, max_examples: Optional[int] = None) -> HeldOu
     from nemo_customizer.data.loading import load_examples
 
     fmt, examples = load_examples(path)
+    if fmt == "preference":
+        raise DatasetError(f"{path}: preference pairs (a prompt with a chosen and a rejected response) have no single "
+                           f"reference answer to score generations against. Evaluate on a file of prompt/completion "
+                           f"or chat rows (evaluation.dataset=FILE).")
     if max_examples is not None:
         examples = examples[:max_examples]
     if fmt == "chat":

@@ -6,9 +6,10 @@ from typing import Any, Sequence
 
 from nemo_customizer.data.formats.base import DataFormat, Row
 from nemo_customizer.data.formats.chat import CHAT, Conversation
+from nemo_customizer.data.formats.preference import PREFERENCE, PreferenceExample
 from nemo_customizer.data.formats.prompt_completion import PROMPT_COMPLETION, PromptCompletion
 
-FORMATS: tuple[DataFormat, ...] = (CHAT, PROMPT_COMPLETION)
+FORMATS: tuple[DataFormat, ...] = (CHAT, PREFERENCE, PROMPT_COMPLETION)
 """Detection order: the first format whose ``matches`` accepts a file's first JSON object is the file's format."""
 
 
@@ -27,5 +28,5 @@ def format_of_examples(examples: Sequence[Any]) -> DataFormat:
     return formats[0]
 
 
-__all__ = ["CHAT", "FORMATS", "PROMPT_COMPLETION", "Conversation", "DataFormat", "PromptCompletion", "detect_format",
-           "format_of_examples"]
+__all__ = ["CHAT", "FORMATS", "PREFERENCE", "PROMPT_COMPLETION", "Conversation", "DataFormat", "PreferenceExample",
+           "PromptCompletion", "detect_format", "format_of_examples"]

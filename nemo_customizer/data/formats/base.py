@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from nemo_customizer.data.examples import TokenizedExample
+from nemo_customizer.data.examples import TokenizedExample, TokenizedPair
 from nemo_customizer.data.truncation import TruncationStats
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 Row = dict[str, Any]
-Tokenize = Callable[[Sequence[Any], "PreTrainedTokenizerBase", int], tuple[list[TokenizedExample], TruncationStats]]
+Tokenize = Callable[[Sequence[Any], "PreTrainedTokenizerBase", int],
+                    tuple[list[TokenizedExample] | list[TokenizedPair], TruncationStats]]
 
 
 @dataclass(frozen=True)
@@ -37,4 +38,5 @@ class DataFormat:
     build_example: Optional[Callable[[Row, str], Any]] = None
     """``(valid row, "path:line") -> example``."""
     tokenize: Optional[Tokenize] = None
-    """``(examples, tokenizer, max_seq_length) -> (tokenized examples, truncation stats)``."""
+    """``(examples, tokenizer, max_seq_length) -> (tokenized examples, truncation stats)``; preference data tokenizes
+    to ``TokenizedPair``s."""
