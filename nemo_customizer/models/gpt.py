@@ -43,6 +43,9 @@ class CustomizerGPTModel(GPTModelHooks):
         super().__init__(*args, **kwargs)
         self.embedding_scale: Optional[float] = None
         self.sliding_rotary_pos_emb: Optional[torch.nn.Module] = None
+        self.per_position_loss_grads = False
+        """The training loss gives each position's token loss its own gradient (a preference loss), not the same
+        one (a sum): the loss head then keeps a trained output weight's gradient exact for that (``models.loss``)."""
 
     def forward(self, input_ids, position_ids, attention_mask, *args, packed_seq_params=None, **kwargs):
         if (packed_seq_params is not None and packed_seq_params.qkv_format == "thd" and position_ids is not None
@@ -85,7 +88,8 @@ class CustomizerGPTModel(GPTModelHooks):
         targets = labels.transpose(0, 1).flatten().index_select(0, index)  # (n,)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else \
             self.output_layer.weight
-        return masked_token_losses(hidden, targets, weight, loss_weight)
+        return masked_token_losses(hidden, targets, weight, loss_weight,
+                                   per_position_grads=self.per_position_loss_grads)
 
 
 @dataclass
