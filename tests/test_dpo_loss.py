@@ -108,7 +108,6 @@ VARIANTS = {
 
 @pytest.mark.parametrize("finetuning, variant", [("lora", name) for name in VARIANTS] + [("all_weights", "sum+sft")])
 def test_loss_rewards_and_gradients_equal_the_formula(cpu_parallel, checkpoint, finetuning, variant):
-    from nemo_customizer.data import collate_pairs
     from nemo_customizer.training.preference import PreferenceLoss, ScoredPair, reference_log_probs
     from nemo_customizer.training.session import TrainingSession
     from nemo_customizer.training.step import forward_backward

@@ -1,4 +1,4 @@
-"""DPO jobs at TP=2 with sequence parallelism, PP=2 (packed pairs) and DP=2 (all_weights) on CPU over gloo give the
+"""DPO jobs at TP=2 with sequence parallelism (all_weights), PP=2 (packed pairs) and DP=2 on CPU over gloo give the
 same per-step losses, rewards, gradient norms, validation and exports as one process. Every layout's jobs run in one
 process group (two spawns in all: one process, then two)."""
 
@@ -17,10 +17,10 @@ from _tiny import write_classification_data, write_tiny_model_dir
 STEPS = 3
 
 # name -> (finetuning_type, sequence packing, {parallel sizes at two processes})
-CASES = {
-    "tp2sp": ("lora", False, {"tensor_parallel_size": 2, "use_sequence_parallel": True}),
+CASES = {  # all_weights at TP=2: the output weight trains, each vocabulary shard's gradient recomputed per position
+    "tp2sp-all_weights": ("all_weights", False, {"tensor_parallel_size": 2, "use_sequence_parallel": True}),
     "pp2-packed": ("lora", True, {"pipeline_parallel_size": 2}),
-    "dp2-all_weights": ("all_weights", False, {}),
+    "dp2": ("lora", False, {}),
 }
 
 

@@ -127,7 +127,8 @@ def _validate_dpo(hp: HyperparametersConfig) -> None:
     """``hyperparameters.dpo``: read only by ``training_type: dpo``; a positive β and a loss to train on."""
     dpo = hp.dpo
     if hp.training_type != "dpo":
-        changed = [f.name for f in dataclasses.fields(DpoConfig) if getattr(dpo, f.name) != getattr(DpoConfig(), f.name)]
+        default = DpoConfig()
+        changed = [f.name for f in dataclasses.fields(DpoConfig) if getattr(dpo, f.name) != getattr(default, f.name)]
         if changed:
             raise ConfigError(f"hyperparameters.dpo.{changed[0]} is set but hyperparameters.training_type="
                               f"{hp.training_type!r}; set training_type=dpo (preference pairs) or drop the dpo "

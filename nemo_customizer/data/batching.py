@@ -86,8 +86,9 @@ def iterate_validation_micro_batches(
 
     Examples keep their order (no shuffle). The last global batch may be short: it is padded with ``padding``
     items (``PADDING_EXAMPLE``: fully masked rows, so they add nothing to the loss; ``collate.PADDING_PAIR`` for
-    preference pairs) up to a multiple of ``micro_batch_size * dp_size``. Padding rather than a short batch keeps every rank running the same number of
-    full micro batches, which the collective loss reduction (and pipeline schedules) require.
+    preference pairs) up to a multiple of ``micro_batch_size * dp_size``. Padding rather than a short batch keeps
+    every rank running the same number of full micro batches, which the collective loss reduction (and pipeline
+    schedules) require.
     """
     num_micro_batches(global_batch_size, micro_batch_size, dp_size)
     _check_rank(dp_rank, dp_size)

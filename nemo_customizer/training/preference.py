@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -207,10 +208,12 @@ def pairs_fingerprint(train: Sequence[TokenizedPair], val: Sequence[TokenizedPai
     """A digest of the pairs' tokens and masks: a stored reference belongs to exactly these pairs."""
     digest = hashlib.sha256()
     for split in (train, val):
-        digest.update(f"{len(split)};".encode())
+        digest.update(np.int64(len(split)).tobytes())
         for pair in split:
             for sequence in (pair.chosen, pair.rejected):
-                digest.update(repr((sequence.input_ids, sequence.loss_mask)).encode())
+                digest.update(np.int64(len(sequence.input_ids)).tobytes())
+                digest.update(np.asarray(sequence.input_ids, dtype=np.int64).tobytes())
+                digest.update(np.asarray(sequence.loss_mask, dtype=np.int8).tobytes())
     return digest.hexdigest()
 
 
