@@ -225,3 +225,26 @@ def test_packed_pairs_equal_padded_pairs(cpu_parallel, checkpoint):
     for name, grad in padded_grads.items():
         assert grad.norm() > 0, name
         assert (packed_grads[name] - grad).norm() / grad.norm() < 1e-5, name
+
+
+def test_loss_head_gradients_are_exact_for_any_upstream_gradient(cpu_parallel, monkeypatch):
+    """A preference loss gives each token loss its own gradient: with ``per_position_grads`` the trained output
+    weight's gradient (and the hidden states') equal autograd's through the full logits, chunk by chunk."""
+    from nemo_customizer.models import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_TOKENS", 4)  # 11 positions: three chunks, the last short
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(32, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 32, (11,), generator=gen)
+    upstream = torch.randn(11, generator=gen, dtype=torch.float64)
+
+    losses = loss_module.masked_token_losses(hidden, targets, weight, per_position_grads=True)
+    (losses.double() * upstream).sum().backward()
+    ours = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    expected = F.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    (expected.double() * upstream).sum().backward()
+    torch.testing.assert_close(losses, expected.detach())
+    torch.testing.assert_close(ours[0], hidden.grad)
+    torch.testing.assert_close(ours[1], weight.grad)

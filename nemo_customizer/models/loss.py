@@ -155,8 +155,10 @@ def _recomputed_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight
     exact gradients for any upstream gradient, at the cost of one more ``(n, h) x (h, vocab)`` GEMM and
     cross-entropy in backward than ``OutputCrossEntropy``. No chunk's logits outlive its forward or backward."""
     hidden = copy_to_tensor_model_parallel_region(hidden)
+    # No RNG state to keep: the projection and cross-entropy draw no random numbers.
     return torch.cat([checkpoint(_logit_losses, hidden[start:start + LOSS_CHUNK_TOKENS],
-                                 targets[start:start + LOSS_CHUNK_TOKENS], weight, use_reentrant=False)
+                                 targets[start:start + LOSS_CHUNK_TOKENS], weight, use_reentrant=False,
+                                 preserve_rng_state=False)
                       for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS)])
 
 
