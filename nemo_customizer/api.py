@@ -231,6 +231,7 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
                           max_val_examples=cfg.dataset.max_val_examples)
     train, train_stats = tokenize_examples(splits.train, tokenizer, cfg.model.max_seq_length)
     val, val_stats = tokenize_examples(splits.val, tokenizer, cfg.model.max_seq_length)
+    _check_training_type_fits(train + val, cfg)
     _check_token_ids_fit(train + val, tokenizer, cfg)
     if len(train) < hp.batch_size:
         raise DatasetError(f"{cfg.dataset.path}: {len(train)} usable training rows is fewer than "
@@ -287,13 +288,37 @@ def _evaluate_customized(cfg: Config, inputs: _Inputs, job: JobDirectory, status
     return report.summary()
 
 
+def _check_training_type_fits(items: list, cfg: Config) -> None:
+    """Preference pairs train with ``training_type: dpo`` and only it."""
+    from nemo_customizer.data import DatasetError, TokenizedPair
+
+    if not items:
+        return
+    pairs, dpo = isinstance(items[0], TokenizedPair), cfg.hyperparameters.training_type == "dpo"
+    if pairs and not dpo:
+        raise DatasetError(f"{cfg.dataset.path}: the rows are preference pairs (chosen and rejected responses), "
+                           "which train with hyperparameters.training_type=dpo; set it, or use prompt/completion or "
+                           "chat rows.")
+    if dpo and not pairs:
+        raise DatasetError(f"{cfg.dataset.path}: hyperparameters.training_type=dpo trains on preference pairs (rows "
+                           "with a prompt, a chosen and a rejected response), but these rows have one answer each; "
+                           "use preference rows, or training_type=sft.")
+
+
+def _sequences(items: list) -> list:
+    """The token sequences of training items: examples, or both sequences of each preference pair."""
+    from nemo_customizer.data import TokenizedPair
+
+    return [s for item in items for s in ((item.chosen, item.rejected) if isinstance(item, TokenizedPair) else (item,))]
+
+
 def _check_token_ids_fit(examples: list, tokenizer: Any, cfg: Config) -> None:
     """Every token id must be a row of the model's embedding: a larger one (a tokenizer with added tokens the
     checkpoint never had) would fail as a device-side assert mid-step on a GPU, or be read as garbage by a kernel."""
     from nemo_customizer.config import ConfigError
 
     vocab_size = cfg.model.architecture.vocab_size
-    largest = max((max(e.input_ids) for e in examples if e.input_ids), default=-1)
+    largest = max((max(e.input_ids) for e in _sequences(examples) if e.input_ids), default=-1)
     if largest >= vocab_size:
         raise ConfigError(f"the tokenizer ({cfg.model.tokenizer or cfg.model.name}, {len(tokenizer)} tokens) produced "
                           f"token id {largest}, but model {cfg.model.name} has vocab_size {vocab_size}: use the "
@@ -307,11 +332,13 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
     from nemo_customizer.training.finetuning import best_checkpoint_saver
     from nemo_customizer.training.loop import TrainingJob, fit, planned_steps
     from nemo_customizer.training.metrics import MetricsLog, ProgressBar
+    from nemo_customizer.training.objective import TOKEN_MEAN
     from nemo_customizer.training.plots import JobPlots
     from nemo_customizer.training.session import TrainingSession
 
     hp = cfg.hyperparameters
     pad_id = _pad_id(inputs.tokenizer)
+    dpo = hp.training_type == "dpo"
     with TrainingSession(cfg, checkpoint_dir=inputs.resolved.checkpoint_dir) as session:
         layout = session.layout
         plots = JobPlots(job if layout.is_main else None, status.series_points, log)  # loss.png, TensorBoard
@@ -330,16 +357,21 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
             session.build_training(total_steps, packed=packing is not None, pad_id=pad_id)
             if session.graphs is not None:
                 log("CUDA graphs: each packed micro-batch shape runs eagerly once, then is captured and replayed")
-            batches = (f"batch_size={packing.global_batch_size} bins (packed from {hp.batch_size} examples), "
+            unit = "pairs" if dpo else "examples"
+            batches = (f"batch_size={packing.global_batch_size} bins (packed from {hp.batch_size} {unit}), "
                        f"micro_batch_size={packing.micro_batch_size} bins" if packing else
-                       f"batch_size={hp.batch_size}, micro_batch_size={hp.micro_batch_size}")
+                       f"batch_size={hp.batch_size} {unit}, micro_batch_size={hp.micro_batch_size}")
             log(f"training {total_steps} steps: epochs={hp.epochs}, {batches}, learning_rate={hp.learning_rate}")
             progress = ProgressBar(total_steps, enabled=layout.is_main and cfg.progress_bar, stream=sys.stderr,
                                    every=cfg.log_interval, log=layout.is_main)
             save_checkpoint, resume = _checkpoints(cfg, job, session, metrics, log)
+            train, val, objective = inputs.train, inputs.val, TOKEN_MEAN
+            if dpo:
+                train, val, objective = _preference_inputs(cfg, inputs, job, session, resumed=resume is not None,
+                                                           pad_id=pad_id, pad_multiple=pad_multiple, log=log)
             fit_result = fit(TrainingJob(
                 model=session.wrapped, optimizer=session.optimizer, scheduler=session.scheduler,
-                train_examples=inputs.train, val_examples=inputs.val, hyperparameters=hp, layout=layout,
+                train_examples=train, val_examples=val, hyperparameters=hp, layout=layout, objective=objective,
                 pad_id=pad_id, pad_to_multiple_of=pad_multiple, metrics=metrics, progress=progress, packing=packing,
                 status=status, stop=stop, save_checkpoint=save_checkpoint, resume=resume, graphs=session.graphs,
                 save_best=best_checkpoint_saver(session.model, cfg, job, source_dir=inputs.resolved.checkpoint_dir,
@@ -356,6 +388,24 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
             metrics.close()
             plots.close()
     return fit_result, session.trainable, layout, peak_gib
+
+
+def _preference_inputs(cfg: Config, inputs: _Inputs, job: JobDirectory, session, *, resumed: bool, pad_id: int,
+                       pad_multiple: int, log: "_Log"):
+    """``training_type: dpo``: the pairs with their reference log-probabilities (computed once, or read back from
+    the job directory on resume) and the preference loss."""
+    from nemo_customizer.training.preference import PreferenceLoss, scored_pairs
+
+    hp = cfg.hyperparameters
+    train, val = scored_pairs(session.wrapped, inputs.train, inputs.val, job_dir=job.path, resumed=resumed,
+                              all_weights=hp.finetuning_type == "all_weights", batch_size=hp.batch_size,
+                              micro_batch_size=hp.micro_batch_size, layout=session.layout, pad_id=pad_id,
+                              pad_to_multiple_of=pad_multiple, log=log)
+    dpo = hp.dpo
+    log(f"DPO: beta (ref_policy_kl_penalty) {dpo.ref_policy_kl_penalty}, preference_loss_weight "
+        f"{dpo.preference_loss_weight}, sft_loss_weight {dpo.sft_loss_weight}, log-probabilities "
+        f"{'averaged' if dpo.preference_average_log_probs else 'summed'} per response")
+    return train, val, PreferenceLoss(dpo)
 
 
 def _checkpoints(cfg: Config, job: JobDirectory, session, metrics, log):
@@ -379,12 +429,12 @@ def _checkpoints(cfg: Config, job: JobDirectory, session, metrics, log):
 
 def _packing_plan(cfg: Config, train: list, dp_size: int, pad_multiple: int, log: "_Log", metrics):
     """Pack the training examples; state the packing factor, batch sizes, steps and padding in the job log."""
-    from nemo_customizer.data.packing import plan_packing
+    from nemo_customizer.data.packing import plan_packing, plan_pair_packing
 
     hp = cfg.hyperparameters
-    plan = plan_packing(train, max_seq_length=cfg.model.max_seq_length, batch_size=hp.batch_size,
-                        micro_batch_size=hp.micro_batch_size, dp_size=dp_size, seed=hp.seed,
-                        pad_to_multiple_of=pad_multiple)
+    plan = (plan_pair_packing if hp.training_type == "dpo" else plan_packing)(
+        train, max_seq_length=cfg.model.max_seq_length, batch_size=hp.batch_size,
+        micro_batch_size=hp.micro_batch_size, dp_size=dp_size, seed=hp.seed, pad_to_multiple_of=pad_multiple)
     if plan.steps_per_epoch == 0:
         from nemo_customizer.data import DatasetError
 

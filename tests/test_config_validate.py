@@ -41,7 +41,7 @@ def test_llama_models_are_valid_given_a_checkpoint(name):
     ("hyperparameters.lora.alpha=0", "hyperparameters.lora.alpha must be greater than 0"),
     ("hyperparameters.lora.target_modules=[q_proj,qkv]", "unknown module 'qkv'.*linear_qkv"),
     ("hyperparameters.lora.target_modules=[]", "target_modules is empty"),
-    ("hyperparameters.training_type=dpo", "hyperparameters.training_type='dpo' is not one of sft"),
+    ("hyperparameters.training_type=ppo", "hyperparameters.training_type='ppo' is not one of sft, dpo"),
     ("hyperparameters.finetuning_type=full", "finetuning_type.*full"),
     ("hyperparameters.finetuning_type=p_tuning", "finetuning_type='p_tuning' is not one of lora"),
     ("hyperparameters.warmup_steps=-1", "hyperparameters.warmup_steps must be at least 0"),

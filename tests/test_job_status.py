@@ -125,13 +125,13 @@ def _inject_at_step(monkeypatch, step: int, action):
 
     original, calls, before = step_module.forward_backward, [0], {}
 
-    def forward_backward(model, micro_batches, device, forward_only):
+    def forward_backward(model, micro_batches, device, forward_only, **kwargs):
         if not forward_only:
             calls[0] += 1
             if calls[0] == step:
                 before.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
                 before["model"] = model
-        out = original(model, micro_batches, device, forward_only)
+        out = original(model, micro_batches, device, forward_only, **kwargs)
         return action(model, out) if not forward_only and calls[0] == step else out
 
     monkeypatch.setattr(step_module, "forward_backward", forward_backward)
@@ -348,12 +348,12 @@ def _two_rank_job(rank: int, root: str, signal_rank: int) -> None:
 
     original, calls = step_module.forward_backward, [0]
 
-    def forward_backward(model, micro_batches, device, forward_only):
+    def forward_backward(model, micro_batches, device, forward_only, **kwargs):
         if not forward_only:
             calls[0] += 1
             if calls[0] == 2 and rank == signal_rank:
                 os.kill(os.getpid(), signal.SIGTERM)
-        return original(model, micro_batches, device, forward_only)
+        return original(model, micro_batches, device, forward_only, **kwargs)
 
     step_module.forward_backward = forward_backward
     try:

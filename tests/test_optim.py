@@ -117,8 +117,8 @@ def test_non_finite_gradient_leaves_weights_and_adam_state_untouched(cpu_paralle
              for s in inner.state.values()]
     original = step_module.forward_backward
 
-    def poisoned(model, micro_batches, device, forward_only):
-        out = original(model, micro_batches, device, forward_only)
+    def poisoned(model, micro_batches, device, forward_only, **kwargs):
+        out = original(model, micro_batches, device, forward_only, **kwargs)
         next(p for p in model.parameters() if p.requires_grad).main_grad.view(-1)[0] = float("inf")
         return out
 

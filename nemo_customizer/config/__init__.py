@@ -11,6 +11,7 @@ from .schema import (
     ArchitectureConfig,
     Config,
     DatasetConfig,
+    DpoConfig,
     EarlyStoppingConfig,
     HyperparametersConfig,
     LoraConfig,
@@ -21,7 +22,8 @@ from .schema import (
 from .validate import check_batch_layout, model_source, validate_config, validate_serving
 
 __all__ = [
-    "ArchitectureConfig", "Config", "ConfigError", "ConfigWarning", "DatasetConfig", "EarlyStoppingConfig",
+    "ArchitectureConfig", "Config", "ConfigError", "ConfigWarning", "DatasetConfig", "DpoConfig",
+    "EarlyStoppingConfig",
     "HyperparametersConfig", "LoraConfig", "ModelConfig", "RopeScalingConfig", "ServingConfig", "architecture_from_hf",
     "available_models", "check_batch_layout", "compose_config", "conf_dir", "config_from_file", "config_from_kwargs",
     "configs", "merge_checkpoint_architecture", "model_configs", "model_source", "num_parameters", "read_hf_config",

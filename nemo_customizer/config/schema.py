@@ -149,16 +149,40 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class DpoConfig:
+    """Direct preference optimization (``training_type: dpo``), in NeMo Customizer's names; defaults as NeMo RL's
+    DPO recipe, which the product runs. Per pair, with log-probabilities of the response tokens only::
+
+        loss = preference_loss_weight * -log σ(β·((π_c - ref_c) - (π_r - ref_r)))
+             + sft_loss_weight * -π_c
+
+    averaged over the pairs of the global batch; the rewards reported are ``β·(π - ref)`` of each response."""
+
+    ref_policy_kl_penalty: float = 0.05
+    """β: how strongly the policy is held to the reference (the model before training). Larger stays closer."""
+    preference_loss_weight: float = 1.0
+    """Weight of the preference (DPO) term."""
+    preference_average_log_probs: bool = False
+    """The preference term compares the responses' mean token log-probabilities instead of their sums (less
+    sensitive to response length)."""
+    sft_loss_weight: float = 0.0
+    """Weight of the negative log-likelihood of the chosen response (0: none)."""
+    sft_average_log_probs: bool = False
+    """The SFT term is the chosen response's mean token loss instead of its sum."""
+
+
+@dataclass
 class HyperparametersConfig:
     """Training hyperparameters, named as NeMo Customizer names them."""
 
     training_type: str = "sft"
+    """``sft`` (prompt/completion or chat rows) or ``dpo`` (preference pairs; ``dpo`` below)."""
     finetuning_type: str = "lora"
     epochs: int = 3
     batch_size: int = 16
-    """Global batch size: examples per optimizer step across all data-parallel ranks."""
+    """Global batch size: examples (``dpo``: pairs) per optimizer step across all data-parallel ranks."""
     micro_batch_size: int = 1
-    """Examples per forward/backward pass on one rank; the rest is gradient accumulation."""
+    """Examples (``dpo``: pairs) per forward/backward pass on one rank; the rest is gradient accumulation."""
     learning_rate: float = 1e-4
     min_learning_rate: float = 0.0
     """Cosine decay ends here."""
@@ -203,6 +227,8 @@ class HyperparametersConfig:
     distributed optimizer: for full fine-tuning at DP > 1. Needs CUDA (NCCL) when DP > 1."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    """Preference-tuning settings, read with ``training_type: dpo``."""
 
 
 @dataclass

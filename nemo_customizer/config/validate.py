@@ -7,17 +7,18 @@ knows the size. Pure Python: no torch, no megatron.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 from .errors import ConfigError, ConfigWarning
 from .families import ARCHITECTURES, Family, check_lora_targets, family_of, lora_target_names, window_families
-from .schema import (ATTENTION_KERNELS, MISSING_PATH, RECOMPUTE_MODULES, ArchitectureConfig, Config,
+from .schema import (ATTENTION_KERNELS, MISSING_PATH, RECOMPUTE_MODULES, ArchitectureConfig, Config, DpoConfig,
                      HyperparametersConfig, ModelConfig, ServingConfig)
 
 # Every family's HF projection names, for a model whose family is known only once its config.json is read.
 HF_TARGET_MODULES = tuple(dict.fromkeys(name for family in ARCHITECTURES.values() for name in lora_target_names(family)))
 MEGATRON_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-TRAINING_TYPES = ("sft",)
+TRAINING_TYPES = ("sft", "dpo")
 FINETUNING_TYPES = ("lora", "lora_merged", "all_weights")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -41,6 +42,10 @@ def validate_config(cfg: Config, *, training: bool = True) -> None:
     if cfg.dataset.max_val_examples is not None:
         _at_least("dataset.max_val_examples", cfg.dataset.max_val_examples, 1)
     validate_hyperparameters(cfg.hyperparameters, cfg.model)
+    if cfg.hyperparameters.training_type == "dpo" and cfg.evaluation.enabled and not cfg.evaluation.dataset:
+        raise ConfigError("evaluation.enabled=true with hyperparameters.training_type=dpo needs evaluation.dataset: "
+                          "a held-out file of prompt/completion or chat rows to generate answers for (the "
+                          "preference pairs have no single reference answer); set it, or evaluation.enabled=false.")
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
 
 
@@ -113,6 +118,7 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
         raise ConfigError("hyperparameters.fp32_master_weights=false keeps no fp32 state for the distributed "
                           "optimizer to shard; set use_distributed_optimizer=false or fp32_master_weights=true.")
     _validate_lora(hp, model)
+    _validate_dpo(hp)
     _at_least("hyperparameters.early_stopping.patience", hp.early_stopping.patience, 1)
     _non_negative("hyperparameters.early_stopping.min_delta", hp.early_stopping.min_delta)
 
@@ -132,6 +138,30 @@ def check_softcapped_attention(model: ModelConfig, hp: HyperparametersConfig) ->
         raise ConfigError(f"model.attention_kernel=fa4 cannot run this model's softcapped attention "
                           f"(attn_logit_softcapping={cap}: FlashAttention-4 does not softcap in backward); set "
                           "model.attention_kernel=auto.")
+
+
+def _validate_dpo(hp: HyperparametersConfig) -> None:
+    """``hyperparameters.dpo``: read only by ``training_type: dpo``; a positive β and a loss to train on."""
+    dpo = hp.dpo
+    if hp.training_type != "dpo":
+        default = DpoConfig()
+        changed = [f.name for f in dataclasses.fields(DpoConfig) if getattr(dpo, f.name) != getattr(default, f.name)]
+        if changed:
+            raise ConfigError(f"hyperparameters.dpo.{changed[0]} is set but hyperparameters.training_type="
+                              f"{hp.training_type!r}; set training_type=dpo (preference pairs) or drop the dpo "
+                              "settings.")
+        return
+    _positive("hyperparameters.dpo.ref_policy_kl_penalty", dpo.ref_policy_kl_penalty)
+    _non_negative("hyperparameters.dpo.preference_loss_weight", dpo.preference_loss_weight)
+    _non_negative("hyperparameters.dpo.sft_loss_weight", dpo.sft_loss_weight)
+    if dpo.preference_loss_weight == 0 and dpo.sft_loss_weight == 0:
+        raise ConfigError("hyperparameters.dpo.preference_loss_weight and sft_loss_weight are both 0: nothing would "
+                          "train; set preference_loss_weight (1.0 by default) above 0.")
+    # The preference loss gives each token a gradient that depends on its whole pair, known only after the forward:
+    # a CUDA graph replays a fixed per-token loss (training.graphs).
+    if hp.cuda_graphs:
+        raise ConfigError("hyperparameters.cuda_graphs=true replays supervised (per-token) losses only; set "
+                          "cuda_graphs=false with training_type=dpo.")
 
 
 def _validate_lora(hp: HyperparametersConfig, model: ModelConfig) -> None:

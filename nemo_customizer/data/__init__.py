@@ -16,29 +16,35 @@ from nemo_customizer.data.batching import (
     steps_per_epoch,
     validation_steps,
 )
-from nemo_customizer.data.collate import Batch, PackedBatch, collate, collate_packed
+from nemo_customizer.data.collate import (PADDING_PAIR, Batch, PackedBatch, PairBatch, collate, collate_packed,
+                                          collate_packed_pairs, collate_pairs)
 from nemo_customizer.data.discovery import DatasetFiles, discover_files
 from nemo_customizer.data.errors import DatasetError
-from nemo_customizer.data.examples import PADDING_EXAMPLE, TokenizedExample
+from nemo_customizer.data.examples import PADDING_EXAMPLE, TokenizedExample, TokenizedPair
 from nemo_customizer.data.formats import PromptCompletion
 from nemo_customizer.data.loading import DatasetSplits, load_dataset
-from nemo_customizer.data.packing import PackingPlan, pack_examples, pack_lengths, plan_packing
+from nemo_customizer.data.packing import PackingPlan, pack_examples, pack_lengths, plan_packing, plan_pair_packing
 from nemo_customizer.data.tokenization import tokenize_examples
 from nemo_customizer.data.truncation import TruncationStats
 
 __all__ = [
     "PADDING_EXAMPLE",
+    "PADDING_PAIR",
     "Batch",
     "DatasetError",
     "DatasetFiles",
     "DatasetSplits",
     "PackedBatch",
     "PackingPlan",
+    "PairBatch",
     "PromptCompletion",
     "TokenizedExample",
+    "TokenizedPair",
     "TruncationStats",
     "collate",
     "collate_packed",
+    "collate_packed_pairs",
+    "collate_pairs",
     "discover_files",
     "epoch_order",
     "iterate_micro_batches",
@@ -48,6 +54,7 @@ __all__ = [
     "pack_examples",
     "pack_lengths",
     "plan_packing",
+    "plan_pair_packing",
     "steps_per_epoch",
     "tokenize_examples",
     "validation_steps",

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from nemo_customizer.data.examples import PADDING_EXAMPLE, TokenizedExample
+from nemo_customizer.data.examples import PADDING_EXAMPLE
 
 T = TypeVar("T")
 MicroBatches = list[list[T]]
@@ -74,26 +74,28 @@ def iterate_micro_batches(
 
 
 def iterate_validation_micro_batches(
-    examples: Sequence[TokenizedExample],
+    examples: Sequence[T],
     *,
     global_batch_size: int,
     micro_batch_size: int,
     dp_rank: int,
     dp_size: int,
-) -> Iterator[MicroBatches[TokenizedExample]]:
+    padding: object = PADDING_EXAMPLE,
+) -> Iterator[MicroBatches[T]]:
     """Validation: yield, for each global batch, rank ``dp_rank``'s micro batches; every example is used once.
 
-    Examples keep their order (no shuffle). The last global batch may be short: it is padded with
-    ``PADDING_EXAMPLE`` rows (fully masked, so they add nothing to the loss) up to a multiple of
-    ``micro_batch_size * dp_size``. Padding rather than a short batch keeps every rank running the same number of
-    full micro batches, which the collective loss reduction (and pipeline schedules) require.
+    Examples keep their order (no shuffle). The last global batch may be short: it is padded with ``padding``
+    items (``PADDING_EXAMPLE``: fully masked rows, so they add nothing to the loss; ``collate.PADDING_PAIR`` for
+    preference pairs) up to a multiple of ``micro_batch_size * dp_size``. Padding rather than a short batch keeps
+    every rank running the same number of full micro batches, which the collective loss reduction (and pipeline
+    schedules) require.
     """
     num_micro_batches(global_batch_size, micro_batch_size, dp_size)
     _check_rank(dp_rank, dp_size)
     per_round = micro_batch_size * dp_size
     for start in range(0, len(examples), global_batch_size):
         batch = list(examples[start:start + global_batch_size])
-        batch += [PADDING_EXAMPLE] * (-len(batch) % per_round)
+        batch += [padding] * (-len(batch) % per_round)
         yield _rank_share(batch, micro_batch_size, dp_rank, dp_size)
 
 

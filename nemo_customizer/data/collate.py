@@ -1,5 +1,7 @@
 """``collate``: a micro batch of ``TokenizedExample``s -> right-padded, shifted tensors for the model;
-``collate_packed``: a micro batch of packing bins -> one THD row with ``cu_seqlens``."""
+``collate_packed``: a micro batch of packing bins -> one THD row with ``cu_seqlens``. ``collate_pairs`` and
+``collate_packed_pairs`` do the same for preference pairs, keeping each pair's two sequences side by side and
+saying which sequence each position belongs to."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Sequence, TypedDict
 
 import torch
 
-from nemo_customizer.data.examples import TokenizedExample
+from nemo_customizer.data.examples import PADDING_EXAMPLE, TokenizedExample, TokenizedPair
 
 
 class Batch(TypedDict):
@@ -119,3 +121,58 @@ def collate_packed(bins: Sequence[Sequence[TokenizedExample]], *, pad_id: int,
         cu_seqlens=cu_seqlens,  # [segments + 1]
         max_seqlen=torch.tensor(max(seqlens), dtype=torch.int32),
     )
+
+
+PADDING_PAIR = TokenizedPair(chosen=PADDING_EXAMPLE, rejected=PADDING_EXAMPLE)
+"""A pair of empty sequences: two fully masked rows of padding (fills the last validation batch of pairs); the
+preference loss counts only pairs whose sequences both have loss tokens."""
+
+
+class PairBatch(Batch):
+    """A micro batch of preference pairs: their sequences in the order chosen0, rejected0, chosen1, rejected1, ...
+    (rows of a padded batch, segments of a packed one)."""
+
+    sequence_index: torch.Tensor
+    """``[b, s]`` int64 (packed: ``[1, t]``): the sequence each position belongs to, in that order (pair ``i``'s
+    chosen is ``2i``, its rejected ``2i + 1``); -1 on padding."""
+    sequence_tokens: torch.Tensor
+    """``[2 * pairs]`` float32: loss-masked positions of each sequence (0 for a ``PADDING_PAIR``'s)."""
+
+
+class PackedPairBatch(PackedBatch, PairBatch):
+    """``collate_packed_pairs``: one THD row of whole pairs, each sequence a segment of its own."""
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], *, pad_id: int, pad_to_multiple_of: int = 1) -> PairBatch:
+    """``collate`` of the pairs' sequences, chosen then rejected for each pair: ``[2 * pairs, s]`` rows."""
+    sequences = _sequences(pairs)
+    batch = collate(sequences, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+    index = torch.full_like(batch["tokens"], -1)  # [b, s]
+    for row, example in enumerate(sequences):
+        index[row, :max(len(example.input_ids) - 1, 0)] = row
+    return PairBatch(**batch, sequence_index=index, sequence_tokens=_loss_tokens(sequences))
+
+
+def collate_packed_pairs(bins: Sequence[Sequence[TokenizedPair]], *, pad_id: int,
+                         pad_to_multiple_of: int = 1) -> PackedPairBatch:
+    """``collate_packed`` of the bins' pairs (``packing.plan_pair_packing``): one row whose segments are the
+    sequences chosen0, rejected0, chosen1, ... of every bin in turn; attention and positions restart at each."""
+    sequences = _sequences([pair for b in bins for pair in b])
+    if any(len(example.input_ids) < 2 for example in sequences):
+        # collate_packed leaves such a sequence out, which would shift the sequence index of every later one
+        raise ValueError("a packed preference pair has a sequence with nothing to predict (fewer than 2 tokens)")
+    batch = collate_packed([sequences], pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+    index = torch.full_like(batch["tokens"], -1)  # [1, t]
+    bounds = batch["cu_seqlens"].tolist()
+    for number in range(len(sequences)):  # the padding, if any, is the segment after the last sequence
+        index[0, bounds[number]:bounds[number + 1]] = number
+    return PackedPairBatch(**batch, sequence_index=index, sequence_tokens=_loss_tokens(sequences))
+
+
+def _sequences(pairs: Sequence[TokenizedPair]) -> list[TokenizedExample]:
+    return [example for pair in pairs for example in (pair.chosen, pair.rejected)]
+
+
+def _loss_tokens(sequences: Sequence[TokenizedExample]) -> torch.Tensor:
+    """``[sequences]`` float32: loss-masked positions after the shift (``loss_mask[1:]``) of each sequence."""
+    return torch.tensor([float(sum(example.loss_mask[1:])) for example in sequences], dtype=torch.float32)

@@ -2,7 +2,8 @@
 epoch the steps) of the same job unpacked.
 
 Pure functions of example lengths (no torch, no megatron); they work for any format, since they only see
-``TokenizedExample`` lengths. ``collate_packed`` (in ``collate``) turns a micro batch of bins into one THD row whose
+``TokenizedExample`` lengths. Preference pairs (``plan_pair_packing``) are packed whole: both sequences of a pair in
+one bin, each its own segment. ``collate_packed`` (in ``collate``) turns a micro batch of bins into one THD row whose
 ``cu_seqlens`` keep attention, positions and labels inside each example.
 
 The bins are computed once per job (deterministic); each epoch reshuffles the *bin order* with the seeded
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from nemo_customizer.data.batching import epoch_order, steps_per_epoch
-from nemo_customizer.data.examples import TokenizedExample
+from nemo_customizer.data.examples import TokenizedExample, TokenizedPair
 
 Bin = tuple[TokenizedExample, ...]
 """Whole examples that share one packed row (at most ``max_seq_length`` input tokens in all)."""
@@ -85,20 +86,24 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def padding_fraction(positions: Sequence[int], *, batch_size: int, micro_batch_size: int, seed: int,
-                     pad_to_multiple_of: int = 1, packed: bool = False) -> float:
+                     pad_to_multiple_of: int = 1, packed: bool = False, widths: Sequence[int] | None = None,
+                     rows_per_item: int = 1) -> float:
     """Share of padding among the positions the model computes on in epoch 0 (its order, full steps only).
 
     ``positions[i]`` is item ``i``'s positions after the shift (``len(input_ids) - 1`` for an example, the sum of
-    those for a bin). Unpacked, a micro batch is right-padded to its longest row (``collate``); packed, its items are
-    joined into one row padded only to ``pad_to_multiple_of`` (``collate_packed``).
+    those for a bin or a pair). Unpacked, a micro batch is right-padded to its longest row (``collate``): an item
+    is ``rows_per_item`` rows (2 for a preference pair) of at most ``widths[i]`` positions (default
+    ``positions[i]``); packed, its items are joined into one row padded only to ``pad_to_multiple_of``
+    (``collate_packed``).
     """
+    widths = positions if widths is None else widths
     order = epoch_order(len(positions), seed, 0)[:steps_per_epoch(len(positions), batch_size) * batch_size]
     real = padded = 0
     for start in range(0, len(order), micro_batch_size):
-        micro = [positions[i] for i in order[start:start + micro_batch_size]]
-        real += sum(micro)
-        padded += _round_up(sum(micro), pad_to_multiple_of) if packed else \
-            len(micro) * _round_up(max(micro), pad_to_multiple_of)
+        micro = order[start:start + micro_batch_size]
+        real += sum(positions[i] for i in micro)
+        padded += _round_up(sum(positions[i] for i in micro), pad_to_multiple_of) if packed else \
+            len(micro) * rows_per_item * _round_up(max(widths[i] for i in micro), pad_to_multiple_of)
     return 1.0 - real / padded if padded else 0.0
 
 
@@ -110,10 +115,10 @@ class PackingPlan:
     """Example indices of each bin."""
     max_seq_length: int
     bin_capacity: int
-    """Most input tokens a bin holds: ``max_seq_length``, or less where full-length bins would hold more than a
+    """Most input tokens a bin holds: ``max_bin_tokens``, or less where full-length bins would hold more than a
     step's worth of examples (``bin_capacity_for_step``)."""
     batch_size: int
-    """The requested global batch size, in examples."""
+    """The requested global batch size, in examples (pairs)."""
     global_batch_size: int
     """Bins per optimizer step (all data-parallel ranks)."""
     micro_batch_size: int
@@ -125,8 +130,11 @@ class PackingPlan:
     bin_fill: float
     """Mean share of ``bin_capacity`` a bin fills."""
     n_examples: int
+    """Examples, or preference pairs (``unit``), packed."""
     n_tokens: int
     """Input tokens of all examples."""
+    unit: str = "examples"
+    """What a bin holds whole: ``examples``, or ``pairs`` (a pair's chosen and rejected sequences, side by side)."""
 
     @property
     def packing_factor(self) -> float:
@@ -156,11 +164,19 @@ class PackingPlan:
         """Input tokens an optimizer step of the same job unpacked sees, on average (``batch_size`` examples)."""
         return self.batch_size * self.n_tokens / max(self.n_examples, 1)
 
+    @property
+    def max_bin_tokens(self) -> int:
+        """The largest bin capacity: ``max_seq_length``, or twice it for pairs (two sequences of up to
+        ``max_seq_length`` each, as an unpacked micro batch of one pair holds)."""
+        return self.max_seq_length * (2 if self.unit == "pairs" else 1)
+
     def describe(self) -> str:
-        capacity = (f"{self.bin_capacity} tokens (smaller than max_seq_length {self.max_seq_length}, so that a step "
-                    "keeps its tokens)" if self.bin_capacity < self.max_seq_length else f"{self.bin_capacity} tokens")
-        return (f"sequence packing: {self.n_examples} examples in {len(self.bins)} bins of <= {capacity}, packing "
-                f"factor {self.packing_factor:.2f}; batch_size {self.batch_size} examples -> "
+        limit = f"max_seq_length {self.max_seq_length}" if self.unit == "examples" else \
+            f"2 x max_seq_length {self.max_seq_length}"
+        capacity = (f"{self.bin_capacity} tokens (smaller than {limit}, so that a step keeps its tokens)"
+                    if self.bin_capacity < self.max_bin_tokens else f"{self.bin_capacity} tokens")
+        return (f"sequence packing: {self.n_examples} {self.unit} in {len(self.bins)} bins of <= {capacity}, packing "
+                f"factor {self.packing_factor:.2f}; batch_size {self.batch_size} {self.unit} -> "
                 f"{self.global_batch_size} bins per step (micro batch {self.micro_batch_size} bins); tokens per step "
                 f"{self.tokens_per_step:,.0f} (unpacked: {self.requested_tokens_per_step:,.0f}), steps per epoch "
                 f"{self.steps_per_epoch} (unpacked: {self.requested_steps_per_epoch}); padding "
@@ -228,17 +244,52 @@ def plan_packing(
     ``micro_batch_size`` bins of at most ``max_seq_length`` tokens.
     """
     lengths = [len(e.input_ids) for e in examples]
-    capacity, bins = bin_capacity_for_step(lengths, max_seq_length, batch_size, dp_size)
-    factor = len(examples) / max(len(bins), 1)
+    positions = [max(n - 1, 0) for n in lengths]
+    return _plan(lengths, positions, positions, 1, "examples", max_seq_length=max_seq_length, batch_size=batch_size,
+                 micro_batch_size=micro_batch_size, dp_size=dp_size, seed=seed, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def plan_pair_packing(
+    pairs: Sequence[TokenizedPair],
+    *,
+    max_seq_length: int,
+    batch_size: int,
+    micro_batch_size: int,
+    dp_size: int,
+    seed: int,
+    pad_to_multiple_of: int = 1,
+) -> PackingPlan:
+    """``plan_packing`` for preference pairs: a bin holds whole pairs (both sequences of each, for the loss that
+    compares them) in at most ``2 x max_seq_length`` tokens, and ``batch_size``/``micro_batch_size`` count pairs.
+
+    An unpacked micro batch of one pair is two rows of up to ``max_seq_length`` tokens, so a bin of twice that keeps
+    the activation memory of the unpacked worst case, as ``plan_packing`` does.
+    """
+    lengths = [p.length for p in pairs]
+    widths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) - 1 for p in pairs]
+    positions = [len(p.chosen.input_ids) + len(p.rejected.input_ids) - 2 for p in pairs]
+    return _plan(lengths, positions, widths, 2, "pairs", max_seq_length=max_seq_length, batch_size=batch_size,
+                 micro_batch_size=micro_batch_size, dp_size=dp_size, seed=seed, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def _plan(lengths: Sequence[int], positions: Sequence[int], widths: Sequence[int], rows_per_item: int, unit: str, *,
+          max_seq_length: int, batch_size: int, micro_batch_size: int, dp_size: int, seed: int,
+          pad_to_multiple_of: int) -> PackingPlan:
+    """The plan of items with input ``lengths`` (tokens a bin holds), ``positions`` after the shift and unpacked
+    row ``widths`` (``rows_per_item`` rows each)."""
+    max_bin_tokens = max_seq_length * rows_per_item
+    capacity, bins = bin_capacity_for_step(lengths, max_bin_tokens, batch_size, dp_size)
+    factor = len(lengths) / max(len(bins), 1)
     global_bins, micro_bins = packed_batch_sizes(batch_size, micro_batch_size, dp_size, max(factor, 1.0))
-    example_positions = [max(n - 1, 0) for n in lengths]
-    bin_positions = [sum(example_positions[i] for i in b) for b in bins]
+    bin_positions = [sum(positions[i] for i in b) for b in bins]
     return PackingPlan(
         bins=bins, max_seq_length=max_seq_length, bin_capacity=capacity, batch_size=batch_size,
         global_batch_size=global_bins, micro_batch_size=micro_bins,
-        padding_before=padding_fraction(example_positions, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                                        seed=seed, pad_to_multiple_of=pad_to_multiple_of),
+        padding_before=padding_fraction(positions, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                                        seed=seed, pad_to_multiple_of=pad_to_multiple_of, widths=widths,
+                                        rows_per_item=rows_per_item),
         padding_after=padding_fraction(bin_positions, batch_size=global_bins, micro_batch_size=micro_bins,
                                        seed=seed, pad_to_multiple_of=pad_to_multiple_of, packed=True),
-        bin_fill=sum(lengths) / max(len(bins) * capacity, 1), n_examples=len(examples), n_tokens=sum(lengths),
+        bin_fill=sum(lengths) / max(len(bins) * capacity, 1), n_examples=len(lengths), n_tokens=sum(lengths),
+        unit=unit,
     )

@@ -49,6 +49,9 @@ class CustomizerGPTModel(GPTModelHooks):
         self.sliding_rotary_pos_emb: Optional[torch.nn.Module] = None
         self.long_rope: Optional[LongRoPE] = None
         self.final_logit_softcapping: Optional[float] = None
+        self.per_position_loss_grads = False
+        """The training loss gives each position's token loss its own gradient (a preference loss), not the same
+        one (a sum): the loss head then keeps a trained output weight's gradient exact for that (``models.loss``)."""
 
     def cap_logits(self, cap: float) -> None:
         """Softcap every logit this model makes, ``tanh(logit / cap) * cap`` (``final_logit_softcapping``): the loss
@@ -108,7 +111,8 @@ class CustomizerGPTModel(GPTModelHooks):
         targets = labels.transpose(0, 1).flatten().index_select(0, index)  # (n,)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else \
             self.output_layer.weight
-        return masked_token_losses(hidden, targets, weight, loss_weight, softcap=self.final_logit_softcapping)
+        return masked_token_losses(hidden, targets, weight, loss_weight, softcap=self.final_logit_softcapping,
+                                   per_position_grads=self.per_position_loss_grads)
 
 
 @dataclass(frozen=True)

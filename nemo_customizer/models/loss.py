@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
@@ -162,6 +163,11 @@ class OutputCrossEntropy(torch.autograd.Function):
 def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                   softcap: Optional[float] = None) -> torch.Tensor:
     hidden = copy_to_tensor_model_parallel_region(hidden)  # identity forward; all-reduce of input grads backward
+    return _logit_losses(hidden, targets, weight, softcap)
+
+
+def _logit_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                  softcap: Optional[float] = None) -> torch.Tensor:
     logits = F.linear(hidden, weight)  # (n, vocab/tp)
     if logits.is_cuda and parallel_state.get_tensor_model_parallel_world_size() == 1:
         return _fused_cross_entropy(logits, targets, softcap=softcap)
@@ -171,14 +177,32 @@ def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Ten
     return vocab_parallel_cross_entropy(logits.unsqueeze(1), targets.unsqueeze(1)).squeeze(1)
 
 
+def _recomputed_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                             softcap: Optional[float] = None) -> torch.Tensor:
+    """``_token_losses`` chunk by chunk, each chunk's logits recomputed in backward (activation checkpointing):
+    exact gradients for any upstream gradient, at the cost of one more ``(n, h) x (h, vocab)`` GEMM and
+    cross-entropy in backward than ``OutputCrossEntropy``. No chunk's logits outlive its forward or backward."""
+    hidden = copy_to_tensor_model_parallel_region(hidden)
+    # No RNG state to keep: the projection and cross-entropy draw no random numbers.
+    return torch.cat([checkpoint(_logit_losses, hidden[start:start + LOSS_CHUNK_TOKENS],
+                                 targets[start:start + LOSS_CHUNK_TOKENS], weight, softcap, use_reentrant=False,
+                                 preserve_rng_state=False)
+                      for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS)])
+
+
 def masked_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                         position_weights: Optional[torch.Tensor] = None, *,
-                        softcap: Optional[float] = None) -> torch.Tensor:
+                        softcap: Optional[float] = None, per_position_grads: bool = False) -> torch.Tensor:
     """Cross-entropy (n,) of hidden states (n, h) against targets (n,) with a vocab-parallel output weight, times
     ``position_weights`` (n,) when given; ``softcap``: the logits are ``tanh(logit / cap) * cap`` (module docstring).
-    With gradients, sum the result before backward when the weight trains (``OutputCrossEntropy``)."""
+    With gradients, sum the result before backward when the weight trains (``OutputCrossEntropy``), unless
+    ``per_position_grads``: then any upstream gradient is exact (``_recomputed_token_losses``; a preference loss
+    weighs each response's tokens by how its pair compares)."""
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         losses = _token_losses(hidden, targets, weight, softcap)
+        return losses if position_weights is None else losses * position_weights
+    if per_position_grads and weight.requires_grad:
+        losses = _recomputed_token_losses(hidden, targets, weight, softcap)
         return losses if position_weights is None else losses * position_weights
     # identity forward; backward all-reduces the TP ranks' partial gradients (a no-op at TP=1)
     return OutputCrossEntropy.apply(copy_to_tensor_model_parallel_region(hidden), weight, targets, position_weights,

@@ -13,9 +13,10 @@ Each adapted projection has its own A/B pair (what HF PEFT exports) whose output
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Iterator, Sequence, Tuple
 
 import torch
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
@@ -89,6 +90,8 @@ class LoraModule(torch.nn.Module):
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
         self.adapters = torch.nn.ModuleDict()
         self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
+        self.enabled = True
+        """False: the forward is the base linear's alone (``adapters_disabled``)."""
 
     def adapter_params(self) -> Dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if not name.startswith("base.")}
@@ -152,6 +155,8 @@ class ColumnParallelLoRA(LoraModule):
         return state
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
+        if not self.enabled:
+            return self.base(x, *args, **kwargs)
         out, bias = self.base(x, *args, **kwargs)  # out: (s, b, groups * group_width) on this rank
         x = self.dropout(x)
         # All adapters of the fused output in two GEMMs instead of two per adapter plus slicing and re-concatenating
@@ -213,6 +218,8 @@ class RowParallelLoRA(LoraModule):
         return {f"adapters.{self.name}.lora_A": 1}
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
+        if not self.enabled:
+            return self.base(x, *args, **kwargs)
         out, bias = self.base(x, *args, **kwargs)
         pair = self.adapters[self.name]
         partial = self.dropout(x) @ pair.lora_A.t()  # (s, b, rank), summed over TP below
@@ -226,6 +233,20 @@ class RowParallelLoRA(LoraModule):
 def lora_modules(model: torch.nn.Module) -> Dict[str, LoraModule]:
     """Every LoRA wrapper in the model, by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraModule)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[int]:
+    """Run ``model`` as its base model: every LoRA wrapper forwards through its base linear alone (no copy of any
+    weight); yields how many wrappers were switched off. Switched back on when the block ends."""
+    modules = list(lora_modules(model).values())
+    for module in modules:
+        module.enabled = False
+    try:
+        yield len(modules)
+    finally:
+        for module in modules:
+            module.enabled = True
 
 
 def adapter_parameters(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:

@@ -15,19 +15,18 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import torch
 
 from nemo_customizer.config.schema import HyperparametersConfig
-from nemo_customizer.data import (collate, collate_packed, iterate_micro_batches, iterate_validation_micro_batches,
-                                  steps_per_epoch)
-from nemo_customizer.data.examples import TokenizedExample
+from nemo_customizer.data import iterate_micro_batches, iterate_validation_micro_batches, steps_per_epoch
 from nemo_customizer.data.packing import PackingPlan
 from nemo_customizer.distributed.collectives import all_reduce_sum
 from nemo_customizer.distributed.parallel import ParallelLayout
 from nemo_customizer.training.early_stopping import EarlyStopping
 from nemo_customizer.training.metrics import MetricsLog, ProgressBar
+from nemo_customizer.training.objective import TOKEN_MEAN, Objective
 from nemo_customizer.training.pipelined import PipelinedSteps, PlannedStep, ReadStep
 from nemo_customizer.training.signals import StopSignals
 from nemo_customizer.training.state import LoopState
 from nemo_customizer.training.status import JobStatus
-from nemo_customizer.training.step import queue_step, validation_loss
+from nemo_customizer.training.step import queue_step, validation_totals
 
 
 @dataclass
@@ -37,8 +36,9 @@ class TrainingJob:
     model: torch.nn.Module
     optimizer: object
     scheduler: object
-    train_examples: Sequence[TokenizedExample]
-    val_examples: Sequence[TokenizedExample]
+    train_examples: Sequence
+    """What ``objective`` trains on: ``TokenizedExample``s, or ``preference.ScoredPair``s."""
+    val_examples: Sequence
     hyperparameters: HyperparametersConfig
     layout: ParallelLayout
     pad_id: int
@@ -60,6 +60,8 @@ class TrainingJob:
     """The state a restored checkpoint saved: the loop continues from there (the weights are already loaded)."""
     graphs: Optional[object] = None
     """A ``training.graphs.GraphedForwardBackward`` of ``model``: packed training micro batches replay CUDA graphs."""
+    objective: Objective = TOKEN_MEAN
+    """The loss and its batches: the token mean (SFT) or ``training.preference.PreferenceLoss`` (DPO)."""
 
 
 def planned_steps(n_train: int, hp: HyperparametersConfig, packing: Optional[PackingPlan] = None) -> int:
@@ -88,7 +90,8 @@ def _fit(job: TrainingJob) -> LoopState:
     items = job.packing.take(job.train_examples) if job.packing else job.train_examples
     # On GPUs each step is read once the next is queued, except where ``_planned_steps`` says to read it at once.
     steps = PipelinedSteps(lambda batches: queue_step(job.model, job.optimizer, job.scheduler, batches,
-                                                      job.layout.device, graphs=job.graphs), job.layout.device)
+                                                      job.layout.device, graphs=job.graphs, objective=job.objective),
+                           job.layout.device)
     for epoch in range(state.epochs_completed, hp.epochs):
         if state.steps >= total or state.early_stopping.should_stop or state.stop_signal is not None:
             break
@@ -165,8 +168,9 @@ def _record(job: TrainingJob, state: LoopState, read: ReadStep) -> None:
     out = read.result
     state.add_step(read.number, out.loss, out.real_tokens, read.seconds)
     _log(job, state, event="train", step=read.number, epoch=state.epoch, loss=out.loss, lr=out.learning_rate,
-         grad_norm=out.grad_norm, loss_tokens=out.loss_tokens, tokens=out.real_tokens,
-         tokens_per_s=out.real_tokens / max(read.seconds, 1e-9), skipped=out.skipped)
+         grad_norm=out.grad_norm, **{job.objective.count_name: out.loss_tokens}, tokens=out.real_tokens,
+         tokens_per_s=out.real_tokens / max(read.seconds, 1e-9), skipped=out.skipped,
+         **job.objective.metrics(out.report, out.loss_tokens))
     job.progress.update(state.steps, out.loss, state.tokens_per_second)
 
 
@@ -174,12 +178,17 @@ def _validate(job: TrainingJob, state: LoopState) -> None:
     """Validation loss, early stopping and the best checkpoint; then the resumable checkpoint of this step."""
     state.last_validated_step = state.steps
     if job.val_examples:
-        val = validation_loss(job.model, _validation_batches(job), job.layout.device)
+        loss_sum, count, *report = validation_totals(job.model, _validation_batches(job), job.layout.device,
+                                                     job.objective)
+        val = loss_sum / count if count else float("nan")
+        metrics = job.objective.metrics(report, count, prefix="val_")
         improved = state.add_validation(val)
         if improved:
             job.save_best()
-        _log(job, state, event="validation", step=state.steps, epoch=state.epoch, val_loss=val, best=improved)
+        _log(job, state, event="validation", step=state.steps, epoch=state.epoch, val_loss=val, best=improved,
+             **metrics)
         job.progress.message(f"validation  epoch {state.epoch} step {state.steps}: val_loss {val:.4f}"
+                             + "".join(f", {name} {value:.4f}" for name, value in metrics.items())
                              + ("  (best, saved)" if improved else f"  (best {state.best_val_loss:.4f})"))
     if job.save_checkpoint is not None:
         job.save_checkpoint(state)
@@ -221,7 +230,7 @@ def _training_batches(job: TrainingJob, items: Sequence, epoch: int, skip: int =
         micro_batch_size=plan.micro_batch_size if plan else hp.micro_batch_size,
         dp_rank=layout.data_parallel_rank, dp_size=layout.data_parallel_size, seed=hp.seed, epoch=epoch,
     )
-    to_batch = collate_packed if plan else collate
+    to_batch = job.objective.collate_packed if plan else job.objective.collate
     for index, micro in enumerate(steps):
         if index < skip:
             continue
@@ -232,6 +241,6 @@ def _validation_batches(job: TrainingJob):
     hp, layout = job.hyperparameters, job.layout
     for micro in iterate_validation_micro_batches(
         job.val_examples, global_batch_size=hp.batch_size, micro_batch_size=hp.micro_batch_size,
-        dp_rank=layout.data_parallel_rank, dp_size=layout.data_parallel_size,
+        dp_rank=layout.data_parallel_rank, dp_size=layout.data_parallel_size, padding=job.objective.padding,
     ):
-        yield [collate(m, pad_id=job.pad_id, pad_to_multiple_of=job.pad_to_multiple_of) for m in micro]
+        yield [job.objective.collate(m, pad_id=job.pad_id, pad_to_multiple_of=job.pad_to_multiple_of) for m in micro]

@@ -95,6 +95,8 @@ class TrainingSession:
             recompute_modules=tuple(hp.recompute_modules) if trainable else ())
         if trainable:
             self.trainable = prepare_trainable(self.model, self.cfg)
+            # A preference loss weighs each token's loss by how its pair compares (training.preference).
+            self.model.per_position_loss_grads = hp.training_type == "dpo"
         return self.model
 
     def build_training(self, total_steps: int, *, packed: bool = False, pad_id: int = 0) -> torch.nn.Module:

@@ -33,6 +33,9 @@ CREATED, RUNNING, COMPLETED, FAILED, CANCELLED = "created", "running", "complete
 SERIES = ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s")
 _TRAIN_SERIES = {"train_loss": "loss", "lr": "lr", "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s"}
 """Series fed by each ``train`` record of metrics.jsonl: series name -> record key."""
+PREFERENCE_SERIES = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
+"""Series of a preference (``dpo``) job, each named as its key in ``train`` records and, prefixed ``val_``, in
+``validation`` records (``training.preference.PreferenceLoss.metrics``); added to ``SERIES`` when a record has them."""
 
 
 class JobCancelled(Exception):
@@ -103,7 +106,9 @@ class JobStatus:
         self._last_write_end, self._last_write_cost = 0.0, 0.0
         previous = _read_existing(job.path / STATUS_FILE) if job is not None else None
         series = (previous or {}).get("metrics", {}).get("metrics", {})
-        self.series: Dict[str, MetricSeries] = {name: MetricSeries(max_points, series.get(name)) for name in SERIES}
+        self.max_points = max_points
+        self.series: Dict[str, MetricSeries] = {name: MetricSeries(max_points, series.get(name))
+                                                for name in (*SERIES, *(n for n in series if n not in SERIES))}
         self.state: dict = {
             "status": CREATED, "created_at": _iso(self._started), "updated_at": _iso(self._started),
             "steps_completed": 0, "total_steps": None, "steps_per_epoch": None, "epochs_completed": 0,
@@ -135,14 +140,21 @@ class JobStatus:
         event, step = record.get("event"), record.get("step")
         timestamp = _iso(record.get("time", time.time()))
         if event == "train":
-            for name, key in _TRAIN_SERIES.items():
+            for name, key in (*_TRAIN_SERIES.items(), *((n, n) for n in PREFERENCE_SERIES)):
                 if key in record:
-                    self.series[name].add(step, record[key], timestamp)
+                    self._series(name).add(step, record[key], timestamp)
             if step % self.write_every == 0 and self._write_is_cheap():
                 self._write()
         elif event == "validation":
-            self.series["val_loss"].add(step, record["val_loss"], timestamp)
+            for name in ("val_loss", *(f"val_{n}" for n in PREFERENCE_SERIES)):
+                if name in record:
+                    self._series(name).add(step, record[name], timestamp)
             self._write()
+
+    def _series(self, name: str) -> MetricSeries:
+        if name not in self.series:
+            self.series[name] = MetricSeries(self.max_points)
+        return self.series[name]
 
     def record_evaluation(self, summary: dict) -> None:
         """Held-out metrics per model (``{"base": {...}, "customized": {...}}``), merged into ``evaluation``."""
@@ -185,7 +197,7 @@ class JobStatus:
     def to_json(self) -> dict:
         self.state["updated_at"] = _iso(time.time())
         self.state["elapsed_time"] = round(time.time() - self._started, 3)
-        return {**self.state, "metrics": {"keys": list(SERIES), "metrics": self.series_points()}}
+        return {**self.state, "metrics": {"keys": list(self.series), "metrics": self.series_points()}}
 
     def _progress(self, step: int) -> None:
         total, per_epoch = self.state["total_steps"], self.state["steps_per_epoch"]

@@ -4,6 +4,8 @@ The loss is the mean over every loss-masked token of the global batch (all micro
 not a mean of per-micro-batch means: mcore sums token losses (``calculate_per_token_loss``) and the optimizer step
 divides the summed gradients by the global token count (``_optimizer_step``). That holds unchanged for packed micro
 batches (``collate_packed``): the model returns one loss per masked token whichever layout the tokens came in.
+Another ``training.objective.Objective`` (the preference loss: ``training.preference``) sums its own loss and count
+per micro batch (pairs), and the same division makes the step's loss its mean over the global batch.
 
 With pipeline parallelism the stages exchange activations of one fixed shape ``[s, b, h]`` (``s/tp`` under SP) for
 every micro batch of a step, so ``forward_backward`` first right-pads the step's micro batches to its longest one
@@ -29,6 +31,7 @@ from megatron.core.utils import get_model_config
 from nemo_customizer.compat import adam_gradient_scaling, clip_grads_by_total_norm, prepare_grads, step_with_ready_grads
 from nemo_customizer.distributed.collectives import all_reduce_sum_
 from nemo_customizer.models.gpt import upload
+from nemo_customizer.training.objective import TOKEN_MEAN, Objective
 from nemo_customizer.training.optim import device_grad_norm, fused_adams
 
 MicroBatch = Dict[str, torch.Tensor]
@@ -39,13 +42,15 @@ class StepResult:
     loss: float
     """Token-mean loss over the global batch."""
     loss_tokens: int
-    """Loss-masked tokens in the global batch."""
+    """Loss-masked tokens in the global batch (the objective's count: pairs for the preference loss)."""
     real_tokens: int
     """Non-padding input tokens this step processed, all ranks together (for tokens/s)."""
     grad_norm: float
     learning_rate: float
     skipped: bool
     """mcore skipped the update (fp16 loss scaling found inf/nan gradients and lowered the scale)."""
+    report: Tuple[float, ...] = ()
+    """The objective's further sums over the global batch (``Objective.metrics`` names them); none for SFT."""
 
 
 class NonFiniteStep(FloatingPointError):
@@ -54,24 +59,6 @@ class NonFiniteStep(FloatingPointError):
     Every rank raises it at the same step: the loss is summed over the data-parallel and pipeline ranks, and the
     gradient norm is taken after the data-parallel reduction and summed over the model-parallel ranks.
     """
-
-
-def _loss_func(token_losses: torch.Tensor):
-    """mcore's 3-tuple contract: (summed loss to backprop, token count, values to report)."""
-    total = token_losses.sum()
-    # torch.full, not torch.tensor: a value copied from the host would make the host wait mid-step.
-    count = torch.full((), token_losses.numel(), dtype=torch.int, device=token_losses.device)
-    report = torch.stack([total.detach().double(), count.double()])
-    return total, count, {"loss_sum_and_tokens": report}
-
-
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    token_losses = model(
-        batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"],
-        packed_seq_params=batch.get("packed_seq_params"),
-    )
-    return token_losses, _loss_func
 
 
 def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqParams:
@@ -114,6 +101,8 @@ def _pad_to(batch: MicroBatch, length: int) -> MicroBatch:
     padded = dict(batch)
     for key in ("tokens", "labels", "loss_mask"):
         padded[key] = F.pad(batch[key], (0, extra))  # [b, s] -> [b, length]
+    if "sequence_index" in batch:  # pairs (collate_pairs): the padding belongs to no sequence
+        padded["sequence_index"] = F.pad(batch["sequence_index"], (0, extra), value=-1)
     if "cu_seqlens" in batch:  # packed [1, t]: positions restart for the padding segment
         positions = torch.arange(extra, dtype=batch["position_ids"].dtype)
         padded["cu_seqlens"] = torch.cat([batch["cu_seqlens"], batch["cu_seqlens"].new_tensor([length])])
@@ -124,18 +113,21 @@ def _pad_to(batch: MicroBatch, length: int) -> MicroBatch:
     return padded
 
 
-def forward_backward(model, micro_batches: List[MicroBatch], device: torch.device, forward_only: bool) -> torch.Tensor:
-    """mcore's schedule over this rank's micro batches (padded or packed); returns the global ``[loss sum, loss
-    tokens]`` (float64, on ``device``, summed over data-parallel and pipeline ranks; ``.tolist()`` reads it).
+def forward_backward(model, micro_batches: List[MicroBatch], device: torch.device, forward_only: bool,
+                     objective: Objective = TOKEN_MEAN) -> torch.Tensor:
+    """mcore's schedule over this rank's micro batches (padded or packed); returns the global report of
+    ``objective`` (``[loss sum, loss tokens]`` for the default; float64, on ``device``, summed over data-parallel
+    and pipeline ranks; ``.tolist()`` reads it).
 
     With ``forward_only=False`` the gradients end in the DDP buffers (``param.main_grad``), finalized (DP/SP
-    reductions) but not yet divided by the global loss-token count: ``_optimizer_step`` does that.
+    reductions) but not yet divided by the global count (``report[1]``): ``_optimizer_step`` does that.
     """
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         micro_batches = uniform_length(micro_batches)
+    micro_batches = [objective.prepare(b) for b in micro_batches]
     seq_length = max(b["tokens"].shape[1] for b in micro_batches)
     outputs = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=objective.forward_step,
         data_iterator=iter([_to_device(b, device) for b in micro_batches]),
         model=model,
         num_microbatches=len(micro_batches),
@@ -143,9 +135,9 @@ def forward_backward(model, micro_batches: List[MicroBatch], device: torch.devic
         micro_batch_size=micro_batches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals = torch.zeros(objective.report_size, dtype=torch.float64, device=device)
     for out in outputs:  # only the last pipeline stage has outputs; summed on the device, read once per step
-        totals += out["loss_sum_and_tokens"]
+        totals += out["report"]
     return _global_totals(totals)
 
 
@@ -183,14 +175,14 @@ def _real_tokens(micro_batches: Iterable[MicroBatch], device: torch.device) -> t
 
 
 def train_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], device: torch.device,
-               graphs=None) -> StepResult:
+               graphs=None, objective: Objective = TOKEN_MEAN) -> StepResult:
     """Forward/backward over this rank's micro batches, gradient reduction, clipping, optimizer and LR step.
 
     ``graphs``: a ``training.graphs.GraphedForwardBackward`` of ``model`` to replay packed micro batches with.
     Raises ``NonFiniteStep`` (weights and optimizer state untouched) when the loss or gradient norm is not finite.
     ``queue_step(...).result()``: the host reads the step's numbers once, after the whole step is queued.
     """
-    return queue_step(model, optimizer, scheduler, micro_batches, device, graphs).result()
+    return queue_step(model, optimizer, scheduler, micro_batches, device, graphs, objective).result()
 
 
 @dataclass
@@ -200,8 +192,8 @@ class QueuedStep:
     (collating, launching, logging) overlaps the GPU's instead of leaving it idle."""
 
     numbers: torch.Tensor
-    """float64 ``[loss sum, loss tokens, real tokens, gradient norm]`` in host memory, written by the device when
-    ``ready`` has passed."""
+    """float64 ``[loss sum, loss tokens, real tokens, gradient norm, the objective's further sums ...]`` in host
+    memory, written by the device when ``ready`` has passed."""
     ready: Optional[torch.cuda.Event]
     """Recorded after the copy to ``numbers`` (CUDA); reading waits for this event, not for the whole stream: the
     stream already holds the next step's work, and a plain read would wait for that too."""
@@ -223,7 +215,7 @@ class QueuedStep:
         then skipped on the device: weights and optimizer state are as before this step)."""
         if self.ready is not None:
             self.ready.synchronize()
-        loss_sum, loss_tokens, real, norm = self.numbers.tolist()
+        loss_sum, loss_tokens, real, norm, *report = self.numbers.tolist()
         loss = loss_sum / max(loss_tokens, 1)
         if not math.isfinite(loss):
             raise NonFiniteStep(f"training loss is {loss}")
@@ -231,11 +223,11 @@ class QueuedStep:
             raise NonFiniteStep(f"gradient norm is {norm}")
         self.advance_schedule()
         return StepResult(loss=loss, loss_tokens=int(loss_tokens), real_tokens=int(real), grad_norm=norm,
-                          learning_rate=self.learning_rate, skipped=not self.update_ok)
+                          learning_rate=self.learning_rate, skipped=not self.update_ok, report=tuple(report))
 
 
 def queue_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], device: torch.device,
-               graphs=None) -> QueuedStep:
+               graphs=None, objective: Objective = TOKEN_MEAN) -> QueuedStep:
     """``train_step`` up to reading its numbers: everything queued on the device; the LR schedule is stepped by
     the returned ``QueuedStep``. Optimizers that need the host to read the gradient norm first (not torch's fused
     Adam) sync inside ``_optimizer_step``.
@@ -246,14 +238,14 @@ def queue_step(model, optimizer, scheduler, micro_batches: List[MicroBatch], dev
         model.train()
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    if graphs is not None:
+    if graphs is not None:  # the supervised objective only (config.validate)
         totals = graphed_forward_backward(graphs, micro_batches)
     else:
-        totals = forward_backward(model, micro_batches, device, forward_only=False)
+        totals = forward_backward(model, micro_batches, device, forward_only=False, objective=objective)
     real_tokens = _real_tokens(micro_batches, device)
     learning_rate = optimizer.param_groups[0]["lr"]
     update_ok, grad_norm = _optimizer_step(optimizer, totals, device)
-    numbers = torch.cat([totals, real_tokens.reshape(1), grad_norm.double().reshape(1)])
+    numbers = torch.cat([totals[:2], real_tokens.reshape(1), grad_norm.double().reshape(1), totals[2:]])
     ready = None
     if numbers.is_cuda:
         numbers = numbers.to("cpu", non_blocking=True)  # into pinned memory, ordered before the next step's work
@@ -303,12 +295,18 @@ def _optimizer_step(optimizer, totals: torch.Tensor, device: torch.device) -> Tu
 
 
 @torch.no_grad()
+def validation_totals(model, batches: Iterable[List[MicroBatch]], device: torch.device,
+                      objective: Objective = TOKEN_MEAN) -> List[float]:
+    """The objective's report summed over the whole validation set (``[loss sum, count, ...]``)."""
+    model.eval()
+    totals = torch.zeros(objective.report_size, dtype=torch.float64, device=device)
+    for micro_batches in batches:
+        totals += forward_backward(model, micro_batches, device, forward_only=True, objective=objective)
+    model.train()
+    return totals.tolist()
+
+
 def validation_loss(model, batches: Iterable[List[MicroBatch]], device: torch.device) -> float:
     """Token-mean loss over the whole validation set."""
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for micro_batches in batches:
-        totals += forward_backward(model, micro_batches, device, forward_only=True)
-    loss_sum, tokens = totals.tolist()
-    model.train()
+    loss_sum, tokens = validation_totals(model, batches, device)
     return loss_sum / tokens if tokens else float("nan")
