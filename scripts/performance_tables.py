@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "performance" / "results.jsonl"
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 
-MODELS = {"llama-3.2-1b-instruct": "1B", "llama-3.1-8b-instruct": "8B", "llama-3.3-70b-instruct": "70B"}
+MODELS = {"llama-3.2-1b-instruct": "1B", "llama-3.1-8b-instruct": "8B", "llama-3.3-70b-instruct": "70B",
+          "qwen3-8b": "Qwen3-8B", "gemma-3-1b-it": "Gemma 3 1B", "gemma-2-2b-it": "Gemma 2 2B"}
+"""Workload names: the Llama sizes the tables started with, other families by name."""
 MODES = {"lora-qv": "LoRA r16 q,v", "lora-all": "LoRA r16 all linear", "full": "full SFT (fp32 master weights)",
          "full-bf16": "full SFT, `fp32_master_weights=false`"}
 RUN_FIELDS = ("table", "date", "card", "machine", "software", "command", "commit")
@@ -95,7 +97,8 @@ def with_unit(name: str, unit: str, spec: str = "") -> Callable[[dict], str]:
 
 def workload(row: dict) -> str:
     label = f"{MODELS.get(row['model'], row['model'])} {MODES.get(row['mode'], row['mode'])}"
-    return label + (", torch's flash attention" if row.get("attention") == "torch" else "")
+    label += ", torch's flash attention" if row.get("attention") == "torch" else ""
+    return label + (", no CUDA graphs" if row.get("cuda_graphs") is False else "")
 
 
 def bootstrap(name: str, spec: str) -> Callable[[dict], str]:
@@ -487,7 +490,7 @@ def table_of(row: dict) -> str:
         return "tensor-parallel"
     if row.get("recompute_modules") or row.get("activation_checkpointing"):
         return "recompute"
-    if (row["packed"] and row["cuda_graphs"] and row["seq"] == 4096 and row.get("bins_per_micro_batch") == 1
+    if (row["packed"] and row["seq"] == 4096 and row.get("bins_per_micro_batch") == 1
             and row.get("step_timing", "queued") == "queued" and row.get("compiled", True)):
         return "one-gpu"
     raise ValueError(f"no table measures this configuration; pass --table: {json.dumps(row)[:300]}")
@@ -518,7 +521,7 @@ def from_benchmark(lines: list[str], run: dict, table: str | None = None) -> lis
                    step_ms=r["step_ms"])
         if name == "one-gpu":
             baseline = baselines.get((r["model"], r["mode"], bins))
-            row.update(attention=r.get("attention"),
+            row.update(attention=r.get("attention"), cuda_graphs=r["cuda_graphs"],
                        baseline_tokens_per_s=baseline["tok_s"] if baseline else None,
                        baseline_mfu=baseline["mfu"] if baseline else None,
                        baseline_peak_gib=baseline["peak_gb"] if baseline else None)

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from _multiproc import run_world
-from _tiny import write_classification_data, write_tiny_model_dir
+from _pairs import write_preference_data
+from _tiny import write_tiny_model_dir
 
 STEPS = 3
 
@@ -27,10 +28,8 @@ CASES = {  # all_weights at TP=2: the output weight trains, each vocabulary shar
 def _run_jobs(rank: int, root: str, world: int) -> None:
     import torch.distributed as dist
 
-    from _pairs import tokenize_as_pairs
     from nemo_customizer.api import customize
 
-    tokenize_as_pairs()
     dist.init_process_group("gloo")  # the jobs use it and leave it up (they did not start it)
     try:
         for name, (finetuning, packed, layout) in CASES.items():
@@ -62,7 +61,7 @@ def _metrics(job: Path) -> dict:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_parallel")
     write_tiny_model_dir(root / "model")
-    write_classification_data(root / "data", n_train=32, n_val=6)  # 6 held-out pairs: the last batch is padded
+    write_preference_data(root / "data", n_train=32, n_val=6)  # 6 held-out pairs: the last batch is padded
     run_world(_run_jobs, 1, str(root), 1)
     run_world(_run_jobs, 2, str(root), 2)
     return root

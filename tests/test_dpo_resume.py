@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from _multiproc import run_world
-from _tiny import write_classification_data, write_tiny_model_dir
+from _pairs import write_preference_data
+from _tiny import write_tiny_model_dir
 
 STEPS = 6  # 32 pairs / batch 8 = 4 steps per epoch: the kill (after step 4's checkpoint) falls in epoch 1
 KILL_AT_SAVE = 3  # the third save (step 6) dies after writing its shards, before the rename
@@ -35,10 +36,8 @@ def _settings(root: str, name: str, finetuning: str) -> dict:
 
 
 def _train(rank: int, root: str, name: str, finetuning: str, kill_at_save: int = 0) -> None:
-    from _pairs import tokenize_as_pairs
     from nemo_customizer.api import customize
 
-    tokenize_as_pairs()
     if kill_at_save:  # SIGKILL this process in the middle of a checkpoint save, as a pre-emption would
         from megatron.core import dist_checkpointing
 
@@ -63,7 +62,7 @@ def _train_records(job: Path) -> dict:
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_resume")
     write_tiny_model_dir(root / "model")
-    write_classification_data(root / "data", n_train=32, n_val=8)
+    write_preference_data(root / "data", n_train=32, n_val=8)
     return root
 
 

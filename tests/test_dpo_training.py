@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from _pairs import restore_tokenization, tokenize_as_pairs
+from _pairs import write_preference_data
 from _tiny import write_classification_data, write_tiny_model_dir
 
 
@@ -16,25 +16,19 @@ from _tiny import write_classification_data, write_tiny_model_dir
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_training")
     write_tiny_model_dir(root / "model")
-    write_classification_data(root / "data", n_train=32, n_val=8)
+    write_classification_data(root / "data", n_train=32, n_val=8)  # the same rows as prompt/completion (SFT) data
+    write_preference_data(root / "pairs", n_train=32, n_val=8)
     return root
 
 
-@pytest.fixture
-def pairs():
-    tokenize_as_pairs()
-    yield
-    restore_tokenization()
-
-
-def _customize(root, name, **hyperparameters):
+def _customize(root, name, dataset="pairs", **hyperparameters):
     from nemo_customizer.api import customize
 
     settings = {"training_type": "dpo", "epochs": 2, "batch_size": 8, "micro_batch_size": 2, "learning_rate": 5e-3,
                 "lora": {"adapter_dropout": 0.0}, "dpo": {"ref_policy_kl_penalty": 0.5}}
     for key, value in hyperparameters.items():
         settings[key] = {**settings[key], **value} if isinstance(value, dict) and key in settings else value
-    return customize("tiny-llama-test", dataset=str(root / "data"), output_dir=str(root / name), device="cpu",
+    return customize("tiny-llama-test", dataset=str(root / dataset), output_dir=str(root / name), device="cpu",
                      progress_bar=False, hyperparameters=settings,
                      model={"checkpoint": str(root / "model"), "random_weights": False})
 
@@ -46,7 +40,6 @@ def _records(job) -> list:
 REWARDS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
 
 
-@pytest.mark.usefixtures("pairs")
 def test_lora_dpo_job_trains_logs_rewards_and_serves_its_adapter(root, capfd):
     from nemo_customizer.api import generate
     from nemo_customizer.training.preference import REFERENCE_FILE
@@ -84,7 +77,6 @@ def test_lora_dpo_job_trains_logs_rewards_and_serves_its_adapter(root, capfd):
     assert isinstance(text, str)
 
 
-@pytest.mark.usefixtures("pairs")
 def test_all_weights_and_packed_dpo_jobs(root, capfd):
     full = _customize(root, "all_weights", finetuning_type="all_weights", learning_rate=1e-3, max_steps=3)
     assert full.steps == 3 and (root / "all_weights" / "model" / "model.safetensors").is_file()
@@ -101,7 +93,6 @@ def test_all_weights_and_packed_dpo_jobs(root, capfd):
     assert train[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and packed.best_val_loss < 0.69
 
 
-@pytest.mark.usefixtures("pairs")
 def test_dpo_early_stopping_on_validation_loss(root):
     result = _customize(root, "early", epochs=20, learning_rate=1e-12, val_check_interval=2,
                         early_stopping={"patience": 2, "min_delta": 0.001})
@@ -109,15 +100,11 @@ def test_dpo_early_stopping_on_validation_loss(root):
     assert [r["step"] for r in _records(root / "early") if r["event"] == "validation"] == [2, 4, 6]
 
 
-def test_data_of_the_wrong_kind_is_refused(root, monkeypatch):
+def test_data_of_the_wrong_kind_is_refused(root):
     from nemo_customizer.data import DatasetError
 
     with pytest.raises(DatasetError, match="training_type=dpo trains on preference pairs"):
-        _customize(root, "dpo-on-sft-rows")
-    tokenize_as_pairs()
-    try:
-        with pytest.raises(DatasetError, match="are preference pairs .* train with hyperparameters.training_type=dpo"):
-            _customize(root, "sft-on-pairs", training_type="sft", dpo={"ref_policy_kl_penalty": 0.05})
-    finally:
-        restore_tokenization()
+        _customize(root, "dpo-on-sft-rows", dataset="data")
+    with pytest.raises(DatasetError, match="are preference pairs .* train with hyperparameters.training_type=dpo"):
+        _customize(root, "sft-on-pairs", training_type="sft", dpo={"ref_policy_kl_penalty": 0.05})
     assert not (root / "dpo-on-sft-rows").exists() and not (root / "sft-on-pairs").exists()
