@@ -1,7 +1,7 @@
 """Training throughput of the transformers+peft baseline on a CUDA GPU, for ``scripts/benchmark.py --baseline``.
 
 The baseline trains the same architecture as our model config (random weights, bf16) with ``transformers``' SDPA
-attention, LoRA through ``peft`` (or every weight for full fine-tuning) and torch's fused AdamW, on ``rows`` dense
+attention (eager attention for a model that softcaps attention logits, which SDPA cannot), LoRA through ``peft`` (or every weight for full fine-tuning) and torch's fused AdamW, on ``rows`` dense
 causal sequences of ``seq`` tokens per step: the same tokens per step as one of our packed micro batches, with
 attention over the whole row (the cheapest layout the baseline has; it cannot restart attention at each example).
 Each step is synchronized; the median of the timed steps after the warm-up is reported.
@@ -31,7 +31,8 @@ def baseline_model(model_name: str):
     arch = config_from_kwargs(config=model_name).model.architecture
     config_dict = hf_config_dict(arch)
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    config._attn_implementation = "sdpa"
+    # SDPA cannot softcap attention logits (Gemma 2): such a model gets transformers' eager attention, which does.
+    config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):
         return AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16), arch

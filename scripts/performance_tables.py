@@ -157,7 +157,17 @@ same tokens per step (one dense 4,096-token row: SDPA, bf16, fused AdamW); the r
 same call, because the baseline's own speed moves by up to a tenth between calls. Full fine-tuning comes in two
 precisions: the default keeps fp32 master weights (mixed precision); `fp32_master_weights=false` keeps bf16 weights,
 gradients and Adam moments with stochastically rounded updates, which is the baseline's memory (its
-`torch.optim.AdamW` on bf16 weights rounds each update to nearest and loses the small ones)."""
+`torch.optim.AdamW` on bf16 weights rounds each update to nearest and loses the small ones).
+
+The H100 rows ran without `flash-attn-4` (torch's flash attention for packed batches, as the workload says); the
+Llama rows among them are the same-card reference for the other families. Qwen3's extra work (an RMSNorm per query
+and key head) and Gemma 3's (four norms per layer, GeGLU, sliding-window layers with a RoPE table of their own) run
+inside the same compiled, graph-captured step, and the comparison with the Llama rows of the same card shows what
+they cost. Gemma 2 is the exception: no flash kernel here applies its attention-logit softcapping in backward, so its
+softcapped layers attend sequence by sequence with materialized fp32 scores and without CUDA graphs, which makes it
+slower than the baseline. Its baseline rows asked `transformers` for SDPA attention, which cannot softcap, so they
+may have run without the softcap and are not a like-for-like comparison; `scripts/hf_peft_throughput.py` now gives
+a softcapping model `transformers`' eager attention, and the next measurement replaces them."""
     , ("model", "mode", "attention"),
     (Column("workload", workload), Column("card", field("card")), Column("tokens/s", field("tokens_per_s")),
      Column("MFU", lambda r: percent(r.get("mfu"))), Column("peak GiB", field("peak_gib")),
