@@ -28,7 +28,7 @@ LATEST_CHECKPOINT_FILE = "latest"
 RESUMABLE_CHANGES = (
     "output_dir", "device", "progress_bar", "log_interval", "cache_dir", "dataset.store_dir", "checkpoint.keep_last",
     "model.tensor_parallel_size", "model.pipeline_parallel_size", "model.use_sequence_parallel",
-    "hyperparameters.micro_batch_size", "evaluation",
+    "hyperparameters.micro_batch_size", "evaluation", "logger",
 )
 
 

@@ -286,6 +286,53 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """A Weights & Biases run of the job (``pip install 'nemo_customizer[wandb]'``). W&B's own environment variables
+    apply where a field is unset (``WANDB_API_KEY``, ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_MODE``,
+    ``WANDB_DIR``)."""
+
+    enabled: bool = False
+    project: Optional[str] = None
+    """Default ``$WANDB_PROJECT``, else ``nemo_customizer``."""
+    entity: Optional[str] = None
+    """Team or user the run belongs to; default ``$WANDB_ENTITY``, else your W&B default."""
+    name: Optional[str] = None
+    """The run's display name; default the ``output_dir``'s name."""
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    mode: Optional[str] = None
+    """``online`` or ``offline`` (written under ``dir``; upload later with ``wandb sync``); default
+    ``$WANDB_MODE``, else online."""
+    dir: Optional[str] = None
+    """Where W&B writes its local files (a ``wandb/`` folder); default ``$WANDB_DIR``, else the ``output_dir``."""
+
+
+@dataclass
+class MlflowConfig:
+    """An MLflow run of the job (``pip install 'nemo_customizer[mlflow]'``, the ``mlflow-skinny`` client)."""
+
+    enabled: bool = False
+    tracking_uri: Optional[str] = None
+    """Your tracking server (``http://host:5000``), ``databricks``, or a local store; default
+    ``$MLFLOW_TRACKING_URI``, else MLflow's default (a local ``sqlite:///mlflow.db``, which needs the full ``mlflow``
+    package; a ``file:`` store needs ``MLFLOW_ALLOW_FILE_STORE=true`` since MLflow 3)."""
+    experiment_name: Optional[str] = None
+    """Default ``$MLFLOW_EXPERIMENT_NAME``, else ``nemo_customizer``; created when missing."""
+    run_name: Optional[str] = None
+    """Default the ``output_dir``'s name."""
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment trackers the job logs to beside ``metrics.jsonl``, ``status.json`` and TensorBoard (main rank
+    only): the resolved config, then every train and validation record as metrics ``train/<key>`` and ``val/<key>``.
+    A job resumed in the same ``output_dir`` continues the same runs (their ids are kept in ``trackers.json``)."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+@dataclass
 class ServingConfig:
     """The OpenAI-compatible server (``python -m nemo_customizer serve``): one base model plus LoRA adapters."""
 
@@ -328,6 +375,8 @@ class Config:
     hyperparameters: HyperparametersConfig = field(default_factory=HyperparametersConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Weights & Biases and MLflow runs of the job (off by default)."""
     output_dir: str = "outputs/job"
     """Job directory: resolved config, metrics.jsonl, adapter."""
     device: str = "auto"

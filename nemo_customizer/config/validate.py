@@ -8,12 +8,13 @@ knows the size. Pure Python: no torch, no megatron.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import warnings
 
 from .errors import ConfigError, ConfigWarning
 from .families import ARCHITECTURES, Family, check_lora_targets, family_of, lora_target_names, window_families
 from .schema import (ATTENTION_KERNELS, MISSING_PATH, RECOMPUTE_MODULES, ArchitectureConfig, Config, DpoConfig,
-                     HyperparametersConfig, ModelConfig, ServingConfig)
+                     HyperparametersConfig, LoggerConfig, ModelConfig, ServingConfig)
 
 # Every family's HF projection names, for a model whose family is known only once its config.json is read.
 HF_TARGET_MODULES = tuple(dict.fromkeys(name for family in ARCHITECTURES.values() for name in lora_target_names(family)))
@@ -24,6 +25,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 RECOMMENDED_BATCH_MULTIPLE = 16
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+WANDB_MODES = ("online", "offline")
+TRACKERS = ("wandb", "mlflow")
+"""``logger.<name>``: each imports the module ``<name>``, installed by the extra ``nemo_customizer[<name>]``."""
 
 
 def validate_config(cfg: Config, *, training: bool = True) -> None:
@@ -47,6 +51,24 @@ def validate_config(cfg: Config, *, training: bool = True) -> None:
                           "a held-out file of prompt/completion or chat rows to generate answers for (the "
                           "preference pairs have no single reference answer); set it, or evaluation.enabled=false.")
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
+    validate_logger(cfg.logger)
+
+
+def validate_logger(logger: LoggerConfig) -> None:
+    """Each tracker turned on has its package installed (checked without importing it) and usable settings."""
+    for name in TRACKERS:
+        if getattr(logger, name).enabled and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"logger.{name}.enabled=true needs the {name} package: pip install "
+                              f"'nemo_customizer[{name}]' (or set logger.{name}.enabled=false).")
+    wandb, mlflow = logger.wandb, logger.mlflow
+    if wandb.enabled:
+        if wandb.mode is not None:
+            _one_of("logger.wandb.mode", wandb.mode, WANDB_MODES)
+        for name in ("project", "entity", "name", "group", "dir"):
+            _not_blank(f"logger.wandb.{name}", getattr(wandb, name))
+    if mlflow.enabled:
+        for name in ("tracking_uri", "experiment_name", "run_name"):
+            _not_blank(f"logger.mlflow.{name}", getattr(mlflow, name))
 
 
 def validate_serving(serving: ServingConfig) -> None:
@@ -338,6 +360,11 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _at_least(key: str, value: int, low: int) -> None:
     if value < low:
         raise ConfigError(f"{key} must be at least {low}, got {value}.")
+
+
+def _not_blank(key: str, value: str | None) -> None:
+    if value is not None and not value.strip():
+        raise ConfigError(f"{key} is empty; give a value or leave it unset (null) for the default.")
 
 
 def _positive(key: str, value: float) -> None:
