@@ -13,6 +13,7 @@ from nemo_customizer.config.validate import check_parallel_layout
 from nemo_customizer.jobs import JobDirectory, check_output_dir, peak_memory_gib
 from nemo_customizer.training.signals import CANCEL_FILE, StopSignals
 from nemo_customizer.training.status import CANCELLED, COMPLETED, JobCancelled, JobStatus
+from nemo_customizer.training.trackers import JobTrackers
 
 __all__ = ["CustomizationResult", "JobCancelled", "customize", "generate", "run"]
 
@@ -112,12 +113,13 @@ def run(cfg: Config) -> CustomizationResult:
     job = JobDirectory.create(cfg.output_dir, cfg, is_main=is_main)
     status = JobStatus(job if is_main else None, write_every=cfg.log_interval)  # status.json: created
     # From here on an exception marks the job failed (cancelled for JobCancelled / KeyboardInterrupt), and a stop
-    # signal during model loading already counts.
-    with status.tracking(), StopSignals(job.path / CANCEL_FILE if is_main else None) as stop:
+    # signal during model loading already counts. The W&B / MLflow runs (logger.*) end with the job's outcome.
+    with status.tracking(), StopSignals(job.path / CANCEL_FILE if is_main else None) as stop, \
+            JobTrackers.open(cfg, job if is_main else None, log) as trackers:
         # One process evaluates the base before training; in a multi-process job the main rank does it after.
         single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
         base = _evaluate_base(cfg, inputs, status, log) if single_process else None
-        loop, trainable, layout, peak_gib = _train(cfg, inputs, job, log, status, stop)
+        loop, trainable, layout, peak_gib = _train(cfg, inputs, job, log, status, stop, trackers)
         kind = cfg.hyperparameters.finetuning_type
         evaluation = None
         if inputs.evaluation is not None and layout.is_main and loop.stop_signal is None:
@@ -325,7 +327,8 @@ def _check_token_ids_fit(examples: list, tokenizer: Any, cfg: Config) -> None:
                           "tokenizer the checkpoint was trained with, or a checkpoint whose embedding covers it.")
 
 
-def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status: JobStatus, stop: StopSignals):
+def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status: JobStatus, stop: StopSignals,
+           trackers: JobTrackers):
     """Build the job's training session (parallel state, model + LoRA, DDP, optimizer, schedule), train; returns
     (loop state, trainable summary, layout, peak memory in GiB of the process that used the most)."""
     from nemo_customizer.distributed.collectives import all_reduce_max
@@ -343,7 +346,7 @@ def _train(cfg: Config, inputs: _Inputs, job: JobDirectory, log: "_Log", status:
         layout = session.layout
         plots = JobPlots(job if layout.is_main else None, status.series_points, log)  # loss.png, TensorBoard
         metrics = MetricsLog(job.metrics_path if layout.is_main else None,
-                             listeners=(status.record, plots.record) if layout.is_main else ())
+                             listeners=(status.record, plots.record, trackers.record) if layout.is_main else ())
         try:
             check_batch_layout(hp.batch_size, hp.micro_batch_size, layout.data_parallel_size)
             pad_multiple = layout.tensor_parallel_size if cfg.model.use_sequence_parallel else 1
