@@ -15,7 +15,7 @@ from nemo_customizer.training.signals import CANCEL_FILE, StopSignals
 from nemo_customizer.training.status import CANCELLED, COMPLETED, JobCancelled, JobStatus
 from nemo_customizer.training.trackers import JobTrackers
 
-__all__ = ["CustomizationResult", "JobCancelled", "customize", "generate", "run"]
+__all__ = ["CustomizationResult", "JobCancelled", "check_before_work", "customize", "generate", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,11 @@ def customize(
 ) -> CustomizationResult:
     """Fine-tune model config ``config`` on ``dataset`` and export the result.
 
+    ``config`` is a model config's name, or the path of a job file of one's own (``"my_job.yaml"``: a YAML whose
+    defaults list selects the model, ``defaults: [{model: llama-3.2-1b-instruct}, _self_]``, and sets any other
+    key; composed as ``python -m nemo_customizer --config-path DIR --config-name my_job`` composes it, with this
+    call's other arguments as overrides on top).
+
     ``dataset`` is a JSONL file, a directory with training/validation files, or the name of a dataset stored with
     ``nemo_customizer.datasets.upload``.
 
@@ -103,10 +108,7 @@ def _run_spawned(cfg: Config, workers: int) -> CustomizationResult:
 def run(cfg: Config) -> CustomizationResult:
     """Run one customization job described by a composed config."""
     is_main = int(os.environ.get("RANK", "0")) == 0  # the launcher's rank; torch.distributed is not up yet
-    # The launcher (torchrun) says how many processes there are.
-    _check_before_work(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                       local_world_size=int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ
-                       else None, is_main=is_main)
+    check_before_work(cfg)
     log = _Log(enabled=is_main)
     inputs = _load_inputs(cfg, log)  # every user-input error surfaces here, before a model exists
     cfg = inputs.cfg
@@ -142,6 +144,14 @@ def run(cfg: Config) -> CustomizationResult:
                 f"saved: {result.adapter_path or result.model_path}")
         status.completed()
     return result
+
+
+def check_before_work(cfg: Config) -> None:
+    """What ``run(cfg)`` checks first, in this process under its launcher (torchrun says how many processes there
+    are): every check that needs no data and no model. A sweep runs it on each job before the first starts."""
+    _check_before_work(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                       local_world_size=int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ
+                       else None, is_main=int(os.environ.get("RANK", "0")) == 0)
 
 
 def _check_before_work(cfg: Config, *, world_size: int, local_world_size: Optional[int], is_main: bool) -> None:

@@ -1,6 +1,8 @@
 """Command line: train with Hydra overrides, list model configs, generate text, manage stored datasets.
 
     python -m nemo_customizer [--cfg] [OVERRIDE ...]          train (model=... dataset.path=... hyperparameters.*=...)
+    python -m nemo_customizer --config-path DIR --config-name JOB [OVERRIDE ...]   train a job file of one's own
+    python -m nemo_customizer -m KEY=A,B [KEY=C,D ...]       a sweep: one job per combination, then a table
     python -m nemo_customizer configs [--json]                list the shipped model configs
     python -m nemo_customizer generate [options] [OVERRIDE ...]
     python -m nemo_customizer serve [OVERRIDE ...]            OpenAI-compatible server (model=... adapters_dir=...)
@@ -22,27 +24,36 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import ConfigError, compose_config, configs, validate_config, validate_serving
+from .config import (
+    ConfigError,
+    ConfigSearch,
+    ConfigWarning,
+    compose_config,
+    config_search,
+    configs,
+    validate_config,
+    validate_serving,
+)
 from .config.compose import DEFAULT_MODEL
 from .config.schema import Config
 
 PROG = "python -m nemo_customizer"
 CONFIG_ERROR_EXIT = 2
 _OVERRIDES_HELP = "Hydra overrides such as model=llama-3.2-1b-instruct dataset.path=data/ hyperparameters.epochs=2"
+_CFG_CHOICES = ("job", "hydra", "all")  # Hydra's --cfg values; only the job's config exists here
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = argv[0] if argv and argv[0] in _COMMANDS else "train"
-    if name != "train":
-        argv = argv[1:]
+    name, argv = (argv[0], argv[1:]) if argv and argv[0] in _COMMANDS else ("train", argv)
     try:
-        return _COMMANDS[name](argv)
+        return _COMMANDS[name].run(argv)
     except Exception as exc:
         from .data.errors import DatasetError  # imported late: the data package pulls in torch
 
@@ -56,22 +67,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Fine-tune a model (LoRA SFT) on a JSONL dataset or a stored dataset name. Other commands: "
-                    "'configs' lists the model configs, 'generate' runs inference, 'serve' runs an OpenAI-compatible "
-                    "server, 'datasets' uploads, lists, shows and deletes stored datasets, 'status' shows a job's "
-                    "progress (each has --help).",
+        description=textwrap.fill("Fine-tune a model (LoRA or full SFT, DPO) on a dataset, with a config composed "
+                                  "from a shipped model config, a job file of your own (--config-path/--config-name) "
+                                  "and Hydra overrides.", 100),
+        epilog="commands (each has --help):\n" + "\n".join(f"  {name:<9} {command.summary}"
+                                                          for name, command in _COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--cfg", action="store_true", help="print the composed config as YAML and exit")
+    _add_config_search_options(parser)
+    parser.add_argument("--cfg", "-c", choices=_CFG_CHOICES,
+                        help="print the composed config as YAML and exit, once it passes the checks the run makes "
+                             "before reading data (an error otherwise, exit status 2); with -m, every job's")
+    parser.add_argument("--multirun", "-m", action="store_true",
+                        help="sweep: KEY=A,B (or choice(A,B), range(N,M)) runs one job per combination, one after "
+                             "another, each in output_dir/<number>_<key>=<value>,...; every combination is checked "
+                             "first; a failed job is recorded and the sweep goes on (exit status 1 if any failed); "
+                             "the table of settings and best validation loss is output_dir/sweep.csv")
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=_OVERRIDES_HELP)
-    args = parser.parse_intermixed_args(argv)
-    cfg = compose_config(args.overrides)
+    args = parser.parse_intermixed_args(_hydra_cfg_option(argv))
+    if args.cfg not in (None, "job"):
+        raise ConfigError(f"--cfg {args.cfg}: there is no Hydra runtime config here (jobs are composed, not run by "
+                          "hydra.main); --cfg job prints the job's config.")
+    search = _config_search(args)
+    if args.multirun:
+        return _sweep(args.overrides, search, print_only=bool(args.cfg))
+    cfg = compose_config(args.overrides, search=search)
     if args.cfg:
-        from omegaconf import OmegaConf
-
-        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+        _check_job(cfg)
+        print(_yaml(cfg), end="")
         return 0
     _validate(cfg, training=True)
-    from .api import run
+    from .api import run  # run() checks the rest of what _check_job checks, first
     from .training.status import JobCancelled
 
     try:
@@ -81,6 +107,91 @@ def _train(argv: list[str]) -> int:
         return cancelled.exit_code
     print(repr(result))
     return 0
+
+
+def _sweep(overrides: list[str], search: ConfigSearch, *, print_only: bool) -> int:
+    """``-m``: plan every job (each checked as a run checks it), then print their configs or run them in turn."""
+    from .sweep import FAILED, format_table, is_main_process, plan_sweep, run_sweep
+
+    warned: set[str] = set()
+    sweep = plan_sweep(overrides, search, check=lambda cfg: _check_job(cfg, warned))
+    if print_only:
+        print("---\n".join(f"# job {job.number}: {job.label}\n{_yaml(job.cfg)}" for job in sweep.jobs), end="")
+        return 0
+    from .api import run
+    from .training.status import JobCancelled
+
+    is_main = is_main_process()
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if is_main else (lambda line: None)
+    try:
+        rows = run_sweep(sweep, run, is_main=is_main, log=log)
+    except JobCancelled as cancelled:
+        log(f"{cancelled}: the sweep stops (table: {sweep.table_path}); the same command resumes it")
+        return cancelled.exit_code
+    if is_main:
+        print(format_table(sweep, rows))
+        print(f"jobs in {sweep.directory}/, table in {sweep.table_path}")
+        for row in rows:
+            if row.status == FAILED:
+                print(f"job {row.job.number} failed: {row.error}")
+    return 1 if any(row.status == FAILED for row in rows) else 0
+
+
+def _check_job(cfg: Config, warned: set[str] | None = None) -> None:
+    """What a training run checks before it reads any data: the config's values (warnings printed), then the
+    parallel layout, the device and the output directory (``api.check_before_work``)."""
+    _validate(cfg, training=True, warned=warned)
+    from .api import check_before_work  # imported late: it pulls in torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)  # validate_config's, printed just above
+        check_before_work(cfg)
+
+
+def _add_config_search_options(parser: argparse.ArgumentParser) -> None:
+    """Hydra's options for configs of one's own: a job file, and folders searched for ``model/NAME.yaml``."""
+    parser.add_argument("--config-path", "-cp", metavar="DIR",
+                        help="folder of the job file (default: the current one); its model/ folder holds model "
+                             "configs of your own")
+    parser.add_argument("--config-name", "-cn", metavar="JOB",
+                        help="a job file, DIR/JOB.yaml: defaults: [{model: NAME}, _self_] and any keys to set; "
+                             "overrides apply on top")
+    parser.add_argument("--config-dir", "-cd", metavar="DIR", action="append",
+                        help="a folder searched before the shipped configs: DIR/model/NAME.yaml is model=NAME "
+                             "(repeatable)")
+
+
+def _config_search(args: argparse.Namespace) -> ConfigSearch:
+    if args.config_path is not None and args.config_name is None:
+        raise ConfigError(f"--config-path {args.config_path} needs --config-name JOB (the job file "
+                          f"{args.config_path}/JOB.yaml).")
+    job = Path(args.config_path or ".", args.config_name) if args.config_name else None
+    return config_search(job, args.config_dir or ())
+
+
+def _hydra_cfg_option(argv: list[str]) -> list[str]:
+    """Hydra spells ``--cfg job`` (the value optional): make that one argument, so a bare ``--cfg`` does not take
+    the override after it as its value."""
+    out: list[str] = []
+    rest = iter(argv)
+    for arg in rest:
+        if arg not in ("--cfg", "-c"):
+            out.append(arg)
+            continue
+        value = next(rest, None)
+        if value in _CFG_CHOICES:
+            out.append(f"--cfg={value}")
+        else:
+            out.append("--cfg=job")
+            if value is not None:
+                out.append(value)
+    return out
+
+
+def _yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def _configs(argv: list[str]) -> int:
@@ -117,6 +228,7 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1.0)")
     parser.add_argument("--stop", action="append", metavar="S", help="stop string; repeat for several")
     parser.add_argument("--seed", type=int, metavar="N", help="sampling seed (default: hyperparameters.seed)")
+    _add_config_search_options(parser)
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
                         help="Hydra overrides selecting the model, such as model=llama-3.2-1b-instruct "
                              "model.checkpoint=/path/to/hf_checkpoint")
@@ -129,7 +241,7 @@ def _generate(argv: list[str]) -> int:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}.")
     if args.messages is not None and args.prompt is not None:
         raise ConfigError("pass --prompt or --messages, not both.")
-    cfg = compose_config(args.overrides)
+    cfg = compose_config(args.overrides, search=_config_search(args))
     _validate(cfg, training=False)
     seed = cfg.hyperparameters.seed if args.seed is None else args.seed
     if args.messages is not None:
@@ -263,12 +375,14 @@ def _evaluate(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
                         help="Hydra overrides selecting the model (model=llama-3.2-1b-instruct "
                              "model.checkpoint=/path), or changes to the job's config with --job (device=cpu)")
+    _add_config_search_options(parser)
     args = parser.parse_intermixed_args(argv)
     if args.job is None and args.data is None:
         raise ConfigError("pass --data FILE (the held-out JSONL), or --job JOB_DIR.")
     from .evaluation.evaluate import evaluate_config, job_config
 
-    cfg = job_config(args.job, args.overrides) if args.job else compose_config(args.overrides)
+    cfg = job_config(args.job, args.overrides) if args.job else \
+        compose_config(args.overrides, search=_config_search(args))
     evaluate_config(cfg, args.data, adapter=args.adapter, job_dir=args.job, compare_base=args.compare_base,
                     metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
                     max_tokens=args.max_tokens, stop=args.stop, batch_size=args.batch_size,
@@ -291,9 +405,10 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
                         help="Hydra overrides such as model=smollm2-135m-instruct adapters_dir=outputs/ port=8000 "
                              "(= serving.adapters_dir=..., serving.port=...)")
+    _add_config_search_options(parser)
     args = parser.parse_intermixed_args(argv)
     overrides = [f"serving.{item}" if item.split("=", 1)[0] in fields else item for item in args.overrides]
-    cfg = compose_config(overrides)
+    cfg = compose_config(overrides, search=_config_search(args))
     _validate(cfg, training=False)
     validate_serving(cfg.serving)
     try:
@@ -381,13 +496,17 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-def _validate(cfg: Config, *, training: bool) -> None:
-    """validate_config, with its warnings printed as short ``warning:`` lines."""
+def _validate(cfg: Config, *, training: bool, warned: set[str] | None = None) -> None:
+    """validate_config, with its warnings printed as short ``warning:`` lines (each once, given ``warned``)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         validate_config(cfg, training=training)
     for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+        line = f"warning: {warning.message}"
+        if warned is None or line not in warned:
+            print(line, file=sys.stderr)
+        if warned is not None:
+            warned.add(line)
 
 
 def _yes(flag: bool) -> str:
@@ -403,6 +522,21 @@ def _human(count: int | None) -> str:
     return str(count)
 
 
-_COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "configs": _configs, "generate": _generate,
-                                                    "datasets": _datasets, "status": _status, "serve": _serve,
-                                                    "export": _export, "cancel": _cancel, "evaluate": _evaluate}
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    run: Callable[[list[str]], int]
+    summary: str
+    """One line for the top-level --help."""
+
+
+_COMMANDS: dict[str, _Command] = {
+    "train": _Command(_train, "fine-tune (the default: 'train' may be left out before the overrides)"),
+    "configs": _Command(_configs, "list the shipped model configs"),
+    "generate": _Command(_generate, "complete a prompt or answer a chat, optionally with a trained adapter"),
+    "evaluate": _Command(_evaluate, "task metrics and loss on held-out rows, for a job, an adapter or a base model"),
+    "serve": _Command(_serve, "an OpenAI-compatible server for a base model and its adapters"),
+    "datasets": _Command(_datasets, "upload (validate and store), list, show and delete datasets"),
+    "status": _Command(_status, "a job's state and progress (its status.json)"),
+    "cancel": _Command(_cancel, "stop a running job after its step, with a checkpoint"),
+    "export": _Command(_export, "a job's checkpoint as HF adapter/model files"),
+}

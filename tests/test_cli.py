@@ -43,7 +43,8 @@ def test_configs_json():
 
 
 def test_cfg_prints_the_composed_config():
-    result = _run("--cfg", "model=llama-3.2-1b-instruct", "hyperparameters.epochs=7", "dataset.path=d.jsonl")
+    result = _run("--cfg", "model=llama-3.2-1b-instruct", "hyperparameters.epochs=7", "dataset.path=d.jsonl",
+                  "model.checkpoint=/ckpt")
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["model"]["name"] == "llama-3.2-1b-instruct"

@@ -4,6 +4,11 @@ Both entry points end in :func:`compose_config`, so a YAML file, a command-line 
 the same config and the same errors. Hydra's compose API is used directly (no ``hydra.main``, no cwd change, no
 output directory). Every override key is checked against the schema first: Hydra's ``+key=`` would otherwise add
 keys that the dataclasses do not have.
+
+A user's job file (``--config-path DIR --config-name my_job``, ``customize(config="my_job.yaml")``) is composed on
+top of the shipped defaults: it names its model in its own defaults list (``- model: NAME``) and overrides anything.
+Its folder and each ``--config-dir`` folder come before ``conf/`` on Hydra's search path, so a ``model/NAME.yaml``
+there is a model config like the shipped ones (and takes the place of a shipped one of the same name).
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ import re
 import typing
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .schema import MISSING_PATH, Config
@@ -25,6 +30,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _CONFIG_NAME = "config"
 _SCHEMA_NAME = "base_config"  # the name conf/config.yaml's defaults list uses for the schema
 _GROUPS = ("model",)  # config groups: directories under conf/ selected with `group=name`
+_JOB_PRIMARY = "_nemo_customizer_job"  # the in-memory primary config that puts a user's job file over conf/
+JOB_FILE_SUFFIX = ".yaml"  # Hydra finds a config by its name plus this suffix
 
 
 def conf_dir() -> Path:
@@ -43,21 +50,64 @@ def conf_dir() -> Path:
     )
 
 
-def available_models() -> list[str]:
-    """Names accepted by ``model=NAME`` / ``customize(config=NAME)``: the files in ``conf/model/``."""
-    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+def available_models(config_dirs: Sequence[str | Path] = ()) -> list[str]:
+    """Names accepted by ``model=NAME`` / ``customize(config=NAME)``: the files in ``conf/model/`` and in the
+    ``model/`` folder of each of ``config_dirs``."""
+    folders = [Path(d) / "model" for d in config_dirs] + [conf_dir() / "model"]
+    return sorted({p.stem for folder in folders for p in folder.glob(f"*{JOB_FILE_SUFFIX}")})
 
 
-def compose_config(overrides: Sequence[str] = ()) -> Config:
-    """Compose ``conf/config.yaml`` with Hydra ``overrides`` (``["model=llama-3.2-1b-instruct", "a.b=1"]``).
+@dataclasses.dataclass(frozen=True)
+class ConfigSearch:
+    """Where configs come from besides the shipped ``conf/``: a user's job file and extra config folders."""
+
+    job_file: Optional[Path] = None
+    """The job's YAML (absolute), composed over the shipped defaults; None composes ``conf/config.yaml`` alone."""
+    config_dirs: tuple[Path, ...] = ()
+    """Extra folders (absolute) searched before ``conf/``, for ``model/NAME.yaml`` files of the user's own."""
+
+    @property
+    def user_dirs(self) -> list[Path]:
+        """The job file's folder, then ``config_dirs``: Hydra's search path ahead of ``conf/``."""
+        dirs = ([self.job_file.parent] if self.job_file else []) + list(self.config_dirs)
+        return list(dict.fromkeys(dirs))
+
+
+def config_search(job_file: str | Path | None = None, config_dirs: Sequence[str | Path] = ()) -> ConfigSearch:
+    """A checked :class:`ConfigSearch`: the job file exists and is a ``.yaml`` file, each folder exists."""
+    dirs = []
+    for folder in config_dirs:
+        path = Path(folder).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"config directory {folder} does not exist; pass a folder holding model/NAME.yaml "
+                              "files (or your job files).")
+        dirs.append(path)
+    job = None
+    if job_file is not None:
+        job = Path(job_file).expanduser()
+        if not job.suffix:
+            job = job.with_suffix(JOB_FILE_SUFFIX)
+        job = job.resolve()
+        if job.suffix != JOB_FILE_SUFFIX:
+            raise ConfigError(f"job file {job_file}: name it NAME{JOB_FILE_SUFFIX} (Hydra looks configs up by that "
+                              "suffix).")
+        if not job.is_file():
+            raise ConfigError(f"job file {job} does not exist; pass the path of your job YAML (--config-path DIR "
+                              "--config-name NAME reads DIR/NAME.yaml).")
+    return ConfigSearch(job, tuple(dirs))
+
+
+def compose_config(overrides: Sequence[str] = (), *, search: ConfigSearch = ConfigSearch()) -> Config:
+    """Compose ``conf/config.yaml`` with Hydra ``overrides`` (``["model=llama-3.2-1b-instruct", "a.b=1"]``); with
+    ``search`` (see :func:`config_search`), the user's job file over it and the user's model folders before it.
 
     Returns a typed :class:`Config`; an unset ``dataset.path`` stays the ``"???"`` sentinel (validation reports it
     where a dataset is needed). Unknown keys, unknown model names and ill-typed values raise :class:`ConfigError`.
     Value checks (ranges, divisibility) are :func:`nemo_customizer.config.validate.validate_config`'s job.
     """
     overrides = list(overrides)
-    _check_overrides(overrides)
-    node = _compose(overrides)
+    _check_overrides(overrides, search)
+    node = _compose(overrides, search)
     # OmegaConf.to_object refuses MISSING ("???") fields; keep the sentinel instead so that commands which need no
     # dataset (generate, --cfg) still get a typed config.
     missing = sorted(OmegaConf.missing_keys(node))
@@ -86,9 +136,10 @@ def config_from_kwargs(
 ) -> Config:
     """Build the config for ``customize(config=..., dataset=..., hyperparameters={...}, output_dir=...)``.
 
-    ``config`` is a model name (see :func:`available_models`); ``dataset`` a path or a dict of ``dataset`` fields;
-    other keywords are top-level fields, nested as dicts (``model={"checkpoint": "/ckpt"}``, ``device="cpu"``).
-    The keywords become Hydra override strings, so the result equals the command line's for the same settings.
+    ``config`` is a model name (see :func:`available_models`) or the path of a job file (``my_job.yaml``, composed
+    as ``--config-name`` composes it); ``dataset`` a path or a dict of ``dataset`` fields; other keywords are
+    top-level fields, nested as dicts (``model={"checkpoint": "/ckpt"}``, ``device="cpu"``). The keywords become
+    Hydra override strings, so the result equals the command line's for the same settings.
     """
     if "model" in overrides and not isinstance(overrides["model"], Mapping):
         raise ConfigError(
@@ -102,7 +153,14 @@ def config_from_kwargs(
         fields["hyperparameters"] = hyperparameters
     if output_dir is not None:
         fields["output_dir"] = output_dir
+    if is_job_file(config):
+        return compose_config(overrides_from_dict(fields), search=config_search(job_file=config))
     return compose_config([f"model={config}", *overrides_from_dict(fields)])
+
+
+def is_job_file(config: str | Path) -> bool:
+    """Whether ``customize(config=...)`` names a job file (a ``.yaml`` path) rather than a model config."""
+    return isinstance(config, Path) or str(config).endswith((JOB_FILE_SUFFIX, ".yml"))
 
 
 def config_from_file(path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -153,8 +211,9 @@ def _format_value(key: str, value: Any) -> str:
 
 
 @contextmanager
-def _hydra_context() -> Iterator[None]:
-    """Initialize Hydra for our conf dir, then put back whatever Hydra state the caller's own app had."""
+def _hydra_context(main_dir: Path) -> Iterator[None]:
+    """Initialize Hydra with ``main_dir`` as its primary config folder, then put back whatever Hydra state the
+    caller's own app had."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.singleton import Singleton
@@ -165,7 +224,7 @@ def _hydra_context() -> Iterator[None]:
     saved_hydra = Singleton._instances.pop(GlobalHydra, None)
     saved_base = VersionBase.instance().getbase()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="nemo_customizer"):
+        with initialize_config_dir(config_dir=str(main_dir), version_base="1.3", job_name="nemo_customizer"):
             yield
     finally:
         if saved_hydra is not None:
@@ -179,16 +238,24 @@ def _register_schema() -> None:
     ConfigStore.instance().store(name=_SCHEMA_NAME, node=Config)
 
 
-def _compose(overrides: list[str]):
+def _compose(overrides: list[str], search: ConfigSearch):
     from hydra import compose
 
+    user_dirs = search.user_dirs
     try:
-        with _hydra_context():
-            return compose(config_name=_CONFIG_NAME, overrides=overrides)
+        if not user_dirs:
+            with _hydra_context(conf_dir()):
+                return compose(config_name=_CONFIG_NAME, overrides=overrides)
+        # The user's folders first (the first one is Hydra's primary folder), conf/ after them.
+        searchpath = [f"file://{d}" for d in [*user_dirs[1:], conf_dir()]]
+        _register_job_primary(search.job_file)
+        with _hydra_context(user_dirs[0]):
+            return compose(config_name=_JOB_PRIMARY,
+                           overrides=[*overrides, f"hydra.searchpath={_format_value('hydra.searchpath', searchpath)}"])
     except ConfigError:
         raise
     except Exception as exc:
-        error = _translate(exc)
+        error = _translate(exc, user_dirs)
         section = _optional_section_in(overrides) if "NoneType" in str(error) else None
         if section:
             # OmegaConf cannot merge into an optional section that is null (a model without rope scaling).
@@ -197,6 +264,50 @@ def _compose(overrides: list[str]):
         elif overrides and "full_key" not in str(exc):  # no key to blame: show what was applied
             error = ConfigError(f"{str(error).rstrip('.')} (while applying {' '.join(overrides)}).")
         raise error from None
+
+
+def _register_job_primary(job_file: Optional[Path]) -> None:
+    """Store the primary config that composes like ``conf/config.yaml`` with the job file merged just before its
+    ``_self_``. A job that selects its model (``- model: NAME``) replaces the default model's entry; one that says
+    ``- override model: NAME``, or nothing, keeps it to override or use. The schema is listed once."""
+    from hydra.core.config_store import ConfigStore
+
+    shipped = OmegaConf.to_container(OmegaConf.load(conf_dir() / f"{_CONFIG_NAME}.yaml"))["defaults"]
+    job_entries = _job_defaults(job_file) if job_file else []
+    job_groups = {key for key in map(_default_key, job_entries) if key}
+    defaults: list[Any] = []
+    for entry in shipped:
+        if entry == "_self_" and job_file:
+            defaults.append(job_file.stem)
+        if _default_key(entry) not in job_groups:
+            defaults.append(entry)
+    ConfigStore.instance().store(name=_JOB_PRIMARY, node={"defaults": defaults})
+
+
+def _job_defaults(job_file: Path) -> list[Any]:
+    """The job file's defaults list (for which of the shipped entries it takes over)."""
+    try:
+        job = OmegaConf.load(job_file)
+    except Exception as exc:
+        raise ConfigError(f"job file {job_file} is not valid YAML: {_first_line(str(exc))}.") from None
+    if not isinstance(job, DictConfig):
+        raise ConfigError(f"job file {job_file} must be a mapping of config keys (defaults:, model:, dataset:, "
+                          "hyperparameters:, ...).")
+    entries = OmegaConf.to_container(job).get("defaults") or []
+    return entries if isinstance(entries, list) else []  # a malformed list is Hydra's to report
+
+
+def _default_key(entry: Any) -> Optional[str]:
+    """What a defaults-list entry selects, if it takes a shipped entry's place: a plain group selection
+    (``{model: NAME}``, ``{optional model: NAME}``) gives its group, the schema its name; ``override`` entries and
+    other configs give None."""
+    if isinstance(entry, str):
+        return entry if entry == _SCHEMA_NAME else None
+    if isinstance(entry, dict) and len(entry) == 1:
+        words = str(next(iter(entry))).split()
+        if words[0] != "override":
+            return words[-1].split("@")[0]
+    return None
 
 
 def _optional_section_in(overrides: list[str]) -> str | None:
@@ -216,7 +327,7 @@ def _optional_section_in(overrides: list[str]) -> str | None:
     return None
 
 
-def _check_overrides(overrides: list[str]) -> None:
+def _check_overrides(overrides: list[str], search: ConfigSearch = ConfigSearch()) -> None:
     """Reject unknown keys and model names before Hydra sees them (``+key=`` would silently add a key)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -227,18 +338,23 @@ def _check_overrides(overrides: list[str]) -> None:
         raise ConfigError(f"cannot parse override: {_first_line(str(exc))}") from None
     for override in parsed:
         key = override.key_or_group
+        if override.is_sweep_override():  # one config is one job; a sweep is several (nemo_customizer.sweep)
+            raise ConfigError(f"{override.input_line} gives several values: add -m (--multirun) to run one job per "
+                              "value, or write a list as key=[a,b] (a string with commas in quotes).")
         if key in _GROUPS and not override.is_delete():
             if key == "model":
-                _check_model_name(str(override.value()))
+                _check_model_name(str(override.value()), search.user_dirs)
             continue
         _check_key(key)
 
 
-def _check_model_name(name: str) -> None:
-    names = available_models()
+def _check_model_name(name: str, config_dirs: Sequence[Path] = ()) -> None:
+    names = available_models(config_dirs)
     if name not in names:
+        own = (" A model YAML of your own goes in DIR/model/NAME.yaml: pass --config-dir DIR model=NAME, or put "
+               "the model/ folder next to your job file." if "/" in name or name.endswith((".yaml", ".yml")) else "")
         raise ConfigError(f"unknown model {name!r}{_did_you_mean(name, names)}; available models: "
-                          f"{', '.join(names)}.")
+                          f"{', '.join(names)}.{own}")
 
 
 def _check_key(dotted: str) -> None:
@@ -292,8 +408,9 @@ _IN_FILE = re.compile(r"^In '([^']+)'")
 _NOT_IN = re.compile(r"Key '[^']+' not in '|not in struct")
 
 
-def _translate(exc: BaseException) -> ConfigError:
-    """Turn a Hydra / OmegaConf composition error into one readable ConfigError line."""
+def _translate(exc: BaseException, user_dirs: Sequence[Path] = ()) -> ConfigError:
+    """Turn a Hydra / OmegaConf composition error into one readable ConfigError line (naming the YAML file it came
+    from: ``conf/...`` for a shipped one, the full path for one of ``user_dirs``)."""
     from hydra.errors import MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
@@ -302,7 +419,7 @@ def _translate(exc: BaseException) -> ConfigError:
         missing = match.group(1) if match else str(exc)
         group, _, name = missing.rpartition("/")
         if group == "model":
-            _check_model_name(name)  # raises with the list of models
+            _check_model_name(name, user_dirs)  # raises with the list of models
         return ConfigError(f"cannot find config {missing!r}: {_first_line(str(exc))}")
 
     # The OmegaConf error is either chained (overrides) or flattened into the message (YAML files).
@@ -315,7 +432,9 @@ def _translate(exc: BaseException) -> ConfigError:
         match = _FULL_KEY.search(text)
         full_key = match.group(1) if match else None
     origin = _IN_FILE.search(text)
-    where = f" (in conf/{origin.group(1)}.yaml)" if origin and origin.group(1) != _CONFIG_NAME else ""
+    where = ""
+    if origin and origin.group(1) not in (_CONFIG_NAME, _JOB_PRIMARY):
+        where = f" (in {_config_file(origin.group(1), user_dirs)})"
     if full_key is None:
         return ConfigError(_first_line(text))
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) or _NOT_IN.search(text):
@@ -325,6 +444,14 @@ def _translate(exc: BaseException) -> ConfigError:
         return ConfigError(f"{full_key} is required: set {full_key}=VALUE.")
     detail = str(cause) if cause is not None else text.split("composing config:", 1)[-1]
     return ConfigError(f"invalid value for {full_key}{where}: {_first_line(detail.strip())}.")
+
+
+def _config_file(name: str, user_dirs: Sequence[Path]) -> str:
+    """Where Hydra found config ``name`` (``model/foo``): the first of ``user_dirs`` that has it, else ``conf/``."""
+    for folder in user_dirs:
+        if (folder / f"{name}{JOB_FILE_SUFFIX}").is_file():
+            return str(folder / f"{name}{JOB_FILE_SUFFIX}")
+    return f"conf/{name}{JOB_FILE_SUFFIX}"
 
 
 def _first_line(text: str) -> str:
