@@ -19,7 +19,7 @@ from nemo_customizer.config import ConfigError, compose_config, config_from_kwar
 from nemo_customizer.config.schema import ColumnsConfig
 from nemo_customizer.data import DatasetError, DatasetSource, load_dataset, load_mixture
 from nemo_customizer.data.columns import FIELDS
-from nemo_customizer.data.formats import Conversation, PreferenceExample, PromptCompletion
+from nemo_customizer.data.formats import Conversation, PromptCompletion
 from nemo_customizer.data.from_config import dataset_sources
 from nemo_customizer.data.hf_datasets import is_hub_id
 from nemo_customizer.data.mixing import mix_rows, mixture_counts
@@ -326,7 +326,7 @@ def test_mixed_rows_are_subsets_or_repeats_drawn_by_seed():
 
 def test_load_mixture_draws_training_rows_and_keeps_each_sources_validation(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(100)])
-    b = write_table(tmp_path / "b" / "train.parquet", [{"prompt": f"b{i}", "completion": "y"} for i in range(40)])
+    write_table(tmp_path / "b" / "train.parquet", [{"prompt": f"b{i}", "completion": "y"} for i in range(40)])
     write_jsonl(tmp_path / "b" / "validation.jsonl", [{"prompt": "bv", "completion": "y"}])
     sources = [DatasetSource(a, weight=0.5), DatasetSource(tmp_path / "b", weight=0.5)]
     mixed = load_mixture(sources, val_fraction=0.1, seed=7)

@@ -129,9 +129,7 @@ def load_mixture(sources: Sequence[DatasetSource], val_fraction: float = 0.1, se
             val_sources.append(f"seeded split ({val_fraction:.0%} of training rows, seed {seed})")
     notes = [line for rows in read for line in _part_notes(rows, len(read) > 1)]
     if len(read) == 1:
-        train, val_source = read[0].train, val_sources[0]
-        verbatim = (not sources[0].columns and all(p.is_jsonl_file for p in read[0].parts.train + read[0].parts.val)
-                    and all(shape.convert is None for shape in read[0].shapes))
+        train, val_source, verbatim = read[0].train, val_sources[0], _verbatim(read[0])
     else:
         train = mix_rows([rows.train for rows in read], [s.weight for s in sources], seed)
         val_source = "each source's own: " + "; ".join(f"{r.source.path}: {v}" for r, v in zip(read, val_sources))
@@ -281,6 +279,12 @@ def _non_object(value: Any) -> str:
     if _is_array_of_objects(value):
         return f"a JSON array of {len(value)} objects (the rows of a .json file?)"
     return json_type_name(value)
+
+
+def _verbatim(rows: _SourceRows) -> bool:
+    """Every row is a line of a JSON Lines file, read as written (see ``DatasetSplits.verbatim``)."""
+    return (not rows.source.columns and all(part.is_jsonl_file for part in rows.parts.train + rows.parts.val)
+            and all(shape.convert is None for shape in rows.shapes))
 
 
 # --- several sources ---------------------------------------------------------------------------------------------
