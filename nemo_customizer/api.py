@@ -53,7 +53,7 @@ class CustomizationResult:
 
 def customize(
     config: str = "smollm2-135m-instruct",
-    dataset: Optional[str] = None,
+    dataset: Optional[str | Mapping[str, Any]] = None,
     hyperparameters: Optional[Mapping[str, Any]] = None,
     output_dir: Optional[str] = None,
     num_gpus: Optional[int] = None,
@@ -66,8 +66,9 @@ def customize(
     key; composed as ``python -m nemo_customizer --config-path DIR --config-name my_job`` composes it, with this
     call's other arguments as overrides on top).
 
-    ``dataset`` is a JSONL file, a directory with training/validation files, or the name of a dataset stored with
-    ``nemo_customizer.datasets.upload``.
+    ``dataset`` is a data file (JSONL, JSON, CSV, Parquet, Arrow), a directory with training/validation files, a
+    ``save_to_disk`` folder, a Hub dataset ID, or the name of a dataset stored with ``nemo_customizer.datasets.upload``;
+    or a dict of ``dataset`` fields (``{"path": ..., "columns": {"prompt": "question"}}``, ``{"mix": [...]}``).
 
     ``hyperparameters`` uses NeMo Customizer's names (``epochs``, ``batch_size``, ``learning_rate``,
     ``lora={"adapter_dim": 16}``, ...); other keyword arguments override config sections
@@ -224,11 +225,11 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
     from nemo_customizer.checkpoints.resolve import load_tokenizer, resolve_model
     from nemo_customizer.config.families import check_lora_targets, lora_targets
     from nemo_customizer.config.validate import check_softcapped_attention
-    from nemo_customizer.data import DatasetError, load_dataset, tokenize_examples
-    from nemo_customizer.data.store import resolve_dataset_path
+    from nemo_customizer.data import DatasetError, load_mixture, tokenize_examples
+    from nemo_customizer.data.from_config import dataset_name, dataset_sources
 
     hp = cfg.hyperparameters
-    dataset_path = resolve_dataset_path(cfg.dataset.path, cfg.dataset.store_dir)  # a path or a stored dataset name
+    sources = dataset_sources(cfg.dataset)  # paths, stored dataset names or Hub IDs; one, or dataset.mix's
     resolved = resolve_model(cfg.model, cfg.cache_dir)
     cfg = dataclasses.replace(cfg, model=resolved.config)
     arch = cfg.model.architecture  # model=hf: the family is known only now; its LoRA names too
@@ -239,21 +240,20 @@ def _load_inputs(cfg: Config, log: "_Log") -> _Inputs:
         hp.lora.target_modules, arch.architectures, arch.model_type)))
     cfg = dataclasses.replace(cfg, hyperparameters=hp)
     tokenizer = load_tokenizer(resolved.tokenizer_dir, cfg.model.chat_template)
-    splits = load_dataset(dataset_path, cfg.dataset.val_fraction, hp.seed,
-                          max_val_examples=cfg.dataset.max_val_examples)
+    splits = load_mixture(sources, cfg.dataset.val_fraction, hp.seed, max_val_examples=cfg.dataset.max_val_examples)
     train, train_stats = tokenize_examples(splits.train, tokenizer, cfg.model.max_seq_length)
     val, val_stats = tokenize_examples(splits.val, tokenizer, cfg.model.max_seq_length)
     _check_training_type_fits(train + val, cfg)
     _check_token_ids_fit(train + val, tokenizer, cfg)
     if len(train) < hp.batch_size:
-        raise DatasetError(f"{cfg.dataset.path}: {len(train)} usable training rows is fewer than "
+        raise DatasetError(f"{dataset_name(cfg.dataset)}: {len(train)} usable training rows is fewer than "
                            f"hyperparameters.batch_size={hp.batch_size}; add data or lower the batch size.")
     log(splits.describe())
     log(f"tokenized with max_seq_length={cfg.model.max_seq_length}: training {train_stats.describe()}; "
         f"validation {val_stats.describe()}")
     for origin in (train_stats.dropped_origins + val_stats.dropped_origins)[:5]:
         log(f"  dropped (no trainable token fits in max_seq_length): {origin}")
-    evaluation = _prepare_evaluation(cfg, dataset_path)
+    evaluation = _prepare_evaluation(cfg, sources[0].path if len(sources) == 1 else None)
     pack, warnings = hp.sequence_packing_enabled, ()
     if pack and not cfg.model.sequence_packing_supported:  # train anyway, unpacked, and say so
         pack, warnings = False, (f"model {cfg.model.name} does not support sequence packing; "
@@ -270,7 +270,7 @@ def _prepare_evaluation(cfg: Config, dataset_path):
         return None
     from nemo_customizer.evaluation.evaluate import prepare_evaluation, resolve_heldout_path
 
-    path = resolve_heldout_path(cfg.evaluation.dataset, str(dataset_path))
+    path = resolve_heldout_path(cfg.evaluation.dataset, None if dataset_path is None else str(dataset_path))
     return prepare_evaluation(cfg, path, progress=cfg.progress_bar)
 
 
@@ -303,18 +303,19 @@ def _evaluate_customized(cfg: Config, inputs: _Inputs, job: JobDirectory, status
 def _check_training_type_fits(items: list, cfg: Config) -> None:
     """Preference pairs train with ``training_type: dpo`` and only it."""
     from nemo_customizer.data import DatasetError, TokenizedPair
+    from nemo_customizer.data.from_config import dataset_name
 
     if not items:
         return
     pairs, dpo = isinstance(items[0], TokenizedPair), cfg.hyperparameters.training_type == "dpo"
     if pairs and not dpo:
-        raise DatasetError(f"{cfg.dataset.path}: the rows are preference pairs (chosen and rejected responses), "
-                           "which train with hyperparameters.training_type=dpo; set it, or use prompt/completion or "
-                           "chat rows.")
+        raise DatasetError(f"{dataset_name(cfg.dataset)}: the rows are preference pairs (chosen and rejected "
+                           "responses), which train with hyperparameters.training_type=dpo; set it, or use "
+                           "prompt/completion or chat rows.")
     if dpo and not pairs:
-        raise DatasetError(f"{cfg.dataset.path}: hyperparameters.training_type=dpo trains on preference pairs (rows "
-                           "with a prompt, a chosen and a rejected response), but these rows have one answer each; "
-                           "use preference rows, or training_type=sft.")
+        raise DatasetError(f"{dataset_name(cfg.dataset)}: hyperparameters.training_type=dpo trains on preference "
+                           "pairs (rows with a prompt, a chosen and a rejected response), but these rows have one "
+                           "answer each; use preference rows, or training_type=sft.")
 
 
 def _sequences(items: list) -> list:
@@ -450,9 +451,11 @@ def _packing_plan(cfg: Config, train: list, dp_size: int, pad_multiple: int, log
         micro_batch_size=hp.micro_batch_size, dp_size=dp_size, seed=hp.seed, pad_to_multiple_of=pad_multiple)
     if plan.steps_per_epoch == 0:
         from nemo_customizer.data import DatasetError
+        from nemo_customizer.data.from_config import dataset_name
 
-        raise DatasetError(f"{cfg.dataset.path}: {len(train)} training rows pack into {len(plan.bins)} bins, fewer than "
-                         f"one packed batch of {plan.global_batch_size} bins; add data or disable packing.")
+        raise DatasetError(f"{dataset_name(cfg.dataset)}: {len(train)} training rows pack into {len(plan.bins)} "
+                           f"bins, fewer than one packed batch of {plan.global_batch_size} bins; add data or disable "
+                           "packing.")
     log(plan.describe())
     metrics.write(event="packing", packing_factor=plan.packing_factor, bins=len(plan.bins),
                   bin_capacity=plan.bin_capacity, batch_size=plan.global_batch_size,

@@ -30,6 +30,10 @@ HANDLED = {  # file or directory -> (format, rows read with val_fraction=0)
     "valid_prompt_completion.jsonl": ("prompt_completion", 4),
     "valid_chat.jsonl": ("chat", 4),
     "dir_train_only": ("prompt_completion", 10),  # no validation file (a split is held out); a "._" file is skipped
+    # a .json file may hold one JSON array of rows (as .jsonl it may not: see BROKEN)
+    "pretty_printed_array.json": ("prompt_completion", 2),
+    "one_line_array.json": ("prompt_completion", 2),
+    "dir_no_jsonl": ("prompt_completion", 1),  # train.json beside a README.txt
 }
 
 BROKEN = [  # (file or directory, 1-based line or None for the whole file, words the message must hold)
@@ -38,9 +42,9 @@ BROKEN = [  # (file or directory, 1-based line or None for the whole file, words
     ("truncated_last_line.jsonl", 3, ["invalid JSON: Unterminated string"]),
     ("trailing_garbage.jsonl", 1, ["invalid JSON: Extra data"]),
     ("cr_only_line_endings.jsonl", 1, ["Extra data", "\\r characters", "line endings"]),
-    ("pretty_printed_array.json", None, ["one JSON document spread over several lines", "jq -c"]),
-    ("one_line_array.json", 1, ["row must be a JSON object, got a JSON array of 2 objects",
-                                "one JSON object per line"]),
+    ("pretty_printed_array.jsonl", None, ["one JSON document spread over several lines", "jq -c", "*.json"]),
+    ("one_line_array.jsonl", 1, ["row must be a JSON object, got a JSON array of 2 objects",
+                                 "one JSON object per line"]),
     ("duplicate_keys.jsonl", 1, ['invalid JSON: key "completion" appears twice in one object']),
     ("deeply_nested.jsonl", 1, ["invalid JSON: nested more than 100 levels deep"]),
     ("huge_integer.jsonl", 1, ["invalid JSON: a number has more than 4300 digits"]),
@@ -58,7 +62,8 @@ BROKEN = [  # (file or directory, 1-based line or None for the whole file, words
     ("huge_float.jsonl", 1, ['field "prompt" must be a string, got float (value Infinity)']),
     ("prompt_blank.jsonl", 1, ['field "prompt" is empty']),
     ("prompt_only.jsonl", 2, ['field "completion" is missing (keys found: "prompt")', "2 problems"]),
-    ("missing_fields.jsonl", 1, ['field "prompt" is missing (keys found: "text")', 'field "completion" is missing']),
+    ("missing_fields.jsonl", 1, ['rows are plain text (a "text" field without prompt and completion)',
+                                 "continued pretraining", '{"prompt": str, "completion": str}']),
     ("mixed_formats.jsonl", 2, ["row is chat data but this file's first row is prompt_completion data"]),
     ("prompt_row_in_chat_file.jsonl", 2, ["row is prompt/completion data", "first row is chat data"]),
     # chat fields
@@ -83,7 +88,6 @@ BROKEN = [  # (file or directory, 1-based line or None for the whole file, words
     ("nul_bytes.jsonl", 2, ["NUL byte (column 14)"]),
     ("gzipped.jsonl", None, ["file is gzip-compressed", "gunzip"]),
     # directories
-    ("dir_no_jsonl", None, ["directory has no training file", "train.json are not read", "train*.jsonl"]),
     ("dir_mixed_formats/validation.jsonl", None, ["validation data is chat but training data is prompt_completion"]),
 ]
 

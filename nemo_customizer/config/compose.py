@@ -204,8 +204,8 @@ def _format_value(key: str, value: Any) -> str:
         return "'" + text.replace("'", "\\'") + "'"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_format_value(key, v) for v in value) + "]"
-    if isinstance(value, Mapping):  # an empty dict: nothing to override
-        return "{}"
+    if isinstance(value, Mapping):  # a dict inside a list (dataset.mix entries), or an empty dict
+        return "{" + ",".join(f"{k}:{_format_value(f'{key}.{k}', v)}" for k, v in value.items()) + "}"
     raise ConfigError(f"{key}: cannot use a value of type {type(value).__name__} in a config; use str, number, "
                       "bool, None, list or dict.")
 

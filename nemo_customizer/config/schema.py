@@ -232,11 +232,62 @@ class HyperparametersConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """The data's own column names for the fields rows are read by: each set field is read from that column
+    (``columns.prompt=question`` reads ``question`` as the prompt). Unset fields keep their names."""
+
+    prompt: Optional[str] = None
+    """Prompt/completion rows, and preference pairs' prompt."""
+    completion: Optional[str] = None
+    messages: Optional[str] = None
+    """Chat rows' OpenAI-style messages."""
+    tools: Optional[str] = None
+    """Chat rows' tool schemas."""
+    chosen: Optional[str] = None
+    """Preference pairs' chosen response (with ``prompt`` and ``rejected``: TRL's layout)."""
+    rejected: Optional[str] = None
+    instruction: Optional[str] = None
+    """Alpaca rows (``instruction``, ``input``, ``output``; become prompt/completion rows)."""
+    input: Optional[str] = None
+    output: Optional[str] = None
+    conversations: Optional[str] = None
+    """ShareGPT rows (``from``/``value`` turns; become chat rows)."""
+    system: Optional[str] = None
+    """ShareGPT rows' system prompt."""
+
+
+@dataclass
+class DatasetSourceConfig:
+    """One dataset of ``dataset.mix``."""
+
+    path: str = ""
+    """As ``dataset.path`` (required)."""
+    weight: float = 1.0
+    """Its share of the training rows, relative to the other entries' weights (see ``dataset.mix``)."""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    train_split: Optional[str] = None
+    val_split: Optional[str] = None
+
+
+@dataclass
 class DatasetConfig:
-    """Training data: a JSONL file, a directory with training*/validation* JSONL files, or a stored dataset's name."""
+    """Training data: a file (JSONL, JSON, CSV/TSV, Parquet, Arrow), a directory with training*/validation* files, a
+    ``save_to_disk`` folder, a Hub dataset ID, or a stored dataset's name; or several of them with mixing weights."""
 
     path: str = MISSING_PATH
-    """A file or directory; when no such path exists, the name of a dataset in ``store_dir`` (``datasets upload``)."""
+    """A file or directory; else the name of a dataset in ``store_dir`` (``datasets upload``); else a Hugging Face Hub
+    dataset ID ``org/name`` or ``org/name:config`` (Parquet, Arrow, saved folders and Hub IDs need the ``[datasets]``
+    extra)."""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    """The data's own column names (``columns.prompt=question columns.completion=answer``)."""
+    train_split: Optional[str] = None
+    """A saved folder's or Hub dataset's training split; default: the one named ``train*``/``training*``."""
+    val_split: Optional[str] = None
+    """Its validation split; default: the one named ``validation*``/``val*``, else a seeded hold-out."""
+    mix: List[DatasetSourceConfig] = field(default_factory=list)
+    """Several datasets of one format instead of ``path``: ``[{path: a, weight: 0.7}, {path: b, weight: 0.3}]``.
+    The training set has as many rows as theirs together, each entry giving its weight's share (a seeded subset, or
+    its rows repeated), drawn once per job; validation keeps each entry's own validation rows, unweighted."""
     val_fraction: float = 0.1
     """Fraction held out for validation when the dataset has no validation file (seeded split)."""
     max_val_examples: Optional[int] = None

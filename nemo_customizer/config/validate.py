@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import warnings
 
 from .errors import ConfigError, ConfigWarning
 from .families import ARCHITECTURES, Family, check_lora_targets, family_of, lora_target_names, window_families
-from .schema import (ATTENTION_KERNELS, MISSING_PATH, RECOMPUTE_MODULES, ArchitectureConfig, Config, DpoConfig,
-                     HyperparametersConfig, LoggerConfig, ModelConfig, ServingConfig)
+from .schema import (ATTENTION_KERNELS, MISSING_PATH, RECOMPUTE_MODULES, ArchitectureConfig, ColumnsConfig, Config,
+                     DatasetConfig, DpoConfig, HyperparametersConfig, LoggerConfig, ModelConfig, ServingConfig)
 
 # Every family's HF projection names, for a model whose family is known only once its config.json is read.
 HF_TARGET_MODULES = tuple(dict.fromkeys(name for family in ARCHITECTURES.values() for name in lora_target_names(family)))
@@ -38,9 +39,7 @@ def validate_config(cfg: Config, *, training: bool = True) -> None:
     validate_model(cfg.model)
     if not training:
         return
-    if cfg.dataset.path in (MISSING_PATH, "", None):
-        raise ConfigError("dataset.path is required: pass dataset.path=/path/to/data.jsonl (a JSONL file or a "
-                          "directory with training/validation files), or dataset= in customize().")
+    validate_dataset(cfg.dataset)
     if not 0.0 <= cfg.dataset.val_fraction < 1.0:
         raise ConfigError(f"dataset.val_fraction must be in [0, 1), got {cfg.dataset.val_fraction}.")
     if cfg.dataset.max_val_examples is not None:
@@ -69,6 +68,40 @@ def validate_logger(logger: LoggerConfig) -> None:
     if mlflow.enabled:
         for name in ("tracking_uri", "experiment_name", "run_name"):
             _not_blank(f"logger.mlflow.{name}", getattr(mlflow, name))
+
+
+def validate_dataset(dataset: DatasetConfig) -> None:
+    """Where the data is: ``path`` or ``mix`` (not both), each entry's path and weight, column names."""
+    unset = (MISSING_PATH, "", None)
+    _column_names("dataset.columns", dataset.columns)
+    if not dataset.mix:
+        if dataset.path in unset:
+            raise ConfigError("dataset.path is required: pass dataset.path=/path/to/data.jsonl (a data file, a "
+                              "directory with training/validation files or a Hub dataset ID), or dataset= in "
+                              "customize(); or list several datasets in dataset.mix.")
+        return
+    if dataset.path not in unset:
+        raise ConfigError(f"dataset.path={dataset.path!r} and dataset.mix are both set: list every dataset in "
+                          "dataset.mix, or unset it.")
+    for key in ("columns", "train_split", "val_split"):
+        value = getattr(dataset, key)
+        if value is not None and value != ColumnsConfig():
+            raise ConfigError(f"dataset.{key} applies to dataset.path; with dataset.mix set {key} on each entry "
+                              f"(dataset.mix=[{{path: ..., {key}: ...}}]).")
+    for i, entry in enumerate(dataset.mix):
+        if entry.path in unset:
+            raise ConfigError(f"dataset.mix[{i}].path is required: give every entry a path, e.g. "
+                              "dataset.mix=[{path: a.jsonl, weight: 0.7}, {path: b.jsonl, weight: 0.3}].")
+        if not 0 < entry.weight < math.inf:
+            raise ConfigError(f"dataset.mix[{i}].weight must be a positive number, got {entry.weight}.")
+        _column_names(f"dataset.mix[{i}].columns", entry.columns)
+
+
+def _column_names(key: str, columns: ColumnsConfig) -> None:
+    for field in dataclasses.fields(columns):
+        value = getattr(columns, field.name)
+        if value is not None and not value.strip():
+            raise ConfigError(f"{key}.{field.name} is empty: name the column that holds {field.name}, or unset it.")
 
 
 def validate_serving(serving: ServingConfig) -> None:

@@ -1,4 +1,5 @@
-"""File mechanics of the dataset store: copy validated rows, hash them, publish or remove a folder atomically.
+"""File mechanics of the dataset store: copy or write validated rows, hash them, publish or remove a folder
+atomically.
 
 Every change to the store is a rename of a whole folder, so a reader (or a crash) never sees half a dataset.
 """
@@ -7,13 +8,15 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
+from nemo_customizer.data.formats import Conversation, PreferenceExample, PromptCompletion
 from nemo_customizer.data.jsonl import UTF8_BOM
 
 
@@ -41,6 +44,34 @@ def copy_rows(sources: Sequence[Path], dest: Path) -> tuple[list[int], str]:
         out.flush()
         os.fsync(out.fileno())
     return rows_per_source, digest.hexdigest()
+
+
+def write_rows(rows: Iterable[dict[str, Any]], dest: Path) -> tuple[int, str]:
+    """Write ``rows`` to ``dest`` as JSON Lines (UTF-8, non-ASCII as is); returns the row count and the sha256."""
+    digest = hashlib.sha256()
+    count = 0
+    with dest.open("wb") as out:
+        for row in rows:
+            line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+            out.write(line)
+            digest.update(line)
+            count += 1
+        out.flush()
+        os.fsync(out.fileno())
+    return count, digest.hexdigest()
+
+
+def example_row(example: Any) -> dict[str, Any]:
+    """A validated example as a row of its format (what reads back as the same example)."""
+    if isinstance(example, PromptCompletion):
+        return {"prompt": example.prompt, "completion": example.completion}
+    if isinstance(example, Conversation):
+        return {"messages": list(example.messages), **({"tools": list(example.tools)} if example.tools else {})}
+    if isinstance(example, PreferenceExample):  # TRL's layout holds text and chat pairs alike
+        parts = {key: value if isinstance(value, str) else list(value) for key, value in
+                 (("prompt", example.prompt), ("chosen", example.chosen), ("rejected", example.rejected))}
+        return {**parts, **({"tools": list(example.tools)} if example.tools else {})}
+    raise TypeError(f"not a dataset example: {type(example).__name__}")
 
 
 def make_temp_dir(store: Path, name: str) -> Path:

@@ -22,8 +22,8 @@ UTF8_BOM = b"\xef\xbb\xbf"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 UTF8_HINT = "Save the file as UTF-8 (without a byte-order mark is best; a UTF-8 one is accepted)."
 JSON_HINT = "Each line must hold one complete JSON value; check for unescaped quotes or a record split over lines."
-JSON_LINES_HINT = ("Write one JSON object per line (JSON Lines); a JSON array converts with "
-                   "`jq -c '.[]' data.json > data.jsonl`.")
+JSON_LINES_HINT = ("Write one JSON object per line (JSON Lines), or name a file holding one JSON array of rows "
+                   "*.json; an array converts with `jq -c '.[]' data.json > data.jsonl`.")
 READ_HINT = "Check that the file exists, is a regular file and is readable (permissions), then run again."
 MAX_JSON_DEPTH = 100
 """Deepest nesting of arrays/objects accepted in one line: far beyond any chat row or tool schema, and shallow enough
@@ -54,6 +54,9 @@ class JsonLine(NamedTuple):  # a tuple: one is made per row, a million times for
 class JsonValueError(ValueError):
     """Text that is not strict JSON we accept; the message is the problem as users see it (``invalid JSON: ...``)."""
 
+    line: Optional[int] = None
+    """1-based line of the text where the syntax error is (multi-line documents); ``None`` for other problems."""
+
 
 def read_jsonl(path: Path, issues: IssueLog) -> Iterator[JsonLine]:
     """Yield every non-blank line of ``path``, parsed; unusable lines and unreadable files are added to ``issues``.
@@ -81,7 +84,7 @@ def _read_lines(path: Path, f, issues: IssueLog) -> Iterator[JsonLine]:
     for line_no, raw in enumerate(f, start=1):
         location = f"{prefix}{line_no}"
         raw = raw.removeprefix(UTF8_BOM)
-        if line_no == 1 and (problem := _whole_file_problem(raw)):
+        if line_no == 1 and (problem := whole_file_problem(raw)):
             issues.add(str(path), *problem)
             return
         if b"\x00" in raw:
@@ -110,7 +113,7 @@ def _read_lines(path: Path, f, issues: IssueLog) -> Iterator[JsonLine]:
         yield JsonLine(location, value)
 
 
-def _whole_file_problem(first_line: bytes) -> Optional[tuple[str, str]]:
+def whole_file_problem(first_line: bytes) -> Optional[tuple[str, str]]:
     """``(problem, hint)`` when the first line shows the file is not UTF-8 JSON Lines at all."""
     if first_line.startswith(UTF16_BOMS) or _looks_utf16(first_line):
         return "file is UTF-16 encoded", UTF8_HINT
@@ -150,7 +153,9 @@ def parse_json(text: str) -> Any:
     try:
         value = _DECODER.decode(text)
     except json.JSONDecodeError as e:
-        raise JsonValueError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+        error = JsonValueError(f"invalid JSON: {e.msg} (column {e.colno})")
+        error.line = e.lineno
+        raise error from None
     except RecursionError:
         raise JsonValueError(f"invalid JSON: nested more than {MAX_JSON_DEPTH} levels deep") from None
     except ValueError as e:  # our hooks' messages, or int() refusing a number of more than 4300 digits

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from nemo_customizer._cache import default_cache_dir
-from nemo_customizer.data._store_files import copy_rows, make_temp_dir, move_aside, publish, remove
+from nemo_customizer.data._store_files import (copy_rows, example_row, make_temp_dir, move_aside, publish, remove,
+                                               write_rows)
 from nemo_customizer.data._store_report import (DatasetReport, FileSummary, LengthHistogram, PairLengths,
                                                 measure)
 from nemo_customizer.data.errors import DatasetError
-from nemo_customizer.data.loading import load_dataset
+from nemo_customizer.data.hf_datasets import is_hub_id
+from nemo_customizer.data.loading import DatasetSplits, load_dataset
 
 if TYPE_CHECKING:
     from nemo_customizer.config import ModelConfig
@@ -86,8 +88,9 @@ def upload(
     composed ``ModelConfig``; its tokenizer and ``max_seq_length`` give the token-length histogram and the rows that
     training would truncate or drop (preference data: pairs, with the lengths of their prompts and responses). Bad
     rows raise one ``DatasetError`` (file:line: field) before anything is written. An existing ``name`` is replaced
-    only with ``overwrite=True``. Rows are stored byte-for-byte (see ``_store_files.copy_rows`` for the whitespace
-    that is normalized).
+    only with ``overwrite=True``. JSON Lines rows are stored byte-for-byte (see ``_store_files.copy_rows`` for the
+    whitespace that is normalized); other data (CSV, Parquet, a Hub dataset, Alpaca rows, ...) as the JSON Lines rows
+    of its format.
     """
     store = Path(store_dir).expanduser() if store_dir is not None else default_store_dir()
     target = store / check_name(name)
@@ -103,21 +106,9 @@ def upload(
 
     tmp = make_temp_dir(store, name)
     try:
-        train_rows, train_sha = copy_rows(splits.files.train, tmp / TRAINING_FILE)
-        stored = {TRAINING_FILE: (sum(train_rows), train_sha)}
-        val_rows: list[int] = []
-        if splits.files.val:
-            val_rows, val_sha = copy_rows(splits.files.val, tmp / VALIDATION_FILE)
-            stored[VALIDATION_FILE] = (sum(val_rows), val_sha)
-        if (sum(train_rows), sum(val_rows)) != (len(splits.train), len(splits.val)):
-            raise RuntimeError(f"copied {sum(train_rows)}+{sum(val_rows)} rows of {path} but validated "
-                               f"{len(splits.train)}+{len(splits.val)}; please report this bug")
+        stored, files = _store_rows(splits, path, tmp)
         report = DatasetReport(
-            name=name, path=str(target), source=str(Path(path).resolve()), format=splits.format,
-            files=tuple(FileSummary(str(p), split, splits.format, rows)
-                        for split, paths, counts in (("training", splits.files.train, train_rows),
-                                                     ("validation", splits.files.val, val_rows))
-                        for p, rows in zip(paths, counts)),
+            name=name, path=str(target), source=_source_name(path), format=splits.format, files=files,
             ignored_files=tuple(str(p) for p in splits.files.ignored),
             training_rows=len(splits.train), validation_rows=len(splits.val),
             model=model_cfg.name, max_seq_length=model_cfg.max_seq_length,
@@ -133,6 +124,41 @@ def upload(
     finally:
         remove(tmp)  # already gone when publish succeeded
     return report
+
+
+def _store_rows(splits: DatasetSplits, path: str | os.PathLike[str],
+                tmp: Path) -> tuple[dict[str, tuple[int, str]], tuple[FileSummary, ...]]:
+    """Write the training (and validation) rows into ``tmp``: ``{file: (rows, sha256)}`` and a summary per source.
+
+    JSON Lines files read as written are copied byte for byte; other data (other file types, saved folders, Hub
+    datasets, converted rows) is written as the validated rows of its format, one JSON object per line.
+    """
+    if not splits.verbatim:
+        stored = {TRAINING_FILE: write_rows(map(example_row, splits.train), tmp / TRAINING_FILE)}
+        if splits.val:
+            stored[VALIDATION_FILE] = write_rows(map(example_row, splits.val), tmp / VALIDATION_FILE)
+        return stored, tuple(FileSummary(_source_name(path), split, splits.format, len(examples))
+                             for split, examples in (("training", splits.train), ("validation", splits.val))
+                             if examples)
+    train_rows, train_sha = copy_rows(splits.files.train, tmp / TRAINING_FILE)
+    stored = {TRAINING_FILE: (sum(train_rows), train_sha)}
+    val_rows: list[int] = []
+    if splits.files.val:
+        val_rows, val_sha = copy_rows(splits.files.val, tmp / VALIDATION_FILE)
+        stored[VALIDATION_FILE] = (sum(val_rows), val_sha)
+    if (sum(train_rows), sum(val_rows)) != (len(splits.train), len(splits.val)):
+        raise RuntimeError(f"copied {sum(train_rows)}+{sum(val_rows)} rows of {path} but validated "
+                           f"{len(splits.train)}+{len(splits.val)}; please report this bug")
+    return stored, tuple(FileSummary(str(p), split, splits.format, rows)
+                         for split, paths, counts in (("training", splits.files.train, train_rows),
+                                                      ("validation", splits.files.val, val_rows))
+                         for p, rows in zip(paths, counts))
+
+
+def _source_name(path: str | os.PathLike[str]) -> str:
+    """A local path made absolute; a Hub dataset ID as it is."""
+    local = Path(path)
+    return str(local.resolve()) if local.exists() else str(path)
 
 
 def list_datasets(store_dir: Optional[str | os.PathLike[str]] = None) -> list[StoredDataset]:
@@ -182,8 +208,9 @@ def delete_dataset(name: str, store_dir: Optional[str | os.PathLike[str]] = None
 
 
 def resolve_dataset_path(path_or_name: str | os.PathLike[str],
-                         store_dir: Optional[str | os.PathLike[str]] = None) -> Path:
-    """``dataset.path`` → a path for ``load_dataset``: an existing file or folder as is, else a stored dataset folder.
+                         store_dir: Optional[str | os.PathLike[str]] = None) -> Path | str:
+    """``dataset.path`` → what ``load_dataset`` reads: an existing file or folder as is, else a stored dataset folder,
+    else a Hugging Face Hub dataset ID (``org/name[:config]``, returned as the string).
 
     An existing path wins over a stored name. Anything else raises one ``DatasetError`` listing the stored names.
     """
@@ -194,9 +221,11 @@ def resolve_dataset_path(path_or_name: str | os.PathLike[str],
     text = str(path_or_name)
     if NAME_PATTERN.fullmatch(text) and (store / text / METADATA_FILE).is_file():
         return store / text
+    if is_hub_id(text):
+        return text
     raise DatasetError(f"{text}: no such file or directory, and no stored dataset has that name "
-                       f"(store {store}: {_stored_names(store)}). Pass a JSONL file, a directory with train*.jsonl, "
-                       f"or the name of a dataset uploaded with `{UPLOAD_HINT}`.")
+                       f"(store {store}: {_stored_names(store)}). Pass a data file, a directory with train*.jsonl, "
+                       f"a Hub dataset ID (org/name), or the name of a dataset uploaded with `{UPLOAD_HINT}`.")
 
 
 def _model_config(model: "str | ModelConfig", overrides: Optional[Mapping[str, Any]]) -> "ModelConfig":

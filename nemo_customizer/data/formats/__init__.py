@@ -1,21 +1,17 @@
-"""Dataset formats. Each module builds one ``DataFormat``; ``FORMATS`` lists them in detection order."""
+"""Dataset formats. Each module builds one ``DataFormat``; ``FORMATS`` lists them."""
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from nemo_customizer.data.formats.base import DataFormat, Row
+from nemo_customizer.data.formats.base import DataFormat
 from nemo_customizer.data.formats.chat import CHAT, Conversation
 from nemo_customizer.data.formats.preference import PREFERENCE, PreferenceExample
 from nemo_customizer.data.formats.prompt_completion import PROMPT_COMPLETION, PromptCompletion
 
 FORMATS: tuple[DataFormat, ...] = (CHAT, PREFERENCE, PROMPT_COMPLETION)
-"""Detection order: the first format whose ``matches`` accepts a file's first JSON object is the file's format."""
-
-
-def detect_format(row: Row) -> DataFormat:
-    """The format of a file whose first JSON object is ``row``."""
-    return next(fmt for fmt in FORMATS if fmt.matches(row))
+"""Every format. A file's format is detected from its first JSON object by ``shapes.detect_shape``, which also
+recognizes other row shapes (Alpaca, ShareGPT) that convert to one of these."""
 
 
 def format_of_examples(examples: Sequence[Any]) -> DataFormat:
@@ -29,4 +25,4 @@ def format_of_examples(examples: Sequence[Any]) -> DataFormat:
 
 
 __all__ = ["CHAT", "FORMATS", "PREFERENCE", "PROMPT_COMPLETION", "Conversation", "DataFormat", "PreferenceExample",
-           "PromptCompletion", "detect_format", "format_of_examples"]
+           "PromptCompletion", "format_of_examples"]

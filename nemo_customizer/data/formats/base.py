@@ -26,11 +26,9 @@ class DataFormat:
 
     name: str
     matches: Callable[[Row], bool]
-    """True when a row looks like this format (checked in ``FORMATS`` order; the first match wins)."""
+    """True when a row looks like this format (checked in ``shapes.SHAPES`` order; the first match wins)."""
     row_hint: str
     """What a valid row looks like, as a sentence; ends every validation message about this format."""
-    unsupported: Optional[str] = None
-    """When set, data in this format is recognized but rejected; this sentence says what to do instead."""
     example_type: Optional[type] = None
     """The typed example this format parses rows into."""
     row_problems: Optional[Callable[[Row], list[str]]] = None
