@@ -9,7 +9,7 @@ pass that writes its gradient (``models.loss_kernel`` on CUDA). Under tensor par
 shard: the softmax's max, normalizer and target logit are all-reduced over the TP group,
 each rank's partial gradient of the hidden states is summed by the all-reduce that
 ``copy_to_tensor_model_parallel_region`` does in backward, and each rank's weight gradient is its shard's own.
-Without gradients (validation) the losses come from a fused cross-entropy over each chunk's logits; asked for
+Without gradients (validation) the losses come from a cross-entropy over each chunk's logits in turn; asked for
 ``token_hits``, the same chunks also say whether each position's argmax prediction is its target (the validation's
 ``mean_token_accuracy``), under tensor parallelism with the row maximum and its index all-reduced over the shards.
 
