@@ -4,6 +4,8 @@ update, SIGTERM/SIGINT/``cancel`` stop after a finished step (also over two rank
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -43,8 +45,11 @@ def _status(job: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def completed_job(tmp_path_factory, model_dir):
+    """A finished job; what it logged to stderr is in ``job.log`` beside its directory."""
     root = tmp_path_factory.mktemp("completed")
-    result = _customize(root, model_dir, "job")
+    with contextlib.redirect_stderr(io.StringIO()) as log:
+        result = _customize(root, model_dir, "job")
+    (root / "job.log").write_text(log.getvalue())
     return root / "job", result
 
 
@@ -64,11 +69,26 @@ def test_completed_job_status_and_series_match_metrics(completed_job):
         (result.best_epoch, result.best_step, result.best_val_loss)
     assert status["train_loss"] == next(r["loss"] for r in train if r["step"] == result.best_step)
     series = status["metrics"]["metrics"]
-    assert status["metrics"]["keys"] == ["train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s"]
+    assert status["metrics"]["keys"] == ["train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s",
+                                         "val_mean_token_accuracy"]
     for name, records, key in [("train_loss", train, "loss"), ("lr", train, "lr"), ("grad_norm", train, "grad_norm"),
-                               ("tokens_per_s", train, "tokens_per_s"), ("val_loss", validation, "val_loss")]:
+                               ("tokens_per_s", train, "tokens_per_s"), ("val_loss", validation, "val_loss"),
+                               ("val_mean_token_accuracy", validation, "val_mean_token_accuracy")]:
         assert series[name] == [{"step": r["step"], "value": r[key], "timestamp": _iso(r["time"])} for r in records]
     assert len(series["train_loss"]) == 8 and len(series["val_loss"]) == 4
+    assert all("mean_token_accuracy" not in r for r in train)  # measured by validation only
+
+
+def test_validation_token_accuracy_is_logged_beside_val_loss(completed_job):
+    """Each validation record has ``val_mean_token_accuracy`` (a share of the validation set's target tokens: its
+    numerics are pinned against transformers in ``test_model_parity``), and the job's log line shows it."""
+    job, _ = completed_job
+    validation = _records(job, "validation")
+    assert len(validation) == 4 and all(0.0 <= r["val_mean_token_accuracy"] <= 1.0 for r in validation)
+    lines = [line for line in (job.parent / "job.log").read_text().splitlines() if line.startswith("validation  ")]
+    assert [line.split(": ", 1)[1].split("  (")[0] for line in lines] == \
+        [f"val_loss {r['val_loss']:.4f}, val_mean_token_accuracy {r['val_mean_token_accuracy']:.4f}"
+         for r in validation]
 
 
 def test_loss_plot_is_a_png(completed_job):
@@ -76,6 +96,21 @@ def test_loss_plot_is_a_png(completed_job):
     job, _ = completed_job
     assert (job / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in job.iterdir() if p.name.startswith(".loss.png")]  # no temporary file left behind
+
+
+def test_loss_plot_draws_validation_token_accuracy_below_the_loss(completed_job):
+    pytest.importorskip("matplotlib")
+    from nemo_customizer.training.plots import loss_figure
+
+    job, _ = completed_job
+    series = _status(job)["metrics"]["metrics"]
+    axes = {axis.get_ylabel(): axis for axis in loss_figure(series).axes}
+    assert sorted(axes) == ["learning rate", "loss", "token accuracy"]
+    accuracy_axis = axes["token accuracy"]
+    (line,) = accuracy_axis.get_lines()
+    assert list(line.get_ydata()) == [p["value"] for p in series["val_mean_token_accuracy"]]
+    without = {name: points for name, points in series.items() if name != "val_mean_token_accuracy"}
+    assert len(loss_figure(without).axes) == 2  # a job that measures no accuracy (DPO): loss and lr only
 
 
 def test_tensorboard_scalars(completed_job):
@@ -86,10 +121,13 @@ def test_tensorboard_scalars(completed_job):
     events = EventAccumulator(str(job / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert tags == {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"}
+    assert tags == {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                    "val/mean_token_accuracy"}
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
     assert [e.value for e in events.Scalars("val/loss")] == \
         pytest.approx([r["val_loss"] for r in _records(job, "validation")])
+    assert [e.value for e in events.Scalars("val/mean_token_accuracy")] == \
+        pytest.approx([r["val_mean_token_accuracy"] for r in _records(job, "validation")])
 
 
 def test_status_command_prints_a_summary_and_the_json(completed_job, capsys):

@@ -89,9 +89,60 @@ def test_chunked_loss_matches_plain_cross_entropy(monkeypatch, weight_trains, we
         torch.testing.assert_close(losses, expected)
         for got, want in zip(torch.autograd.grad(losses, wrt, upstream), expected_grads):
             torch.testing.assert_close(got, want)
-    with torch.no_grad():  # validation: plain losses
+    with torch.no_grad():  # validation: plain losses, chunk by chunk (7 here); and the argmax hits
         torch.testing.assert_close(loss.masked_token_losses(hidden, targets, weight, position_weights,
                                                             softcap=softcap), expected)
+        targets[::3] = logits.argmax(dim=-1)[::3]  # some hits
+        losses, hits = loss.masked_token_losses(hidden, targets, weight, position_weights, softcap=softcap,
+                                                token_hits=True)
+        assert hits.dtype == torch.bool and 17 <= int(hits.sum()) < 50
+        assert torch.equal(hits, logits.argmax(dim=-1) == targets)  # the softcap keeps the argmax
+    with pytest.raises(ValueError, match="without gradients"):
+        loss.masked_token_losses(hidden, targets, weight, token_hits=True)
+
+
+def _greedy_in_places(hf, ids: torch.Tensor, every: int) -> torch.Tensor:
+    """``ids`` with every ``every``-th next token replaced by transformers' argmax prediction there (so that a share
+    of the targets are hits), one position at a time: a prediction depends on the tokens before it only."""
+    ids = ids.clone()
+    with torch.no_grad():
+        for i in range(0, len(ids) - 1, every):
+            ids[i + 1] = hf(ids[None, :i + 1]).logits[0, -1].argmax()
+    return ids
+
+
+def test_validation_token_accuracy_equals_transformers_argmax(tmp_path, monkeypatch):
+    """Validation's report (``TOKEN_MEAN.validation`` through mcore's schedule, two steps, two rows in one micro
+    batch, loss-head chunks of 5 positions) counts the loss-masked targets that are the argmax of transformers'
+    logits: ``mean_token_accuracy`` as TRL computes it."""
+    from nemo_customizer.data import TokenizedExample, collate
+    from nemo_customizer.models import loss
+    from nemo_customizer.training.objective import TOKEN_MEAN
+    from nemo_customizer.training.step import validation_totals
+
+    monkeypatch.setattr(loss, "LOSS_CHUNK_TOKENS", 5)
+    arch = tiny_arch()
+    hf = write_tiny_checkpoint(tmp_path, arch)
+    ours = load_tiny_model(arch, tmp_path)
+    gen = torch.Generator().manual_seed(6)
+    examples, hits, tokens, loss_sum = [], 0, 0, 0.0
+    for n, prompt in ((12, 3), (7, 2), (15, 6)):
+        ids = _greedy_in_places(hf, torch.randint(0, arch.vocab_size, (n,), generator=gen), every=2)
+        mask = torch.tensor([0] * prompt + [1] * (n - prompt))
+        examples.append(TokenizedExample(ids.tolist(), mask.tolist()))
+        with torch.no_grad():
+            logits = hf(ids[None]).logits[0, :-1]  # predictions of ids[1:]
+        targets, at_loss = ids[1:], mask[1:] > 0
+        hits += int((logits.argmax(dim=-1) == targets)[at_loss].sum())
+        tokens += int(at_loss.sum())
+        loss_sum += float(torch.nn.functional.cross_entropy(logits[at_loss], targets[at_loss], reduction="sum"))
+    batches = [[collate(examples[:2], pad_id=0)], [collate(examples[2:], pad_id=0)]]
+    total, count, counted_hits = validation_totals(ours, batches, torch.device("cpu"), TOKEN_MEAN.validation)
+    assert (count, counted_hits) == (tokens, hits) and 0 < hits < tokens
+    assert total == pytest.approx(loss_sum, rel=1e-5)
+    assert TOKEN_MEAN.validation.metrics([counted_hits], count, prefix="val_") == \
+        {"val_mean_token_accuracy": pytest.approx(hits / tokens)}
+    assert TOKEN_MEAN.metrics([], count) == {}  # training steps report no accuracy
 
 
 def test_trained_output_weight_refuses_an_upstream_gradient_that_differs_by_position(monkeypatch):
@@ -133,7 +184,8 @@ def test_left_padded_batch_with_attention_mask_matches_single_rows(tmp_path):
 def _vocab_parallel_loss(rank: int, chunk: int, weight_trains: bool) -> None:
     """At TP=2 each rank holds half the vocabulary of the output weight: the losses, the hidden states' gradient
     (summed over ranks by the loss head) and, when the weight trains, each rank's shard of its gradient equal
-    torch's cross-entropy over the whole vocabulary."""
+    torch's cross-entropy over the whole vocabulary; without gradients the argmax hits equal the whole
+    vocabulary's (TP=1's), ties included."""
     from nemo_customizer.distributed.parallel import destroy_parallel, initialize_parallel
     from nemo_customizer.models import loss
 
@@ -161,9 +213,18 @@ def _vocab_parallel_loss(rank: int, chunk: int, weight_trains: bool) -> None:
             torch.testing.assert_close(grads[0], expected_grads[0])
             if weight_trains:
                 torch.testing.assert_close(grads[1], expected_grads[1][16 * rank:16 * (rank + 1)])
-            with torch.no_grad():  # validation: mcore's vocab-parallel cross-entropy
+            with torch.no_grad():  # validation: mcore's vocab-parallel cross-entropy; the argmax over both shards
                 torch.testing.assert_close(loss.masked_token_losses(hidden, targets, shard, position_weights,
                                                                     softcap=softcap), expected)
+                targets[::3] = logits.argmax(dim=-1)[::3]  # hits in both shards
+                losses, hits = loss.masked_token_losses(hidden, targets, shard, position_weights, softcap=softcap,
+                                                        token_hits=True)
+                assert torch.equal(hits, logits.argmax(dim=-1) == targets) and 17 <= int(hits.sum()) < 50
+        # Equal maxima in both shards: torch.argmax's first one (id 3, not 19) is the prediction.
+        tied = torch.zeros(2, 32)
+        tied[:, [3, 19]] = 1.0
+        hits = loss.argmax_hits(tied[:, 16 * rank:16 * (rank + 1)], torch.tensor([3, 19]))
+        assert hits.tolist() == [True, False]
     finally:
         destroy_parallel(layout)
 

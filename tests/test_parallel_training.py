@@ -30,6 +30,11 @@ def _losses(job: Path) -> list:
     return [r["loss"] for r in rows if r["event"] == "train"] + [r["val_loss"] for r in rows if r["event"] == "validation"]
 
 
+def _accuracies(job: Path) -> list:
+    rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_mean_token_accuracy"] for r in rows if r["event"] == "validation"]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
@@ -47,6 +52,8 @@ def test_parallel_losses_match_single_process(reference, name, world, tp, sp):
     assert len(actual) == len(expected) == STEPS + 1
     assert actual == pytest.approx(expected, abs=1e-4)
     assert expected[STEPS - 1] < expected[0]  # it trained
+    # validation token accuracy: hits summed over micro batches and DP ranks, the argmax taken over TP's shards
+    assert _accuracies(root / name) == _accuracies(root / "single")
     counts = [{k: json.loads((root / job / "result.json").read_text())[k]
                for k in ("trainable_parameters", "total_parameters")} for job in (name, "single")]
     assert counts[0] == counts[1]  # the whole model's counts, not this rank's shard

@@ -1,4 +1,5 @@
-"""Where a job's weights and tokenizer come from: an HF checkpoint directory, an embedded model, or nothing."""
+"""Where a job's weights and tokenizer come from: an HF checkpoint directory (or a Hub model ID's cached snapshot),
+an embedded model, or nothing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
+from nemo_customizer.checkpoints.hub import hub_snapshot, split_hub_id
 from nemo_customizer.config import ConfigError, ModelConfig, merge_checkpoint_architecture, model_source, read_hf_config
 from nemo_customizer.config.validate import validate_model
 
@@ -25,10 +27,11 @@ def resolve_model(model: ModelConfig, cache_dir: Optional[str]) -> ResolvedModel
     kind, where = model_source(model)
     checkpoint: Optional[Path] = None
     if kind == "checkpoint":
-        checkpoint = Path(where).expanduser()
+        checkpoint = checkpoint_directory(where)
         if not (checkpoint / "config.json").is_file():
             raise ConfigError(f"model.checkpoint={where}: no config.json there; point it at an HF checkpoint "
-                              "directory (config.json, *.safetensors, tokenizer files).")
+                              "directory (config.json, *.safetensors, tokenizer files) or a Hugging Face Hub model "
+                              "ID (org/name).")
     elif kind == "embedded":
         from nemo_customizer.checkpoints.embedded import resolve_embedded_checkpoint
 
@@ -43,6 +46,15 @@ def resolve_model(model: ModelConfig, cache_dir: Optional[str]) -> ResolvedModel
             model = merge_checkpoint_architecture(model, read_hf_config(config_json), source=str(config_json))
     tokenizer = Path(model.tokenizer).expanduser() if model.tokenizer else checkpoint
     return ResolvedModel(model, checkpoint, tokenizer)
+
+
+def checkpoint_directory(value: str) -> Path:
+    """``model.checkpoint``'s folder: a local path when it exists, else the cached snapshot of a Hub model ID
+    (``org/name[@revision]``, ``checkpoints.hub``), else the path as given (the caller reports what is missing)."""
+    local = Path(value).expanduser()
+    if local.exists() or split_hub_id(value) is None:
+        return local
+    return hub_snapshot(value)
 
 
 def load_tokenizer(directory: Optional[Path], chat_template: Optional[str] = None):

@@ -96,7 +96,9 @@ class ModelConfig:
 
     name: str = "tiny-llama"
     checkpoint: Optional[str] = None
-    """HF checkpoint directory (config.json, *.safetensors, tokenizer files). Overrides ``embedded``."""
+    """HF checkpoint directory (config.json, *.safetensors, tokenizer files), or a Hugging Face Hub model ID
+    (``Qwen/Qwen3-0.6B``, ``org/name@revision``) taken from huggingface_hub's cache, downloaded there when missing
+    and not offline (``checkpoints.hub``); a local folder of that name wins. Overrides ``embedded``."""
     embedded: Optional[str] = None
     """Name of a checkpoint shipped inside a Python package (``smollm2-135m-instruct``), converted once to a cache."""
     random_weights: bool = False

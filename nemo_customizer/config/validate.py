@@ -250,7 +250,7 @@ def validate_model(model: ModelConfig) -> None:
     if model.architecture_from_checkpoint:
         if source != "checkpoint":
             raise ConfigError(f"model {model.name} takes its architecture from the checkpoint: pass "
-                              "model.checkpoint=/path/to/hf_checkpoint.")
+                              "model.checkpoint=/path/to/hf_checkpoint or a Hugging Face Hub model ID (org/name).")
         return  # the architecture checks run once config.json is read (checkpoints/resolve.py)
     arch = model.architecture
     validate_architecture(arch, prefix="model.architecture")
@@ -364,7 +364,8 @@ def model_source(model: ModelConfig) -> tuple[str, str | None]:
     if model.embedded:
         return "embedded", model.embedded
     raise ConfigError(f"model {model.name} has no weights: pass model.checkpoint=/path/to/hf_checkpoint (a folder "
-                      "with config.json and *.safetensors), or model.random_weights=true for weight-free runs.")
+                      "with config.json and *.safetensors) or a Hugging Face Hub model ID (org/name[@revision]), or "
+                      "model.random_weights=true for weight-free runs.")
 
 
 def check_batch_layout(global_batch: int, micro_batch: int, data_parallel_size: int) -> int:

@@ -103,16 +103,15 @@ class CustomizerGPTModel(GPTModelHooks):
             # (s/tp, b, h) → (s, b, h). Backward only splits: the reduction over vocab shards happens once, in
             # copy_to_tensor_model_parallel_region below.
             hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
-        if isinstance(loss_mask, LossPositions):
-            index, loss_weight = loss_mask.index, loss_mask.weight
-        else:
-            index, loss_weight = loss_positions(loss_mask, hidden_states.device), None  # (n,) into flattened (s, b)
+        if not isinstance(loss_mask, LossPositions):
+            loss_mask = LossPositions(loss_positions(loss_mask, hidden_states.device))  # (n,) into flattened (s, b)
+        index, loss_weight = loss_mask.index, loss_mask.weight
         hidden = hidden_states.flatten(0, 1).index_select(0, index)  # (n, h)
         targets = labels.transpose(0, 1).flatten().index_select(0, index)  # (n,)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else \
             self.output_layer.weight
         return masked_token_losses(hidden, targets, weight, loss_weight, softcap=self.final_logit_softcapping,
-                                   per_position_grads=self.per_position_loss_grads)
+                                   per_position_grads=self.per_position_loss_grads, token_hits=loss_mask.token_hits)
 
 
 @dataclass(frozen=True)
@@ -130,12 +129,16 @@ class SoftcappedOutput:
 @dataclass
 class LossPositions:
     """Loss positions already on the device, for ``loss_mask``: a CUDA graph replays a fixed number of them, so
-    the index is padded (``training.graphs``) and ``weight`` (1 real, 0 padding) zeroes the padding's losses."""
+    the index is padded (``training.graphs``) and ``weight`` (1 real, 0 padding) zeroes the padding's losses;
+    validation asks for ``token_hits`` with them."""
 
     index: torch.Tensor
     """(n,) int64 positions in the flattened ``(s, b)`` layout."""
     weight: Optional[torch.Tensor] = None
     """(n,) float32 multiplier of each position's loss."""
+    token_hits: bool = False
+    """The model returns ``(losses, hits)``: ``hits`` (n,) bool, whether each position's argmax prediction is its
+    target (``models.loss.argmax_hits``). Forward passes without gradients only (validation's token accuracy)."""
 
 
 def loss_positions(loss_mask: torch.Tensor, device: torch.device) -> torch.Tensor:

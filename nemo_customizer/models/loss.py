@@ -9,7 +9,9 @@ pass that writes its gradient (``models.loss_kernel`` on CUDA). Under tensor par
 shard: the softmax's max, normalizer and target logit are all-reduced over the TP group,
 each rank's partial gradient of the hidden states is summed by the all-reduce that
 ``copy_to_tensor_model_parallel_region`` does in backward, and each rank's weight gradient is its shard's own.
-Without gradients (validation) the losses come from one fused cross-entropy over the logits.
+Without gradients (validation) the losses come from a cross-entropy over each chunk's logits in turn; asked for
+``token_hits``, the same chunks also say whether each position's argmax prediction is its target (the validation's
+``mean_token_accuracy``), under tensor parallelism with the row maximum and its index all-reduced over the shards.
 
 With a ``softcap`` (Gemma 2's ``final_logit_softcapping``) every path caps the logits, ``tanh(logit / cap) * cap`` in
 fp32, before the cross-entropy, and the gradients computed in forward carry the cap's derivative: the caps happen
@@ -18,7 +20,7 @@ inside the chunk's cross-entropy (and inside the Triton kernel), so no capped ``
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -161,14 +163,50 @@ class OutputCrossEntropy(torch.autograd.Function):
 
 
 def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                  softcap: Optional[float] = None) -> torch.Tensor:
-    hidden = copy_to_tensor_model_parallel_region(hidden)  # identity forward; all-reduce of input grads backward
-    return _logit_losses(hidden, targets, weight, softcap)
+                  softcap: Optional[float] = None, token_hits: bool = False
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Without gradients: the losses (n,) fp32 and, with ``token_hits``, the argmax hits (n,) bool
+    (``argmax_hits``; else None), chunk by chunk of ``LOSS_CHUNK_TOKENS`` positions: one chunk's logits at a time."""
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    hits = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device) if token_hits else None
+    for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS):
+        rows = slice(start, start + LOSS_CHUNK_TOKENS)
+        logits = F.linear(hidden[rows], weight)  # (chunk, vocab/tp)
+        if hits is not None:  # before the cross-entropy, which may shift the logits in place
+            hits[rows] = argmax_hits(logits, targets[rows])
+        losses[rows] = _cross_entropy_of_logits(logits, targets[rows], softcap)
+    return losses, hits
+
+
+def argmax_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: whether each row's argmax over the whole vocabulary is its target, with ``torch.argmax``'s rule
+    for ties (the first of equal maxima). ``logits`` (n, vocab/tp) is this rank's vocabulary shard under tensor
+    parallelism (rank r holds ids ``[r·vocab/tp, (r+1)·vocab/tp)``): the row maximum, then the smallest id holding
+    it, are all-reduced over the group (two ``(n,)`` all-reduces). A softcap is monotonic, so the uncapped logits
+    have the capped ones' argmax: none is applied here."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return logits.argmax(dim=-1) == targets
+    group = parallel_state.get_tensor_model_parallel_group()
+    shard = logits.shape[1]
+    local_max, local_index = logits.max(dim=-1)  # the first maximum of the shard
+    local_max = local_max.float()
+    row_max = local_max.clone()
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    vocab = shard * parallel_state.get_tensor_model_parallel_world_size()  # larger than any id: "not in this shard"
+    first = torch.where(local_max == row_max,
+                        local_index + parallel_state.get_tensor_model_parallel_rank() * shard,
+                        torch.full_like(local_index, vocab))
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+    return first == targets
 
 
 def _logit_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                   softcap: Optional[float] = None) -> torch.Tensor:
-    logits = F.linear(hidden, weight)  # (n, vocab/tp)
+    return _cross_entropy_of_logits(F.linear(hidden, weight), targets, softcap)  # logits (n, vocab/tp)
+
+
+def _cross_entropy_of_logits(logits: torch.Tensor, targets: torch.Tensor,
+                             softcap: Optional[float] = None) -> torch.Tensor:
     if logits.is_cuda and parallel_state.get_tensor_model_parallel_world_size() == 1:
         return _fused_cross_entropy(logits, targets, softcap=softcap)
     logits = logits.float()
@@ -179,7 +217,7 @@ def _logit_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Ten
 
 def _recomputed_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                              softcap: Optional[float] = None) -> torch.Tensor:
-    """``_token_losses`` chunk by chunk, each chunk's logits recomputed in backward (activation checkpointing):
+    """``_logit_losses`` chunk by chunk, each chunk's logits recomputed in backward (activation checkpointing):
     exact gradients for any upstream gradient, at the cost of one more ``(n, h) x (h, vocab)`` GEMM and
     cross-entropy in backward than ``OutputCrossEntropy``. No chunk's logits outlive its forward or backward."""
     hidden = copy_to_tensor_model_parallel_region(hidden)
@@ -192,15 +230,22 @@ def _recomputed_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight
 
 def masked_token_losses(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                         position_weights: Optional[torch.Tensor] = None, *,
-                        softcap: Optional[float] = None, per_position_grads: bool = False) -> torch.Tensor:
+                        softcap: Optional[float] = None, per_position_grads: bool = False,
+                        token_hits: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Cross-entropy (n,) of hidden states (n, h) against targets (n,) with a vocab-parallel output weight, times
     ``position_weights`` (n,) when given; ``softcap``: the logits are ``tanh(logit / cap) * cap`` (module docstring).
     With gradients, sum the result before backward when the weight trains (``OutputCrossEntropy``), unless
     ``per_position_grads``: then any upstream gradient is exact (``_recomputed_token_losses``; a preference loss
-    weighs each response's tokens by how its pair compares)."""
+    weighs each response's tokens by how its pair compares).
+    ``token_hits`` (without gradients only: validation): returns ``(losses, hits)``, ``hits`` (n,) bool saying
+    whether each position's argmax prediction is its target (``argmax_hits``)."""
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        losses = _token_losses(hidden, targets, weight, softcap)
-        return losses if position_weights is None else losses * position_weights
+        losses, hits = _token_losses(hidden, targets, weight, softcap, token_hits)
+        losses = losses if position_weights is None else losses * position_weights
+        return (losses, hits) if token_hits else losses
+    if token_hits:
+        raise ValueError("token_hits are counted in forward passes without gradients (validation): run the model "
+                         "under torch.no_grad()")
     if per_position_grads and weight.requires_grad:
         losses = _recomputed_token_losses(hidden, targets, weight, softcap)
         return losses if position_weights is None else losses * position_weights

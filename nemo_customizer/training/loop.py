@@ -175,13 +175,15 @@ def _record(job: TrainingJob, state: LoopState, read: ReadStep) -> None:
 
 
 def _validate(job: TrainingJob, state: LoopState) -> None:
-    """Validation loss, early stopping and the best checkpoint; then the resumable checkpoint of this step."""
+    """Validation loss (and the objective's validation metrics: SFT's ``val_mean_token_accuracy``), early stopping
+    and the best checkpoint; then the resumable checkpoint of this step."""
     state.last_validated_step = state.steps
     if job.val_examples:
+        objective = job.objective.validation  # SFT: also the token accuracy
         loss_sum, count, *report = validation_totals(job.model, _validation_batches(job), job.layout.device,
-                                                     job.objective)
+                                                     objective)
         val = loss_sum / count if count else float("nan")
-        metrics = job.objective.metrics(report, count, prefix="val_")
+        metrics = objective.metrics(report, count, prefix="val_")
         improved = state.add_validation(val)
         if improved:
             job.save_best()

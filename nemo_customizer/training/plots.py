@@ -1,11 +1,13 @@
 """Pictures of a job, each only when its package is installed (``pip install 'nemo_customizer[plots]'``); without
 it the job logs one line and goes on.
 
-- ``loss.png`` (matplotlib): train and validation loss by step, the learning rate on a second axis. Redrawn at each
-  validation and when the job ends, written atomically (a viewer never reads half a PNG). Drawn with matplotlib's
-  object API on an Agg canvas: the process-wide pyplot backend is left alone.
+- ``loss.png`` (matplotlib): train and validation loss by step, the learning rate on a second axis, and below them
+  the validation token accuracy when the job measures it (supervised jobs). Redrawn at each validation and when the
+  job ends, written atomically (a viewer never reads half a PNG). Drawn with matplotlib's object API on an Agg
+  canvas: the process-wide pyplot backend is left alone.
 - TensorBoard scalars (``tensorboard``, through ``torch.utils.tensorboard``) in ``<job_dir>/tensorboard/``:
-  ``train/loss``, ``val/loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``.
+  ``train/loss``, ``val/loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s`` and, when measured,
+  ``val/mean_token_accuracy``.
 
 Main rank only (``JobPlots(None, ...)`` does nothing). Drawing is best effort: an error is logged once, not raised.
 """
@@ -24,6 +26,8 @@ TENSORBOARD_DIR = "tensorboard"
 _TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                      "tokens_per_s": "train/tokens_per_s"}
 """train record key -> TensorBoard tag."""
+_VALIDATION_TAGS = {"val_loss": "val/loss", "val_mean_token_accuracy": "val/mean_token_accuracy"}
+"""validation record key -> TensorBoard tag."""
 
 
 def _stderr(text: str) -> None:
@@ -53,7 +57,9 @@ class JobPlots:
                 if key in record:
                     self._scalar(tag, record[key], step)
         elif event == "validation":
-            self._scalar("val/loss", record["val_loss"], step)
+            for key, tag in _VALIDATION_TAGS.items():
+                if key in record:
+                    self._scalar(tag, record[key], step)
             if self._writer is not None:
                 self._writer.flush()
             self.draw()
@@ -106,7 +112,19 @@ class JobPlots:
 
 
 def loss_plot_png(series: Dict[str, List[dict]], title: str = "") -> Optional[bytes]:
-    """PNG bytes of train/validation loss by step with the learning rate on a second axis; None without points."""
+    """PNG bytes of ``loss_figure``; None without loss points."""
+    fig = loss_figure(series, title)
+    if fig is None:
+        return None
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def loss_figure(series: Dict[str, List[dict]], title: str = ""):
+    """A matplotlib ``Figure`` (on an Agg canvas) of train/validation loss by step with the learning rate on a
+    second axis, and below it validation token accuracy when ``series`` has points of it; None without loss
+    points."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -115,14 +133,18 @@ def loss_plot_png(series: Dict[str, List[dict]], title: str = "") -> Optional[by
         return [p["step"] for p in points], [p["value"] for p in points]
 
     train, val, lr = xy("train_loss"), xy("val_loss"), xy("lr")
+    accuracy = xy("val_mean_token_accuracy")
     if not train[0] and not val[0]:
         return None
-    fig = Figure(figsize=(8, 4.5), dpi=100, layout="tight")
+    fig = Figure(figsize=(8, 6.5 if accuracy[0] else 4.5), dpi=100, layout="tight")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    if accuracy[0]:
+        ax, accuracy_axis = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    else:
+        ax, accuracy_axis = fig.add_subplot(), None
     lines = ax.plot(*train, color="tab:blue", linewidth=1, label="train loss")
     lines += ax.plot(*val, "o-", color="tab:orange", markersize=4, label="validation loss")
-    ax.set_xlabel("step")
+    ax.set_xlabel("" if accuracy_axis is not None else "step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     if lr[0]:
@@ -133,6 +155,10 @@ def loss_plot_png(series: Dict[str, List[dict]], title: str = "") -> Optional[by
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     if title:
         ax.set_title(title)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    if accuracy_axis is not None:
+        accuracy_axis.plot(*accuracy, "o-", color="tab:green", markersize=4, label="validation token accuracy")
+        accuracy_axis.set_xlabel("step")
+        accuracy_axis.set_ylabel("token accuracy")
+        accuracy_axis.grid(alpha=0.3)
+        accuracy_axis.legend(loc="lower right")
+    return fig

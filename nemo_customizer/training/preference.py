@@ -88,6 +88,9 @@ class PreferenceLoss:
 
     def __init__(self, dpo: DpoConfig):
         self.dpo = dpo
+        # Validation reports the same sums: no token accuracy. The pairs' own measure of the policy is which
+        # response it prefers (reward_accuracy), as TRL's DPO trainer logs it (it logs no token accuracy either).
+        self.validation = self
 
     def collate(self, items: Sequence[ScoredPair], *, pad_id: int, pad_to_multiple_of: int) -> MicroBatch:
         batch = collate_pairs([item.pair for item in items], pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)

@@ -36,6 +36,9 @@ _TRAIN_SERIES = {"train_loss": "loss", "lr": "lr", "grad_norm": "grad_norm", "to
 PREFERENCE_SERIES = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
 """Series of a preference (``dpo``) job, each named as its key in ``train`` records and, prefixed ``val_``, in
 ``validation`` records (``training.preference.PreferenceLoss.metrics``); added to ``SERIES`` when a record has them."""
+VALIDATION_SERIES = ("val_mean_token_accuracy",)
+"""Series of ``validation`` records only (``training.objective.TokenMeanLoss.metrics``: a supervised job's share of
+validation target tokens that are the model's argmax prediction); added to ``SERIES`` when a record has them."""
 
 
 class JobCancelled(Exception):
@@ -146,7 +149,7 @@ class JobStatus:
             if step % self.write_every == 0 and self._write_is_cheap():
                 self._write()
         elif event == "validation":
-            for name in ("val_loss", *(f"val_{n}" for n in PREFERENCE_SERIES)):
+            for name in ("val_loss", *VALIDATION_SERIES, *(f"val_{n}" for n in PREFERENCE_SERIES)):
                 if name in record:
                     self._series(name).add(step, record[name], timestamp)
             self._write()

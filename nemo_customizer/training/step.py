@@ -297,7 +297,8 @@ def _optimizer_step(optimizer, totals: torch.Tensor, device: torch.device) -> Tu
 @torch.no_grad()
 def validation_totals(model, batches: Iterable[List[MicroBatch]], device: torch.device,
                       objective: Objective = TOKEN_MEAN) -> List[float]:
-    """The objective's report summed over the whole validation set (``[loss sum, count, ...]``)."""
+    """The objective's report summed over the whole validation set (``[loss sum, count, ...]``); the training loop
+    passes its objective's ``validation`` (for SFT ``[loss sum, loss tokens, tokens predicted right]``)."""
     model.eval()
     totals = torch.zeros(objective.report_size, dtype=torch.float64, device=device)
     for micro_batches in batches:
