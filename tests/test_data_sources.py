@@ -492,3 +492,14 @@ def test_a_hub_id_resolves_past_the_store(tmp_path):
     assert resolve_dataset_path("org/name:cfg", tmp_path / "store") == "org/name:cfg"
     with pytest.raises(DatasetError, match="a Hub dataset ID"):
         resolve_dataset_path("no-such-name", tmp_path / "store")
+
+
+def test_a_missing_field_beside_other_keys_suggests_dataset_columns(tmp_path):
+    from nemo_customizer.data import DatasetError, load_dataset
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": "a"}) + "\n" for i in range(4)))
+    with pytest.raises(DatasetError) as error:
+        load_dataset(path)
+    message = str(error.value)
+    assert 'qa.jsonl:1: field "prompt" is missing' in message and "dataset.columns.prompt=question" in message

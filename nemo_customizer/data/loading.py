@@ -20,7 +20,7 @@ from nemo_customizer.data.errors import IssueLog, raise_one
 from nemo_customizer.data.formats import DataFormat
 from nemo_customizer.data.jsonl import JSON_LINES_HINT, json_type_name
 from nemo_customizer.data.mixing import check_weights, mix_rows, mixture_counts
-from nemo_customizer.data.shapes import SHAPES, RowShape, detect_shape, other_shape
+from nemo_customizer.data.shapes import COLUMNS_TIP, SHAPES, RowShape, detect_shape, other_shape
 from nemo_customizer.data.sources import DataPart, DatasetParts, file_part, resolve_parts
 from nemo_customizer.data.split import cap_rows, check_val_fraction, split_rows
 
@@ -261,7 +261,9 @@ def _parse_row(location: str, value: Any, shape: RowShape, issues: IssueLog) -> 
         value = shape.convert(value)
         problems = shape.format.row_problems(value)
     for problem in problems:
-        issues.add(location, problem, shape.hint)
+        # A field missing beside other keys is most often the user's own column name for it.
+        hint = f"{shape.hint} {COLUMNS_TIP}" if "is missing (keys found" in problem else shape.hint
+        issues.add(location, problem, hint)
     return None if problems else shape.format.build_example(value, location)
 
 

@@ -34,8 +34,8 @@ ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
                           "### Instruction:\n{instruction}\n\n### Response:\n")
 """Stanford Alpaca's prompt for a row without an ``input`` (absent, null or blank)."""
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-_COLUMNS_TIP = ("If your data names these fields differently, map them with dataset.columns (e.g. "
-                "columns.prompt=question).")
+COLUMNS_TIP = ("If your data names these fields differently, map them with dataset.columns (e.g. "
+               "dataset.columns.prompt=question).")
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ ALPACA = RowShape(
     name="alpaca", rows="Alpaca rows", format=PROMPT_COMPLETION,
     matches=lambda row: "instruction" in row and "prompt" not in row,
     hint=('Alpaca rows {"instruction": str, "input": str (optional), "output": str} become prompt/completion rows: '
-          "the prompt is Alpaca's template around instruction and input, the completion is output. " + _COLUMNS_TIP),
+          "the prompt is Alpaca's template around instruction and input, the completion is output. " + COLUMNS_TIP),
     problems=_alpaca_problems,
     convert=lambda row: {"prompt": alpaca_prompt(row), "completion": row["output"]},
 )
@@ -158,7 +158,7 @@ TEXT = RowShape(
     name="plain text", rows="plain text rows", format=PROMPT_COMPLETION,
     matches=lambda row: "text" in row and "prompt" not in row and "completion" not in row,
     hint=('Fine-tuning learns answers: give each row {"prompt": str, "completion": str} (or chat "messages"), '
-          "splitting each text into the part the model reads and the part it learns to write. " + _COLUMNS_TIP),
+          "splitting each text into the part the model reads and the part it learns to write. " + COLUMNS_TIP),
     refused=('rows are plain text (a "text" field without prompt and completion): training on raw text '
              "(continued pretraining) is not supported"),
 )
