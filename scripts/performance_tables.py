@@ -229,7 +229,14 @@ the same tokens: "log p(chosen) > log p(rejected)" is the share of pairs the mod
 accuracy the share of pairs whose chosen reward is higher. Answers are greedy (up to 64 tokens), scored by
 `evaluation.metrics` against the chosen responses and against the rejected ones; "echo" counts answers equal to the
 King James verse. Ours and the base model answer through the job's own evaluation (`evaluation.dataset`: the test
-prompts with the chosen responses as references), TRL's adapter through transformers' `generate`.""",
+prompts with the chosen responses as references), TRL's adapter through transformers' `generate`.
+
+The base model finds the echoed verse far more probable than the rewrite, so one epoch ranks every held-out pair
+right by reward (the rejected response loses probability, the chosen gains a little) while the model's own
+preference still goes to the echo. The answers move away from the King James wording (BLEU against the rejected
+responses falls) but run on past the verse, so their scores against the short chosen responses hardly change. The
+job's stored reference log-probabilities agree with those of transformers and of TRL to fp32 rounding. Ours and TRL
+differ in data order only; the job times are not compared, as the machine was shared with other work.""",
     ("run",),
     (Column("job", field("run")), Column("optimizer steps", field("optimizer_steps")),
      Column("log p(chosen) > log p(rejected)", lambda r: percent(r.get("logprob_accuracy"))),
