@@ -8,7 +8,8 @@ words on both sides, no duplicates), keeping the verses whose Basic English rewr
 `--min-changed` of the King James words (case-insensitive) are not in the Basic English verse. Each pair asks for
 a King James verse in plain modern English; the chosen response is the same verse in the Bible in Basic English
 (rewritten by hand in an 850-word core vocabulary), the rejected one is the King James verse copied back
-unchanged: the answer of a model that echoes its input instead of rewriting it. Both responses are real text and say the same thing, so the preference is about the register alone.
+unchanged: the answer of a model that echoes its input instead of rewriting it. Both responses are real text and
+say the same thing, so the preference is about the register alone.
 Rows are NeMo Customizer's preference layout, shuffled with a seed and cut into disjoint training / validation /
 test splits (no verse in two splits):
 
