@@ -241,7 +241,7 @@ def test_malformed_row_names_file_line_field_and_what_to_do(tmp_path, row, probl
     f = write(tmp_path / "train.jsonl", VALID, row)
     message = load_error(f)
     assert f"{f}:2: {problem}" in message, message
-    assert message.endswith("a response a string or a list of assistant messages.")  # the format's hint
+    assert "a response a string or a list of assistant messages." in message  # the format's hint
 
 
 def test_every_problem_of_a_file_is_reported_at_once(tmp_path):
@@ -341,7 +341,7 @@ def test_dropped_pairs_keep_the_order_of_the_others(words):
     rows = [text_pair("a", "b", "c", "t:1"), text_pair("a", "b c d e f", "g", "t:2"), text_pair("b", "c", "d", "t:3")]
     out, stats = tokenize_examples(rows, words, 5)
     assert [p.chosen.input_ids for p in out] == [[BOS, 4, 5, EOS], [BOS, 5, 6, EOS]]
-    assert stats.dropped_origins == ["t:2"] and stats.describe() == "2 examples kept (0 truncated), 1 dropped"
+    assert stats.dropped_origins == ["t:2"] and stats.describe() == "2 pairs kept (0 truncated), 1 dropped"
 
 
 def test_unicode_text_pair_round_trips_with_smollm2(smol):
@@ -544,3 +544,10 @@ def test_generated_rows_are_refused_clearly_or_tokenize_into_sound_pairs(byte_ch
         assert sequence.input_ids[start:] == whole.input_ids[full_start:]
         assert sequence.loss_mask[start:] == whole.loss_mask[full_start:]
     assert (result == full) == (stats.unchanged == 1)
+
+
+def test_the_job_log_counts_preference_rows_as_pairs():
+    from nemo_customizer.data.truncation import TruncationStats
+
+    assert TruncationStats(unchanged=3, truncated=1, unit="pairs").describe() == "4 pairs kept (1 truncated), 0 dropped"
+    assert TruncationStats(unchanged=2).describe() == "2 examples kept (0 truncated), 0 dropped"

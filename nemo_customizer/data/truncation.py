@@ -21,13 +21,15 @@ class TruncationStats:
     """Removed: the completion (+ BOS) alone is longer than ``max_seq_length``."""
     dropped_origins: list[str] = field(default_factory=list)
     """``path:line`` of each dropped row, so users can find them."""
+    unit: str = "examples"
+    """What a row is called in the log: ``examples``, or ``pairs`` for preference data."""
 
     @property
     def kept(self) -> int:
         return self.unchanged + self.truncated
 
     def describe(self) -> str:
-        return f"{self.kept} examples kept ({self.truncated} truncated), {self.dropped} dropped"
+        return f"{self.kept} {self.unit} kept ({self.truncated} truncated), {self.dropped} dropped"
 
 
 def truncate_prompt_left(

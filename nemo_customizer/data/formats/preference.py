@@ -76,7 +76,7 @@ def tokenize(
     encoder = ChatEncoder(tokenizer) if any(e.is_chat for e in examples) else None
     bos = tokenizer.bos_token_id
     issues = IssueLog()
-    stats = TruncationStats()
+    stats = TruncationStats(unit="pairs")
     pairs = []
     for example in examples:
         if example.is_chat:
