@@ -34,6 +34,30 @@ def check_logits_match_transformers(arch, directory, hf, length: int = 40) -> No
     assert (actual - expected).abs().max().item() <= 1e-4
 
 
+def packed_logits(arch, directory, rows) -> tuple:
+    """Our logits of ``rows`` (each ``[1, n]``) packed into one THD row, split back per row."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    lengths = [row.shape[1] for row in rows]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
+                             max_seqlen_kv=max(lengths))
+    with torch.no_grad():
+        logits = load_tiny_model(arch, directory).eval()(
+            torch.cat(rows, dim=1), torch.cat([torch.arange(n) for n in lengths])[None], None,
+            packed_seq_params=params, runtime_gather_output=True)[0]
+    return logits.split(lengths)
+
+
+def check_packed_logits_match_transformers(arch, directory, hf, lengths=(30, 5, 19)) -> None:
+    """Sequences of ``lengths`` packed into one row: each one's logits equal transformers' on it alone."""
+    rows = [tokens(arch, seed=10 + i, shape=(1, n)) for i, n in enumerate(lengths)]
+    actual = torch.cat(packed_logits(arch, directory, rows))
+    with torch.no_grad():
+        expected = torch.cat([hf(row).logits[0] for row in rows])
+    assert (actual - expected).abs().max().item() <= 1e-4
+
+
 def lora_model(arch, directory, targets, seed: int = 1):
     """Our model with LoRA on ``targets`` (r=4, alpha=8), every adapter weight random so every path counts."""
     from nemo_customizer.config.schema import LoraConfig

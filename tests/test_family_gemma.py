@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _family_checks import (check_generation_matches_transformers, check_logits_match_transformers,
+                            check_packed_logits_match_transformers,
                             check_lora_step_and_adapter_match_peft, check_merged_export_loads_in_transformers,
                             tensor_parallel_worker, tokens)
 from _multiproc import run_world
@@ -126,20 +127,8 @@ def test_recomputed_layers_give_the_same_loss_and_grads(checkpoint):
 @pytest.mark.usefixtures("cpu_parallel")
 def test_packed_logits_match_transformers(checkpoint):
     """Sequences longer and shorter than the window packed into one row: each one's logits equal transformers'."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     directory, arch, hf = checkpoint
-    ours = load_tiny_model(arch, directory).eval()
-    lengths = [30, 5, 19]
-    rows = [tokens(arch, seed=10 + i, shape=(1, n)) for i, n in enumerate(lengths)]
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
-                             max_seqlen_kv=max(lengths))
-    with torch.no_grad():
-        actual = ours(torch.cat(rows, dim=1), torch.cat([torch.arange(n) for n in lengths])[None], None,
-                      packed_seq_params=params, runtime_gather_output=True)[0]
-        expected = torch.cat([hf(row).logits[0] for row in rows])
-    assert (actual - expected).abs().max().item() <= 1e-4
+    check_packed_logits_match_transformers(arch, directory, hf)
 
 
 @pytest.mark.usefixtures("cpu_parallel")

@@ -15,7 +15,7 @@ import torch
 
 from _family_checks import (check_generation_matches_transformers, check_logits_match_transformers,
                             check_lora_step_and_adapter_match_peft, check_merged_export_loads_in_transformers,
-                            check_tensor_parallel_equals_transformers, lora_model, positions, tokens)
+                            check_tensor_parallel_equals_transformers, lora_model, packed_logits, positions, tokens)
 from _tiny import (TINY_VOCAB, load_tiny_model, tiny_arch, tiny_generator_config, write_classification_data,
                    write_random_peft_adapter, write_tiny_checkpoint, write_tiny_model_dir)
 
@@ -271,21 +271,6 @@ def test_longrope_logits_on_both_sides_of_the_original_context(variants):
         assert differs == (length > ORIGINAL), length
 
 
-def _packed_logits(arch, directory, rows):
-    """Our logits of ``rows`` (each ``[1, n]``) packed into one THD row, split back per row."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    lengths = [row.shape[1] for row in rows]
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
-                             max_seqlen_kv=max(lengths))
-    with torch.no_grad():
-        logits = load_tiny_model(arch, directory).eval()(
-            torch.cat(rows, dim=1), torch.cat([torch.arange(n) for n in lengths])[None], None,
-            packed_seq_params=params, runtime_gather_output=True)[0]
-    return logits.split(lengths)
-
-
 @pytest.mark.usefixtures("cpu_parallel")
 @pytest.mark.parametrize("name, lengths", [
     # transformers would rotate a whole batch with the long factors once one sequence is long; here each packed
@@ -296,7 +281,7 @@ def _packed_logits(arch, directory, rows):
 def test_packed_sequences_match_transformers_on_each_alone(variants, name, lengths):
     directory, arch, hf = variants[name]
     rows = [tokens(arch, seed=10 + i, shape=(1, n)) for i, n in enumerate(lengths)]
-    for row, actual in zip(rows, _packed_logits(arch, directory, rows)):
+    for row, actual in zip(rows, packed_logits(arch, directory, rows)):
         with torch.no_grad():
             assert (actual - hf(row).logits[0]).abs().max().item() <= 1e-4, row.shape[1]
 
