@@ -18,3 +18,21 @@ def _entry(rank: int, world_size: int, port: int, fn, args):
 def run_world(fn, world_size: int, *args) -> None:
     """``fn(rank, *args)`` in ``world_size`` spawned processes; raises if any process fails."""
     mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def die_in_checkpoint_save(saves: int) -> None:
+    """SIGKILL this process right after its ``saves``-th checkpoint save has written, as a pre-emption would in the
+    middle of a job (the next save never starts)."""
+    import signal
+
+    from megatron.core import dist_checkpointing
+
+    real_save, calls = dist_checkpointing.save, []
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == saves:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    dist_checkpointing.save = save_then_die

@@ -5,16 +5,14 @@ trained weights."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from _multiproc import run_world
+from _multiproc import die_in_checkpoint_save, run_world
 from _pairs import write_preference_data
 from _tiny import write_tiny_model_dir
 
@@ -38,18 +36,8 @@ def _settings(root: str, name: str, finetuning: str) -> dict:
 def _train(rank: int, root: str, name: str, finetuning: str, kill_at_save: int = 0) -> None:
     from nemo_customizer.api import customize
 
-    if kill_at_save:  # SIGKILL this process in the middle of a checkpoint save, as a pre-emption would
-        from megatron.core import dist_checkpointing
-
-        real_save, calls = dist_checkpointing.save, []
-
-        def save_then_die(*args, **kwargs):
-            real_save(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == kill_at_save:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        dist_checkpointing.save = save_then_die
+    if kill_at_save:
+        die_in_checkpoint_save(kill_at_save)
     customize(**_settings(root, name, finetuning))
 
 

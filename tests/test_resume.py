@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _multiproc import run_world
+from _multiproc import die_in_checkpoint_save, run_world
 from _tiny import write_classification_data, write_tiny_model_dir
 
 STEPS = 8  # 48 rows / batch 8 = 6 steps per epoch: the kill (after step 4's checkpoint) is mid-epoch 0
@@ -37,18 +36,8 @@ def _train(rank: int, root: str, name: str, finetuning: str, tp: int, kill_at_sa
            dropout: float = 0.1, settings: dict | None = None) -> None:
     from nemo_customizer.api import customize
 
-    if kill_at_save:  # SIGKILL this process in the middle of a checkpoint save, as a pre-emption would
-        from megatron.core import dist_checkpointing
-
-        real_save, calls = dist_checkpointing.save, []
-
-        def save_then_die(*args, **kwargs):
-            real_save(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == kill_at_save:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        dist_checkpointing.save = save_then_die
+    if kill_at_save:
+        die_in_checkpoint_save(kill_at_save)
     customize(**(settings or _settings(root, name, finetuning, tp, dropout)))
 
 
