@@ -67,18 +67,14 @@ def test_packed_flex_equals_softcapped_attention(layer, window, cu, total):
 
 
 @pytest.mark.parametrize("layer", [1, 2], ids=["window", "full"])
-def test_padded_training_flex_equals_softcapped_attention(layer):
+def test_padded_training_flex_equals_softcapped_attention(layer, monkeypatch):
     attention = _attention(layer).train()
     q, k, v = _qkv(9, batch=(3,))  # (b, s, heads, d)
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # mcore's (s, b, heads, d)
-    calls = []
-    real = flex_softcap.flex_softcapped_attention
-    try:
-        flex_softcap.flex_softcapped_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-        with torch.no_grad():
-            out = attention(q, k, v, None)
-    finally:
-        flex_softcap.flex_softcapped_attention = real
+    calls, real = [], flex_softcap.flex_softcapped_attention
+    monkeypatch.setattr(flex_softcap, "flex_softcapped_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        out = attention(q, k, v, None)
     assert calls == [1]
     bhsd = [t.permute(1, 2, 0, 3) for t in (q, k, v)]
     expected = softcapped_attention(*bhsd, causal_mask(9, 9, q.device, attention.window), attention.softmax_scale,
