@@ -179,16 +179,17 @@ def validate_hyperparameters(hp: HyperparametersConfig, model: ModelConfig) -> N
 
 
 def check_softcapped_attention(model: ModelConfig, hp: HyperparametersConfig) -> None:
-    """Softcapped attention (``attn_logit_softcapping``) runs without flash kernels, per sequence with the boundaries
-    read on the host (``models.attention``): ``model.attention_kernel=fa4`` (required) cannot serve it, nor can a
-    CUDA graph replay it. Checked once the architecture is known (``model=hf``: from config.json)."""
+    """Softcapped attention (``attn_logit_softcapping``) runs without flash kernels: FlexAttention with a block mask
+    built from the sequence boundaries every step on CUDA, per sequence with the boundaries read on the host
+    elsewhere (``models.attention``). ``model.attention_kernel=fa4`` (required) cannot serve it, nor can a CUDA
+    graph replay it. Checked once the architecture is known (``model=hf``: from config.json)."""
     cap = model.architecture.attn_logit_softcapping
     if cap is None:
         return
     if hp.cuda_graphs:
         raise ConfigError(f"hyperparameters.cuda_graphs=true cannot replay this model's softcapped attention "
-                          f"(attn_logit_softcapping={cap}: no flash kernel here softcaps, so packed sequences are "
-                          "attended one by one); set hyperparameters.cuda_graphs=false.")
+                          f"(attn_logit_softcapping={cap}: no flash kernel here softcaps; FlexAttention's block mask "
+                          "is built from each step's sequence boundaries); set hyperparameters.cuda_graphs=false.")
     if model.attention_kernel == "fa4":
         raise ConfigError(f"model.attention_kernel=fa4 cannot run this model's softcapped attention "
                           f"(attn_logit_softcapping={cap}: FlashAttention-4 does not softcap in backward); set "

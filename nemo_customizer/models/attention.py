@@ -11,11 +11,16 @@ packed batch the window restarts with each sequence. The flash kernels take the 
 an explicit mask, built only where a sequence is longer than the window (shorter ones cannot tell the difference).
 
 Softcapped layers (Gemma 2's ``attn_logit_softcapping``: scores become ``tanh(score / cap) * cap`` after the scale,
-before the mask and softmax) run :func:`softcapped_attention` on every path, padded and packed, CPU and CUDA: SDPA
-and torch's varlen flash attention take no cap, and FlashAttention-4 caps the forward but not its backward. It
-materializes each sequence's scores, so a softcapped layer's attention memory grows with the square of the sequence
-length; a windowed softcapped layer gets the window as its mask. CUDA graphs cannot replay it (the sequence bounds
-are read on the host): ``config.validate.check_softcapped_attention`` refuses the combination before a job.
+before the mask and softmax) cannot use SDPA or torch's varlen flash attention (they take no cap) nor FlashAttention-4
+(it caps the forward but not its backward). On CUDA they run PyTorch's FlexAttention (``models.flex_softcap``: fused,
+compiled kernels with the cap as a ``score_mod`` and the causal, per-sequence, windowed mask as a block mask built
+once per forward per window kind) for packed batches, and for padded batches in training (``sq == sk``, no padding
+mask). Everything else runs :func:`softcapped_attention`, which materializes the fp32 scores of each sequence: CPU,
+attention dropout (FlexAttention has none), and padded batches outside training (generation with a KV cache, whose
+queries are the last of the keys, left-padded prompts, scoring), which would otherwise pay FlexAttention's compile on
+their first requests and again for a second length. CUDA graphs cannot replay either (the block mask is built from the
+sequence bounds each step; the per-sequence path reads them on the host):
+``config.validate.check_softcapped_attention`` refuses the combination before a job.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from nemo_customizer.models import flex_softcap
 from nemo_customizer.models.flash_attn4 import packed_causal_attention, use_flash_attn4
 from nemo_customizer.models.rope import PackedRotaryParams, rotate
 from nemo_customizer.models.softcap import softcap
@@ -111,10 +117,11 @@ def softcapped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 
 @functools.lru_cache(maxsize=None)
-def _say_softcapped_layers_skip_flash_attention() -> None:
-    logger.warning("attention-logit softcapping: packed batches on the GPU run the softcapped layers' attention per "
-                   "sequence with materialized scores (flash attention kernels here cannot softcap in backward); "
-                   "attention memory grows with the square of each sequence's length")
+def _say_softcapped_layers_run_flex_attention() -> None:
+    logger.warning("attention-logit softcapping: the softcapped layers' attention runs PyTorch's FlexAttention on the "
+                   "GPU (flash attention kernels here cannot softcap in backward), compiled on first use and once "
+                   "more for a second sequence length; generation, and training with attention dropout, attend "
+                   "each sequence with materialized scores")
 
 
 class CoreAttention(MegatronModule):
@@ -123,8 +130,8 @@ class CoreAttention(MegatronModule):
     ``attention_kernel`` (``model.attention_kernel``, passed through the layer spec) picks the flash attention that
     packed batches get on GPUs: see ``models.flash_attn4``. Every kernel here honours a sliding window, and a
     window is a Python number, so windowed packed attention is captured in CUDA graphs like full attention.
-    ``logit_softcapping`` (``attn_logit_softcapping``, passed through the layer spec): every path of this layer runs
-    :func:`softcapped_attention` instead (module docstring).
+    ``logit_softcapping`` (``attn_logit_softcapping``, passed through the layer spec): this layer runs FlexAttention
+    on CUDA or :func:`softcapped_attention` instead (module docstring).
     """
 
     def __init__(
@@ -155,6 +162,8 @@ class CoreAttention(MegatronModule):
         self._varlen = varlen
         self._varlen_has_gqa = varlen is not None and "enable_gqa" in inspect.signature(varlen).parameters
         self._varlen_native_gqa = varlen is not None and (self._varlen_has_gqa or _torch_at_least(2, 11))
+        # Tests set it to run the FlexAttention path on CPU, uncompiled and forward only (models.flex_softcap).
+        self._flex_on_cpu = False
 
     def forward(
         self,
@@ -176,6 +185,21 @@ class CoreAttention(MegatronModule):
     def _dropout(self) -> float:
         return self.dropout_p if self.training else 0.0
 
+    def _flex_softcap(self, query: torch.Tensor) -> bool:
+        """Whether this softcapped layer runs FlexAttention for ``query`` (module docstring): on CUDA, with no
+        attention dropout (FlexAttention has none) and heads its kernels take."""
+        if self.softcap is None or not (query.is_cuda or self._flex_on_cpu):
+            return False
+        if query.is_cuda:
+            _say_softcapped_layers_run_flex_attention()
+        return (self._dropout() == 0 and query.shape[-1] >= flex_softcap.MIN_HEAD_DIM
+                and flex_softcap.available())
+
+    def _flex(self, q, k, v, block_mask) -> torch.Tensor:
+        """q ``(b, heads, s, d)``, k/v ``(b, kv_heads, s, d)`` → ``(b, heads, s, d)`` through FlexAttention."""
+        return flex_softcap.flex_softcapped_attention(q, k, v, block_mask, self.softmax_scale, self.softcap,
+                                                      compiled=q.is_cuda)
+
     def _window_over(self, length: int) -> Optional[int]:
         """The window, where a sequence of ``length`` keys is longer than it (else the window changes nothing)."""
         return self.window if self.window is not None and length > self.window else None
@@ -187,6 +211,10 @@ class CoreAttention(MegatronModule):
         q = query.permute(1, 2, 0, 3)  # (b, heads, sq, head_dim)
         k = key.permute(1, 2, 0, 3)  # (b, kv_heads, sk, head_dim)
         v = value.permute(1, 2, 0, 3)
+        if (self.training and attention_mask is None and sq == sk and mask_type == AttnMaskType.causal
+                and self._flex_softcap(q)):  # training rows (module docstring); GQA read in the kernel
+            out = self._flex(q, k, v, flex_softcap.causal_block_mask(sq, window, q.device))
+            return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)
         if q.is_cuda and k.shape[1] != heads:  # CUDA SDPA's fused kernels take no GQA; see _packed
             k, v = _expand_kv(k, heads), _expand_kv(v, heads)
         # mcore's attention_mask is True where attention is NOT allowed (e.g. left padding of batched prompts),
@@ -221,13 +249,15 @@ class CoreAttention(MegatronModule):
         window = self._window_over(total if params.max_seqlen_kv is None else int(params.max_seqlen_kv))
         if isinstance(params, PackedRotaryParams):
             query, key = rotate(query, key, params.rotary_cos, params.rotary_sin)
+        if self._flex_softcap(query):  # one row of t tokens: (1, heads, t, head_dim), GQA read in the kernel
+            out = self._flex(query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
+                             flex_softcap.packed_block_mask(params, total, window))
+            return out[0].transpose(0, 1).reshape(total, heads * head_dim)
         gqa = key.shape[1] != heads
         # bf16/fp16 only, and no softcap (module docstring)
         flashable = query.dtype in (torch.float16, torch.bfloat16) and self.softcap is None
         flash4 = flashable and use_flash_attn4(self.attention_kernel, query.device, head_dim)
         flash = flash4 or (query.is_cuda and self._varlen is not None and flashable)
-        if query.is_cuda and self.softcap is not None:
-            _say_softcapped_layers_skip_flash_attention()
         if query.is_cuda and gqa and not (flash4 or (flash and self._varlen_native_gqa)):
             # Without native GQA, give every query head its own copy of its group's key/value head: CUDA SDPA
             # with enable_gqa falls back to the slow math kernel (fp32 bmm + softmax), a large share of a step.

@@ -1,5 +1,5 @@
 """Packed (THD, varlen flash) attention on CUDA: the attention module against fp32 attention per sequence, with GQA,
-for torch's kernel and FlashAttention-4, with and without a sliding window, and softcapped (Gemma 2: no flash kernel);
+for torch's kernel and FlashAttention-4, with and without a sliding window, and softcapped (Gemma 2: FlexAttention);
 and a whole model's packed logits against its unpacked ones."""
 
 from __future__ import annotations
@@ -85,11 +85,58 @@ def test_packed_sliding_window_attention_matches_fp32_per_sequence(generator):
     assert worst <= 2e-2, f"torch's flash attention, window {WINDOW}: {worst:.2e}"
 
 
-def test_packed_softcapped_attention_matches_fp32_per_sequence(generator):
-    """Softcapped scores (a cap the scores reach) over a sliding window: no flash kernel here softcaps in backward,
-    so the module attends per sequence with materialized scores, whatever ``attention_kernel`` asks for."""
-    worst, _ = _packed_gqa_attention_error(generator, "auto", window=WINDOW, softcap=2.0)
-    assert worst <= 2e-2, f"softcapped attention, window {WINDOW}: {worst:.2e}"
+def _count_flex_calls(monkeypatch) -> list:
+    """The ``compiled`` flag of every FlexAttention call the attention module makes from now on."""
+    from nemo_customizer.models import flex_softcap
+
+    calls, real = [], flex_softcap.flex_softcapped_attention
+    monkeypatch.setattr(flex_softcap, "flex_softcapped_attention",
+                        lambda *a, **kw: calls.append(kw["compiled"]) or real(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("window", [WINDOW, None], ids=["window", "full"])
+def test_packed_softcapped_attention_matches_fp32_per_sequence(generator, monkeypatch, window):
+    """Softcapped scores (a cap the scores reach), with and without a sliding window: no flash kernel here softcaps
+    in backward, so the module runs compiled FlexAttention (GQA in the kernel), whatever ``attention_kernel`` asks
+    for; out and gradients against fp32 per sequence."""
+    calls = _count_flex_calls(monkeypatch)
+    worst, _ = _packed_gqa_attention_error(generator, "auto", window=window, softcap=2.0)
+    assert calls == [True], "the packed softcapped layer did not run compiled FlexAttention"
+    assert worst <= 2e-2, f"softcapped attention, window {window}: {worst:.2e}"
+
+
+def test_padded_softcapped_training_attention_matches_fp32(generator, monkeypatch):
+    """Padded training rows of a softcapped sliding-window layer (bf16, 32 query heads over 8 key/value heads) run
+    FlexAttention with a causal block mask: out and gradients against fp32 ``softcapped_attention``."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from _tiny import tiny_arch
+    from nemo_customizer.models.attention import CoreAttention, causal_mask, softcapped_attention
+    from nemo_customizer.models.gpt import transformer_config
+
+    arch = tiny_arch(heads=32, kv_heads=8, hidden=32 * 64, sliding_window=WINDOW)
+    attention = CoreAttention(transformer_config(arch), 1, AttnMaskType.causal, "self", logit_softcapping=2.0).train()
+    calls = _count_flex_calls(monkeypatch)
+    s, b = 1100, 2
+    inputs = [torch.randn(s, b, h, 64, generator=generator).cuda() for h in (32, 8, 8)]  # mcore's (s, b, heads, d)
+    upstream = torch.randn(s, b, 32 * 64, generator=generator).cuda()
+
+    def reference(q, k, v):
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # (b, heads, s, d)
+        out = softcapped_attention(q, k, v, causal_mask(s, s, q.device, WINDOW), attention.softmax_scale, 2.0)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    def outputs_and_grads(dtype, fn):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        return [t.float() for t in (out, *torch.autograd.grad(out, leaves, upstream.to(dtype)))]
+
+    ours = outputs_and_grads(torch.bfloat16, lambda q, k, v: attention(q, k, v, None))
+    expected = outputs_and_grads(torch.float32, reference)
+    assert calls == [True], "the padded softcapped training layer did not run compiled FlexAttention"
+    worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(ours, expected))
+    assert worst <= 2e-2, f"padded softcapped attention, window {WINDOW}: {worst:.2e}"
 
 
 def test_packed_sliding_window_flash_attn4_matches_fp32_per_sequence(generator, flash_attn4):
