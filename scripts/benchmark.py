@@ -4,11 +4,14 @@
     python scripts/benchmark.py --suite            # the standard table: 1B/8B LoRA q,v and all-linear, 1B full
     python scripts/benchmark.py --suite --baseline # ... and transformers+peft on the same configs
     python scripts/benchmark.py --suite --baseline --model llama-3.1-8b-instruct   # the suite's rows of one model
+    python scripts/benchmark.py --suite --equal-work --baseline hf-peft,liger   # equal work, two baselines
     torchrun --nproc-per-node 2 scripts/benchmark.py --model llama-3.1-8b-instruct --mode lora-qv --packed \
         --tp 2 --sp                                # tensor (+ sequence) parallel: tokens/s per GPU
 
 Random weights (no downloads), bf16. Packed mode fills each 4096-token micro batch with examples whose lengths
-follow a realistic distribution (mean ~600 tokens), boundary-respecting attention. Reports real tokens/s per GPU,
+follow a realistic distribution (mean ~600 tokens), boundary-respecting attention. ``--equal-work`` gives each
+micro batch exactly the baselines' work instead: one causal sequence of ``--seq`` tokens (per bin), through the same
+packed path (THD, CUDA graphs), so a ratio to a baseline compares the same FLOPs. Reports real tokens/s per GPU,
 model TFLOP/s (4·N per token for LoRA, 6·N for full SFT, + causal attention over the real lengths), MFU against
 989 TFLOP/s, peak memory and the card. Warm-up steps excluded; median of timed steps. A step's time is the
 interval between reading its numbers and the previous step's (each read waits for the GPU), with each step queued
@@ -89,7 +92,8 @@ def _keys_seen(length: int, window) -> float:
 def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, warmup: int,
              profile_dir: str | None = None, bins_per_micro_batch: int = 1, tp: int = 1, sp: bool = False,
              cuda_graphs: bool = False, activation_checkpointing: bool = False,
-             attention_kernel: str = "auto", synced_steps: bool = False, recompute_modules: tuple = ()) -> dict:
+             attention_kernel: str = "auto", synced_steps: bool = False, recompute_modules: tuple = (),
+             equal_work: bool = False) -> dict:
     from nemo_customizer.config import compose_config
     from nemo_customizer.data.examples import TokenizedExample
     from nemo_customizer.data import collate
@@ -146,7 +150,8 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
             from nemo_customizer.data import collate_packed
 
             # bins_per_micro_batch bins of `seq` tokens in one forward (one THD row): fewer launches per token
-            bins = [example_lengths(seq, seed=step if k == 0 else step * 1000 + k) for k in range(bins_per_micro_batch)]
+            bins = [[seq] if equal_work else example_lengths(seq, seed=step if k == 0 else step * 1000 + k)
+                    for k in range(bins_per_micro_batch)]
             row = collate_packed([examples_of(b) for b in bins], pad_id=0, pad_to_multiple_of=tp if sp else 1)
             return [row], [n for b in bins for n in b]
 
@@ -178,6 +183,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         tok_s = tokens_per_step / step_s / tp  # per GPU: the TP ranks share every token
         tflops = tok_s * model_flops_per_token(cfg.model.architecture, kind, lengths) / 1e12
         row = dict(impl="nemo_customizer", model=model_name, mode=mode, seq=seq, packed=packed, tp=tp, sp=sp,
+                   work="equal" if packed and equal_work else "packed" if packed else "padded",
                     bins_per_micro_batch=bins_per_micro_batch if packed else None, tok_s=round(tok_s),
                     tflops=round(tflops), mfu=round(tflops / PEAK_TFLOPS, 3),
                     peak_gb=round((torch.cuda.max_memory_allocated() - leftover) / 2**30, 1),
@@ -242,19 +248,33 @@ def _profile(run_steps, path: Path) -> None:
     print(table, flush=True)
 
 
-def run_baseline(model_name: str, mode: str, seq: int, rows: int = 1) -> dict:
-    """The transformers+peft baseline (``scripts/hf_peft_throughput.py``) on ``rows`` dense ``seq``-token sequences
-    per step (rows = our bins per micro batch), its FLOPs counted as ours are."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from hf_peft_throughput import measure
+BASELINES = {"hf-peft": ("hf+peft", "torch"), "liger": ("hf+peft+liger", "liger")}
+"""``--baseline`` names → (the row's ``impl``, ``scripts/hf_peft_throughput.py --kernels``)."""
+
+
+def run_baseline(model_name: str, mode: str, seq: int, rows: int = 1, baseline: str = "hf-peft") -> dict:
+    """A transformers+peft baseline (``scripts/hf_peft_throughput.py``) on ``rows`` dense ``seq``-token sequences
+    per step (rows = our bins per micro batch), its FLOPs counted as ours are. Each baseline runs in a process of its
+    own: Liger patches ``transformers``' modules for the rest of a process, and the GPU starts empty."""
+    import subprocess
 
     from nemo_customizer.config import config_from_kwargs
 
+    impl, kernels = BASELINES[baseline]
     kind, targets = MODES[mode]
-    measured = measure(model_name, targets=None if kind == "all_weights" else targets, seq=seq, rows=rows)
+    command = [sys.executable, str(Path(__file__).resolve().parent / "hf_peft_throughput.py"), "--model", model_name,
+               "--seq", str(seq), "--rows", str(rows), "--kernels", kernels]
+    command += ["--full"] if kind == "all_weights" else ["--targets", ",".join(targets)]
+    torch.cuda.empty_cache()  # what this process keeps cached is not the baseline's to fight for
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        oom = "OutOfMemoryError" in done.stderr
+        return dict(impl=impl, model=model_name, mode=mode, error=("OOM: " if oom else "failed: ") + " | ".join(tail))
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
     arch = config_from_kwargs(config=model_name).model.architecture
     tflops = measured["tokens_per_s"] * model_flops_per_token(arch, kind, [seq] * rows) / 1e12
-    return dict(impl="hf+peft", model=model_name, mode=mode, seq=seq, packed=False, rows=rows,
+    return dict(impl=impl, model=model_name, mode=mode, seq=seq, packed=False, rows=rows,
                 tok_s=round(measured["tokens_per_s"]), tflops=round(tflops), mfu=round(tflops / PEAK_TFLOPS, 3),
                 peak_gb=round(measured["peak_gib"], 1), step_ms=round(measured["step_ms"], 1))
 
@@ -271,8 +291,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--packed", action="store_true", help="pack variable-length examples (mean ~600 tokens)")
     parser.add_argument("--suite", action="store_true", help="run the standard table (packed)")
-    parser.add_argument("--baseline", action="store_true",
-                        help="also run the transformers+peft baseline on each config (scripts/hf_peft_throughput.py)")
+    parser.add_argument("--baseline", nargs="?", const="hf-peft", default=None, metavar="NAMES",
+                        help="also run baselines on each config, comma-separated: hf-peft (the default: "
+                             "transformers+peft), liger (the same with Liger kernels); scripts/hf_peft_throughput.py")
+    parser.add_argument("--equal-work", action="store_true",
+                        help="each bin holds one causal SEQ-token sequence, the baselines' work (packed path)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="append JSON lines here")
@@ -301,6 +324,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first timed step starts when a warm-up step is read)")
+    baselines = [name for name in (args.baseline or "").split(",") if name]
+    unknown = [name for name in baselines if name not in BASELINES]
+    if unknown:
+        parser.error(f"--baseline {','.join(unknown)}: unknown; choose from {', '.join(BASELINES)}")
     if args.watchdog:
         faulthandler.dump_traceback_later(args.watchdog, exit=True)
     if not torch.cuda.is_available():
@@ -311,7 +338,7 @@ def main(argv=None) -> int:
         print(f"error: --tp {args.tp} needs {args.tp} processes (torchrun --nproc-per-node {args.tp}), got {world}",
               file=sys.stderr)
         return 2
-    if args.tp > 1 and args.baseline:
+    if args.tp > 1 and baselines:
         print("error: the transformers+peft baseline runs on one GPU; leave out --baseline with --tp", file=sys.stderr)
         return 2
     if args.sp and args.tp == 1:
@@ -326,12 +353,13 @@ def main(argv=None) -> int:
         configs = [(args.model or "llama-3.2-1b-instruct", args.mode)]
     rows = []
     for model_name, mode in configs:
-        runs = [lambda: run_ours(model_name, mode, args.seq, args.packed or args.suite, args.steps, args.warmup,
-                                 args.profile, args.bins_per_micro_batch, args.tp, args.sp, args.cuda_graphs,
-                                 args.activation_checkpointing, args.attention_kernel, args.synced_steps,
-                                 tuple(m for m in args.recompute_modules.split(",") if m))]
-        if args.baseline:
-            runs.append(lambda: run_baseline(model_name, mode, args.seq, args.bins_per_micro_batch))
+        runs = [lambda: run_ours(model_name, mode, args.seq, args.packed or args.suite or args.equal_work, args.steps,
+                                 args.warmup, args.profile, args.bins_per_micro_batch, args.tp, args.sp,
+                                 args.cuda_graphs, args.activation_checkpointing, args.attention_kernel,
+                                 args.synced_steps, tuple(m for m in args.recompute_modules.split(",") if m),
+                                 args.equal_work)]
+        runs += [lambda name=name: run_baseline(model_name, mode, args.seq, args.bins_per_micro_batch, name)
+                 for name in baselines]
         for fn in runs:
             try:
                 row = fn()

@@ -6,7 +6,13 @@ causal sequences of ``seq`` tokens per step: the same tokens per step as one of 
 attention over the whole row (the cheapest layout the baseline has; it cannot restart attention at each example).
 Each step is synchronized; the median of the timed steps after the warm-up is reported.
 
+``--kernels liger`` is the same baseline with Liger's Triton kernels patched into the model (what axolotl turns on):
+RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy (the logits are never materialized). The patch replaces
+functions of ``transformers``' modeling modules for the rest of the process, so ``scripts/benchmark.py`` runs each
+baseline in a process of its own.
+
     python scripts/hf_peft_throughput.py --model llama-3.1-8b-instruct --targets q_proj,v_proj
+    python scripts/hf_peft_throughput.py --model llama-3.1-8b-instruct --targets q_proj,v_proj --kernels liger
     python scripts/hf_peft_throughput.py --model llama-3.2-1b-instruct --full
 """
 
@@ -21,7 +27,11 @@ from typing import Optional, Sequence
 import torch
 
 
-def baseline_model(model_name: str):
+KERNELS = ("torch", "liger")
+"""``torch``: transformers' own modules; ``liger``: Liger kernels for RMSNorm, RoPE, SwiGLU and the loss."""
+
+
+def baseline_model(model_name: str, kernels: str = "torch"):
     """``transformers``' model for our model config ``model_name`` (random weights, bf16, SDPA, on CUDA)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -35,22 +45,38 @@ def baseline_model(model_name: str):
     config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):
-        return AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16), arch
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    if kernels == "liger":
+        _apply_liger(model)
+    return model, arch
+
+
+def _apply_liger(model) -> None:
+    """Liger's kernels on this model instance (before PEFT wraps its linears), each of the four that Liger has for
+    the model's family; a family Liger does not know is an error, not a silent plain baseline."""
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    except ImportError as err:
+        raise SystemExit(f"--kernels liger needs the liger-kernel package ({err})") from err
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                    fused_linear_cross_entropy=True, cross_entropy=False)
+    if model.forward.__func__ is type(model).forward:
+        raise SystemExit(f"Liger has no fused loss for {type(model).__name__}: no Liger baseline for this family")
 
 
 def measure(model_name: str, *, targets: Optional[Sequence[str]], seq: int = 4096, rows: int = 1, steps: int = 10,
-            warmup: int = 3, rank: int = 16, alpha: int = 32) -> dict:
+            warmup: int = 3, rank: int = 16, alpha: int = 32, kernels: str = "torch") -> dict:
     """Tokens/s, median step time and peak memory of the baseline; ``targets=None`` is full fine-tuning. The model
     and optimizer are freed before it returns, so the next measurement in the process starts from an empty GPU."""
-    result = _measure(model_name, targets, seq, rows, steps, warmup, rank, alpha)
+    result = _measure(model_name, targets, seq, rows, steps, warmup, rank, alpha, kernels)
     torch.cuda.empty_cache()
     return result
 
 
-def _measure(model_name, targets, seq, rows, steps, warmup, rank, alpha) -> dict:
+def _measure(model_name, targets, seq, rows, steps, warmup, rank, alpha, kernels) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    model, arch = baseline_model(model_name)
+    model, arch = baseline_model(model_name, kernels)
     if targets is not None:
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                                  target_modules=list(targets)))
@@ -86,11 +112,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=1, help="dense sequences per step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--kernels", choices=KERNELS, default="torch",
+                        help="liger: Liger's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy kernels")
     args = parser.parse_args(argv)
     targets = None if args.full else [t for t in args.targets.split(",") if t]
     result = measure(args.model, targets=targets, seq=args.seq, rows=args.rows, steps=args.steps,
-                     warmup=args.warmup)
-    print(json.dumps(dict(model=args.model, targets=targets, seq=args.seq, rows=args.rows, **result)), flush=True)
+                     warmup=args.warmup, kernels=args.kernels)
+    print(json.dumps(dict(model=args.model, targets=targets, seq=args.seq, rows=args.rows, kernels=args.kernels,
+                          **result)), flush=True)
     return 0
 
 
