@@ -174,6 +174,33 @@ a softcapping model `transformers`' eager attention, and the next measurement re
      Column("transformers+peft tokens/s", field("baseline_tokens_per_s")),
      Column("ratio", ratio("tokens_per_s", "baseline_tokens_per_s"))))
 
+EQUAL_WORK = Table(
+    "equal-work", "Training speed on equal work (one GPU), beside the fastest baselines",
+    """\
+The same work on both sides: each of our micro batches holds exactly one causal 4,096-token sequence, the work of one
+step of the baselines (`scripts/benchmark.py --equal-work`: our packed path, one example per bin), so a ratio compares
+the same FLOPs and every ratio the README quotes comes from this table. Random weights, LoRA rank 16 (alpha 32, no
+dropout), `hyperparameters.cuda_graphs` on. The baselines run right after ours in the same call, each in a process of
+its own: transformers+peft (SDPA, bf16, fused AdamW), the same with Liger's kernels patched in (RMSNorm, RoPE, SwiGLU
+and the fused linear cross-entropy, which never materializes the logits: what axolotl turns on), and Unsloth where
+its packages could be carried to the machine. The ratio is against the fastest baseline of the row. MFU counts 4·N per
+token for LoRA plus causal attention over 4,096 tokens, against 989 TFLOP/s.""",
+    ("model", "mode", "precision"),
+    (Column("workload", lambda r: workload(r) + ("" if r.get("precision", "bf16") == "bf16" else
+                                                 f", {r['precision'].upper()} frozen base")),
+     Column("card", field("card")), Column("tokens/s", field("tokens_per_s")),
+     Column("MFU", lambda r: percent(r.get("mfu"))), Column("peak GiB", field("peak_gib")),
+     Column("transformers+peft", field("baseline_tokens_per_s")),
+     Column("+ Liger", field("liger_tokens_per_s")), Column("Unsloth", field("unsloth_tokens_per_s")),
+     Column("ratio to the fastest", lambda r: _ratio_to_fastest(r))))
+
+
+def _ratio_to_fastest(row: dict) -> str:
+    speeds = [row.get(name) for name in ("baseline_tokens_per_s", "liger_tokens_per_s", "unsloth_tokens_per_s")]
+    speeds = [v for v in speeds if v]
+    return f"{row['tokens_per_s'] / max(speeds):.2f}×" if speeds else "—"
+
+
 QUALITY_INTRO = """\
 SmolLM2-135M-Instruct (the embedded GGUF), LoRA rank 8, alpha 16, dropout 0.05 on q_proj and v_proj; one epoch,
 global batch 16 (one micro batch of 16), AdamW (0.9, 0.98), weight decay 0.01, cosine decay to a tenth of the
@@ -427,7 +454,7 @@ adapters.""",
      Column("latency p50", with_unit("latency_p50_s", "s", ".2f")),
      Column("latency p95", with_unit("latency_p95_s", "s", ".2f")), Column("wall", with_unit("wall_s", "s", ".1f"))))
 
-TABLES = (ONE_GPU, QUALITY_SIMPLIFICATION, QUALITY_CLASSIFICATION, QUALITY_DPO, CPU_DEMO, CPU_PACKING,
+TABLES = (ONE_GPU, EQUAL_WORK, QUALITY_SIMPLIFICATION, QUALITY_CLASSIFICATION, QUALITY_DPO, CPU_DEMO, CPU_PACKING,
           TENSOR_PARALLEL, LAYOUTS, COLLECTIVES, RECOMPUTE, ATTENTION_KERNELS, ATTENTION_IN_TRAINING, STEP_TIMING,
           STEP_PROFILE, CPU_SERVER)
 TABLE_BY_ID = {table.id: table for table in TABLES}
@@ -527,6 +554,10 @@ def merge(rows: list[dict], new: list[dict]) -> list[dict]:
     return merged
 
 
+BASELINE_FIELDS = {"hf+peft": "baseline", "hf+peft+liger": "liger", "unsloth": "unsloth"}
+"""A baseline row's ``impl`` → the prefix of its fields in our row."""
+
+
 # --- benchmark.py's rows --------------------------------------------------------------------------------------------
 
 def card_name(device: str, processes: int) -> str:
@@ -544,7 +575,7 @@ def table_of(row: dict) -> str:
         return "recompute"
     if (row["packed"] and row["seq"] == 4096 and row.get("bins_per_micro_batch") == 1
             and row.get("step_timing", "queued") == "queued" and row.get("compiled", True)):
-        return "one-gpu"
+        return "equal-work" if row.get("work") == "equal" else "one-gpu"
     raise ValueError(f"no table measures this configuration; pass --table: {json.dumps(row)[:300]}")
 
 
@@ -560,7 +591,8 @@ def from_benchmark(lines: list[str], run: dict, table: str | None = None) -> lis
             except json.JSONDecodeError:
                 continue
     ours = [r for r in printed if r.get("impl") == "nemo_customizer"]
-    baselines = {(r["model"], r["mode"], r.get("rows", 1)): r for r in printed if r.get("impl") == "hf+peft"}
+    baselines = {(r["impl"], r["model"], r["mode"], r.get("rows", 1)): r for r in printed
+                 if r.get("impl") in BASELINE_FIELDS and "error" not in r}
     skipped = [r for r in printed if "error" in r]
     for r in skipped:
         print(f"skipped (not measured): {r.get('model')} {r.get('mode')}: {r['error'][:120]}", file=sys.stderr)
@@ -571,12 +603,17 @@ def from_benchmark(lines: list[str], run: dict, table: str | None = None) -> lis
         row = dict(run, table=name, card=run.get("card") or card_name(r.get("card", "?"), r["tp"]),
                    model=r["model"], mode=r["mode"], tokens_per_s=r["tok_s"], mfu=r["mfu"], peak_gib=r["peak_gb"],
                    step_ms=r["step_ms"])
-        if name == "one-gpu":
-            baseline = baselines.get((r["model"], r["mode"], bins))
-            row.update(attention=r.get("attention"), cuda_graphs=r["cuda_graphs"],
-                       baseline_tokens_per_s=baseline["tok_s"] if baseline else None,
-                       baseline_mfu=baseline["mfu"] if baseline else None,
-                       baseline_peak_gib=baseline["peak_gb"] if baseline else None)
+        if name in ("one-gpu", "equal-work"):
+            row.update(attention=r.get("attention"), cuda_graphs=r["cuda_graphs"])
+            if name == "equal-work":
+                row.update(precision=r.get("precision", "bf16"))
+            for impl, prefix in BASELINE_FIELDS.items():
+                if impl != "hf+peft" and name == "one-gpu":
+                    continue
+                baseline = baselines.get((impl, r["model"], r["mode"], bins))
+                row.update({f"{prefix}_tokens_per_s": baseline["tok_s"] if baseline else None,
+                            f"{prefix}_mfu": baseline["mfu"] if baseline else None,
+                            f"{prefix}_peak_gib": baseline["peak_gb"] if baseline else None})
         elif name == "tensor-parallel":
             tp1 = [o for o in ours if o["tp"] == 1 and (o["model"], o["mode"], o["seq"]) == (r["model"], r["mode"],
                                                                                               r["seq"])
@@ -590,7 +627,7 @@ def from_benchmark(lines: list[str], run: dict, table: str | None = None) -> lis
                              + (["--activation-checkpointing"] if r.get("activation_checkpointing") else []))
             row.update(seq=r["seq"] * bins, recompute=extra)
         else:
-            raise ValueError(f"--add fills the one-gpu, tensor-parallel and recompute tables, not {name}")
+            raise ValueError(f"--add fills the one-gpu, equal-work, tensor-parallel and recompute tables, not {name}")
         rows.append(row)
     return rows
 
@@ -606,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--card", help="with --add: e.g. H100 (default: from the rows' device name)")
     parser.add_argument("--commit", help="with --add: the commit the benchmark ran at")
     parser.add_argument("--software", help="with --add: e.g. 'torch 2.11.0+cu130, megatron-core 0.16.1'")
-    parser.add_argument("--table", choices=("one-gpu", "tensor-parallel", "recompute"),
+    parser.add_argument("--table", choices=("one-gpu", "equal-work", "tensor-parallel", "recompute"),
                         help="with --add: file every row under this table (default: from each row's settings)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--doc", type=Path, default=DOC)

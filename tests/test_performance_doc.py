@@ -66,3 +66,25 @@ def test_benchmark_rows_are_added_and_a_new_measurement_replaces_the_old(tmp_pat
     assert other_cards and all(line in text for line in other_cards)  # another card's row stays
     assert f"2026-12-08, H100, at `abc1234`: `{command}`" in text
     assert _tables().main(["--check", "--results", str(results), "--doc", str(doc)]) == 0
+
+
+def test_equal_work_rows_go_to_their_own_table_beside_every_baseline(tmp_path):
+    results, doc = tmp_path / "results.jsonl", tmp_path / "PERFORMANCE.md"
+    shutil.copy(ROOT / "docs" / "performance" / "results.jsonl", results)
+    printed = [json.loads(line) for line in _benchmark_output(30000).splitlines()[1:]]
+    ours, plain = printed
+    ours.update(model="llama-3.1-8b-instruct", work="equal", precision="fp8")
+    plain.update(model="llama-3.1-8b-instruct", tok_s=12000)
+    liger = dict(plain, impl="hf+peft+liger", tok_s=15000)
+    failed = dict(impl="unsloth", model="llama-3.1-8b-instruct", mode="lora-qv", error="failed: no module")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in (ours, plain, liger, failed)))
+    command = "python scripts/benchmark.py --equal-work --cuda-graphs --baseline hf-peft,liger,unsloth"
+    assert _tables().main(["--add", str(rows), "--command", command, "--date", "2026-12-08", "--results",
+                           str(results), "--doc", str(doc)]) == 0
+    added = json.loads(results.read_text().splitlines()[-1])
+    assert added["table"] == "equal-work" and added["precision"] == "fp8"
+    assert (added["baseline_tokens_per_s"], added["liger_tokens_per_s"], added["unsloth_tokens_per_s"]) == \
+        (12000, 15000, None)
+    text = doc.read_text()
+    assert "| 8B LoRA r16 q,v, FP8 frozen base | H100 | 30,000 | 50.6% | 6.9 | 12,000 | 15,000 | — | 2.00× |" in text
