@@ -21,8 +21,9 @@ from typing import Optional, Sequence
 import torch
 
 
-def baseline_model(model_name: str):
-    """``transformers``' model for our model config ``model_name`` (random weights, bf16, SDPA, on CUDA)."""
+def baseline_model(model_name: str, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """``transformers``' model for our model config ``model_name`` (random weights, bf16, SDPA, on CUDA unless
+    ``device``/``dtype`` say otherwise)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from nemo_customizer.checkpoints.hf_export import hf_config_dict
@@ -34,8 +35,8 @@ def baseline_model(model_name: str):
     # SDPA cannot softcap attention logits (Gemma 2): such a model gets transformers' eager attention, which does.
     config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        return AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16), arch
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, torch_dtype=dtype), arch
 
 
 def measure(model_name: str, *, targets: Optional[Sequence[str]], seq: int = 4096, rows: int = 1, steps: int = 10,
