@@ -31,8 +31,10 @@ KERNELS = ("torch", "liger")
 """``torch``: transformers' own modules; ``liger``: Liger kernels for RMSNorm, RoPE, SwiGLU and the loss."""
 
 
-def baseline_model(model_name: str, kernels: str = "torch"):
-    """``transformers``' model for our model config ``model_name`` (random weights, bf16, SDPA, on CUDA)."""
+def baseline_model(model_name: str, kernels: str = "torch", *, device: str = "cuda",
+                   dtype: torch.dtype = torch.bfloat16):
+    """``transformers``' model for our model config ``model_name`` (random weights, bf16, SDPA, on CUDA unless
+    ``device``/``dtype`` say otherwise)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from nemo_customizer.checkpoints.hf_export import hf_config_dict
@@ -44,8 +46,8 @@ def baseline_model(model_name: str, kernels: str = "torch"):
     # SDPA cannot softcap attention logits (Gemma 2): such a model gets transformers' eager attention, which does.
     config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     if kernels == "liger":
         _apply_liger(model)
     return model, arch
