@@ -174,6 +174,13 @@ def _check_before_work(cfg: Config, *, world_size: int, local_world_size: Option
                           "(the default on GPUs) or fp32_master_weights=true.")
     if cfg.model.attention_kernel == "fa4":
         _check_flash_attn4(cfg)
+    if cfg.precision == "fp8":
+        from nemo_customizer.models.fp8_linear import fp8_unavailable_reason
+
+        why = fp8_unavailable_reason(resolve_device(cfg.device))
+        if why:
+            raise ConfigError(f"precision=fp8 cannot run: {why}. Set precision=bf16 (the default on GPUs), or run "
+                              "on a Hopper GPU.")
     if cfg.hyperparameters.cuda_graphs:
         device = resolve_device(cfg.device)
         if device.type != "cuda":

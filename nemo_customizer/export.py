@@ -8,6 +8,7 @@ Useful for a job that was stopped before it finished, or to export the latest we
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -51,6 +52,10 @@ def _export(cfg, source: Path, out: JobDirectory) -> None:
     from nemo_customizer.training.finetuning import best_checkpoint_saver
     from nemo_customizer.training.session import TrainingSession
 
+    if cfg.precision == "fp8":
+        # An export trains nothing: the base is re-read in bf16 from the HF checkpoint (a merged model must not be
+        # folded into the FP8-rounded weights the job trained on), the checkpoint's adapters loaded into it.
+        cfg = dataclasses.replace(cfg, precision="auto")
     resolved = resolve_model(cfg.model, cfg.cache_dir)
     tokenizer = load_tokenizer(resolved.tokenizer_dir, cfg.model.chat_template)
     with TrainingSession(cfg, checkpoint_dir=resolved.checkpoint_dir) as session:

@@ -93,7 +93,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
              profile_dir: str | None = None, bins_per_micro_batch: int = 1, tp: int = 1, sp: bool = False,
              cuda_graphs: bool = False, activation_checkpointing: bool = False,
              attention_kernel: str = "auto", synced_steps: bool = False, recompute_modules: tuple = (),
-             equal_work: bool = False) -> dict:
+             equal_work: bool = False, precision: str = "bf16") -> dict:
     from nemo_customizer.config import compose_config
     from nemo_customizer.data.examples import TokenizedExample
     from nemo_customizer.data import collate
@@ -109,7 +109,7 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
                  "hyperparameters.lora.adapter_dim=16", "hyperparameters.lora.alpha=32",
                  "hyperparameters.lora.adapter_dropout=0.0", f"model.max_seq_length={seq}",
                  f"model.tensor_parallel_size={tp}", f"model.use_sequence_parallel={str(sp).lower()}",
-                 f"model.attention_kernel={attention_kernel}", "precision=bf16", "device=cuda",
+                 f"model.attention_kernel={attention_kernel}", f"precision={precision}", "device=cuda",
                  "hyperparameters.seed=0", f"hyperparameters.cuda_graphs={str(cuda_graphs).lower()}",
                  f"hyperparameters.activation_checkpointing={str(activation_checkpointing).lower()}",
                  f"hyperparameters.recompute_modules=[{','.join(recompute_modules)}]"]
@@ -182,8 +182,8 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
         tokens_per_step = sum(lengths) / steps
         tok_s = tokens_per_step / step_s / tp  # per GPU: the TP ranks share every token
         tflops = tok_s * model_flops_per_token(cfg.model.architecture, kind, lengths) / 1e12
-        row = dict(impl="nemo_customizer", model=model_name, mode=mode, seq=seq, packed=packed, tp=tp, sp=sp,
-                   work="equal" if packed and equal_work else "packed" if packed else "padded",
+        row = dict(impl="nemo_customizer", model=model_name, mode=mode, precision=precision, seq=seq, packed=packed,
+                   tp=tp, sp=sp, work="equal" if packed and equal_work else "packed" if packed else "padded",
                     bins_per_micro_batch=bins_per_micro_batch if packed else None, tok_s=round(tok_s),
                     tflops=round(tflops), mfu=round(tflops / PEAK_TFLOPS, 3),
                     peak_gb=round((torch.cuda.max_memory_allocated() - leftover) / 2**30, 1),
@@ -321,6 +321,8 @@ def main(argv=None) -> int:
     parser.add_argument("--synced-steps", action="store_true",
                         help="time each step alone (sync before and after) instead of as the training loop runs, "
                              "with the next step queued before a step's numbers are read")
+    parser.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
+                        help="ours: fp8 holds the frozen base of a LoRA job in FP8 (Hopper; models.fp8_linear)")
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first timed step starts when a warm-up step is read)")
@@ -357,7 +359,7 @@ def main(argv=None) -> int:
                                  args.warmup, args.profile, args.bins_per_micro_batch, args.tp, args.sp,
                                  args.cuda_graphs, args.activation_checkpointing, args.attention_kernel,
                                  args.synced_steps, tuple(m for m in args.recompute_modules.split(",") if m),
-                                 args.equal_work)]
+                                 args.equal_work, args.precision)]
         runs += [lambda name=name: run_baseline(model_name, mode, args.seq, args.bins_per_micro_batch, name)
                  for name in baselines]
         for fn in runs:

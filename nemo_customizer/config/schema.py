@@ -435,7 +435,9 @@ class Config:
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
     precision: str = "auto"
-    """``auto`` (bf16 on cuda, fp32 on cpu), ``fp32`` or ``bf16``."""
+    """``auto`` (bf16 on cuda, fp32 on cpu), ``fp32``, ``bf16`` or ``fp8``: a LoRA job on a GPU of compute capability
+    9.0+ (Hopper) whose frozen base linears are held in FP8 with per-row scales and run their GEMMs in FP8; adapters,
+    norms, attention, embedding, LM head and loss stay bf16 (``models.fp8_linear``). Inference runs fp8 as bf16."""
     cache_dir: Optional[str] = None
     """Where embedded checkpoints are converted; default ``$NEMO_CUSTOMIZER_CACHE`` or ~/.cache/nemo_customizer."""
     log_interval: int = 1

@@ -23,7 +23,7 @@ MEGATRON_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc
 TRAINING_TYPES = ("sft", "dpo")
 FINETUNING_TYPES = ("lora", "lora_merged", "all_weights")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 RECOMMENDED_BATCH_MULTIPLE = 16
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 WANDB_MODES = ("online", "offline")
@@ -45,12 +45,28 @@ def validate_config(cfg: Config, *, training: bool = True) -> None:
     if cfg.dataset.max_val_examples is not None:
         _at_least("dataset.max_val_examples", cfg.dataset.max_val_examples, 1)
     validate_hyperparameters(cfg.hyperparameters, cfg.model)
+    if cfg.precision == "fp8":
+        check_fp8_training(cfg.hyperparameters)
     if cfg.hyperparameters.training_type == "dpo" and cfg.evaluation.enabled and not cfg.evaluation.dataset:
         raise ConfigError("evaluation.enabled=true with hyperparameters.training_type=dpo needs evaluation.dataset: "
                           "a held-out file of prompt/completion or chat rows to generate answers for (the "
                           "preference pairs have no single reference answer); set it, or evaluation.enabled=false.")
     _at_least("checkpoint.keep_last", cfg.checkpoint.keep_last, 1)
     validate_logger(cfg.logger)
+
+
+def check_fp8_training(hp: HyperparametersConfig) -> None:
+    """``precision=fp8`` holds the frozen base in FP8: a LoRA job only, exported as an adapter (the device it needs is
+    checked in ``api.check_before_work``)."""
+    if hp.finetuning_type == "all_weights":
+        raise ConfigError("precision=fp8 stores the frozen base weights in FP8 and trains LoRA adapters only; "
+                          "hyperparameters.finetuning_type=all_weights trains every weight: set precision=bf16 "
+                          "for full fine-tuning, or finetuning_type=lora.")
+    if hp.finetuning_type == "lora_merged":
+        raise ConfigError("precision=fp8 with hyperparameters.finetuning_type=lora_merged would fold the adapter "
+                          "into the FP8-rounded base; set finetuning_type=lora, then write the merged model from "
+                          "the job's checkpoint in bf16: python -m nemo_customizer export JOB_DIR "
+                          "hyperparameters.finetuning_type=lora_merged (or train with precision=bf16).")
 
 
 def validate_logger(logger: LoggerConfig) -> None:

@@ -55,8 +55,10 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def params_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Weights dtype for a job: ``auto`` is bf16 on CUDA and fp32 on CPU."""
-    if precision == "auto":
+    """Weights dtype for a job: ``auto`` is bf16 on CUDA and fp32 on CPU. ``fp8`` builds the weights as ``auto`` does:
+    the training job converts its frozen linears afterwards (``models.fp8_linear``; on the CPU, where mcore trains
+    fp32 only, its tests simulate FP8 around fp32), and inference runs them unconverted."""
+    if precision in ("auto", "fp8"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 

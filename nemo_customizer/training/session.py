@@ -83,7 +83,8 @@ class TrainingSession:
 
         ``trainable=True``: the model the training job trains: the config's activation checkpointing /
         ``recompute_modules``, then LoRA attached (``lora``, ``lora_merged``) or every weight trainable
-        (``all_weights``), summarized in ``self.trainable`` (collective: every rank calls it).
+        (``all_weights``), summarized in ``self.trainable`` (collective: every rank calls it); with ``precision=fp8``
+        the frozen linears are then held in FP8 (``models.fp8_linear``; simulated off CUDA).
         ``trainable=False``: the base model as inference runs it (no adapters, nothing recomputed).
         """
         if self.model is not None:
@@ -95,6 +96,10 @@ class TrainingSession:
             recompute_modules=tuple(hp.recompute_modules) if trainable else ())
         if trainable:
             self.trainable = prepare_trainable(self.model, self.cfg)
+            if self.cfg.precision == "fp8":  # the frozen base, once LoRA has wrapped it (counted above in bf16)
+                from nemo_customizer.models.fp8_linear import convert_frozen_linears_to_fp8
+
+                convert_frozen_linears_to_fp8(self.model)
             # A preference loss weighs each token's loss by how its pair compares (training.preference).
             self.model.per_position_loss_grads = hp.training_type == "dpo"
         return self.model
