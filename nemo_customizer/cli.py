@@ -482,9 +482,12 @@ def _dataset_parser(command: str, description: str) -> argparse.ArgumentParser:
 
 
 def _upload_parser() -> argparse.ArgumentParser:
-    parser = _dataset_parser("upload", "Validate every row of a JSONL file or directory, print a report (formats, "
-                                       "rows, token lengths, truncation at max_seq_length) and store a copy.")
-    parser.add_argument("path", metavar="PATH", help="a JSONL file or a directory with train*/validation* files")
+    parser = _dataset_parser("upload", "Validate every row of a dataset, print a report (formats, rows, token "
+                                       "lengths, truncation at max_seq_length) and store a copy as JSON Lines.")
+    parser.add_argument("path", metavar="PATH",
+                        help="a JSONL, JSON, CSV/TSV, Parquet or Arrow file; a directory of train*/validation* "
+                             "files; a `datasets` save_to_disk folder; or a Hub dataset ID org/name[:config] "
+                             "(Parquet, Arrow, saved folders and Hub IDs need the [datasets] extra)")
     parser.add_argument("--name", required=True, help="name to store it under (then: dataset.path=NAME)")
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL",
                         help=f"model config whose tokenizer and max_seq_length the report uses ({DEFAULT_MODEL})")
