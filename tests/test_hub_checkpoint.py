@@ -230,5 +230,6 @@ def test_a_recorded_commit_with_a_local_folder_is_refused(model_dir):
     from nemo_customizer.config import ConfigError, ModelConfig
 
     model = ModelConfig(checkpoint=str(model_dir), checkpoint_revision="a" * 40, architecture_from_checkpoint=True)
-    with pytest.raises(ConfigError, match="model.checkpoint_revision=a{40} pins .* not a Hub model ID; drop model.checkpoint_revision"):
+    with pytest.raises(ConfigError, match="model.checkpoint_revision=a{40} pins .* not a Hub model ID; drop "
+                                          "model.checkpoint_revision"):
         resolve_model(model, None)

@@ -58,7 +58,8 @@ def checkpoint_directory(value: str, revision: Optional[str] = None) -> Path:
     if not _is_hub_id(value):
         if revision:
             raise ConfigError(f"model.checkpoint_revision={revision} pins a Hugging Face Hub model ID's commit, but "
-                              f"model.checkpoint={value} names a local folder, not a Hub model ID; drop model.checkpoint_revision.")
+                              f"model.checkpoint={value} names a local folder, not a Hub model ID; drop "
+                              "model.checkpoint_revision.")
         return Path(value).expanduser()
     return hub_snapshot(value, revision)
 
