@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 
 from nemo_customizer.config import Config, check_batch_layout, config_from_kwargs, validate_config
 from nemo_customizer.config.validate import check_parallel_layout
-from nemo_customizer.jobs import JobDirectory, check_output_dir, peak_memory_gib
+from nemo_customizer.jobs import JobDirectory, check_output_dir, peak_memory_gib, with_recorded_checkpoint_revision
 from nemo_customizer.training.signals import CANCEL_FILE, StopSignals
 from nemo_customizer.training.status import CANCELLED, COMPLETED, JobCancelled, JobStatus
 from nemo_customizer.training.trackers import JobTrackers
@@ -111,6 +111,7 @@ def run(cfg: Config) -> CustomizationResult:
     is_main = int(os.environ.get("RANK", "0")) == 0  # the launcher's rank; torch.distributed is not up yet
     check_before_work(cfg)
     log = _Log(enabled=is_main)
+    cfg = with_recorded_checkpoint_revision(cfg)  # a resumed job keeps the Hub commit it started from
     inputs = _load_inputs(cfg, log)  # every user-input error surfaces here, before a model exists
     cfg = inputs.cfg
     job = JobDirectory.create(cfg.output_dir, cfg, is_main=is_main)

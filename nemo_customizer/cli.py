@@ -3,7 +3,7 @@
     python -m nemo_customizer [--cfg] [OVERRIDE ...]          train (model=... dataset.path=... hyperparameters.*=...)
     python -m nemo_customizer --config-path DIR --config-name JOB [OVERRIDE ...]   train a job file of one's own
     python -m nemo_customizer -m KEY=A,B [KEY=C,D ...]       a sweep: one job per combination, then a table
-    python -m nemo_customizer configs [--json]                list the shipped model configs
+    python -m nemo_customizer configs [--json] [--config-dir DIR]   list the model configs (shipped, and DIR's)
     python -m nemo_customizer generate [options] [OVERRIDE ...]
     python -m nemo_customizer serve [OVERRIDE ...]            OpenAI-compatible server (model=... adapters_dir=...)
     python -m nemo_customizer datasets upload PATH --name NAME [--model M] [--overwrite] [OVERRIDE ...]
@@ -51,7 +51,7 @@ _CFG_CHOICES = ("job", "hydra", "all")  # Hydra's --cfg values; only the job's c
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    name, argv = (argv[0], argv[1:]) if argv and argv[0] in _COMMANDS else ("train", argv)
+    name, argv = _command_of(argv)
     try:
         return _COMMANDS[name].run(argv)
     except Exception as exc:
@@ -62,6 +62,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         # User input problems (config keys, dataset rows, output directory): one clear message, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
+
+
+def _command_of(argv: list[str]) -> tuple[str, list[str]]:
+    """The command and its arguments. Config folders may come before ``configs`` as before training
+    (``--config-dir DIR configs``): they are passed on to it."""
+    if argv and argv[0] in _COMMANDS:
+        return argv[0], argv[1:]
+    at = 0
+    while at < len(argv) and argv[at].split("=", 1)[0] in _FOLDER_OPTIONS:
+        at += 1 if "=" in argv[at] else 2
+    if 0 < at < len(argv) and argv[at] == "configs":
+        return "configs", argv[at + 1:] + argv[:at]
+    return "train", argv
+
+
+_FOLDER_OPTIONS = ("--config-dir", "-cd", "--config-path", "-cp")
 
 
 def _train(argv: list[str]) -> int:
@@ -195,17 +211,25 @@ def _yaml(cfg: Config) -> str:
 
 
 def _configs(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog=f"{PROG} configs", description="List the shipped model configs.")
+    parser = argparse.ArgumentParser(prog=f"{PROG} configs", description="List the shipped model configs, and "
+                                     "those of your own in --config-dir / --config-path folders (DIR/model/*.yaml).")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("--config-dir", "-cd", metavar="DIR", action="append", default=[],
+                        help="also list DIR/model/*.yaml, as a job run with --config-dir DIR finds them (repeatable)")
+    parser.add_argument("--config-path", "-cp", metavar="DIR",
+                        help="also list DIR/model/*.yaml, as a job file in DIR finds them")
     args = parser.parse_args(argv)
-    rows = configs()
+    dirs = ([args.config_path] if args.config_path else []) + args.config_dir  # the order a job searches them
+    rows = configs(config_dir=dirs)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    _print_table(("name", "max_seq_length", "tensor_parallel", "sequence_parallel", "packing", "parameters"),
+    _print_table(("name", "max_seq_length", "tensor_parallel", "sequence_parallel", "packing", "parameters")
+                 + (("from",) if dirs else ()),
                  [(r["name"], str(r["max_seq_length"]), str(r["tensor_parallel_size"]),
                    _yes(r["use_sequence_parallel"]), _yes(r["sequence_packing_supported"]),
-                   _human(r["num_parameters"])) for r in rows])
+                   _human(r["num_parameters"])) + ((r.get("config_dir", "shipped"),) if dirs else ())
+                  for r in rows])
     return 0
 
 
@@ -458,9 +482,12 @@ def _dataset_parser(command: str, description: str) -> argparse.ArgumentParser:
 
 
 def _upload_parser() -> argparse.ArgumentParser:
-    parser = _dataset_parser("upload", "Validate every row of a JSONL file or directory, print a report (formats, "
-                                       "rows, token lengths, truncation at max_seq_length) and store a copy.")
-    parser.add_argument("path", metavar="PATH", help="a JSONL file or a directory with train*/validation* files")
+    parser = _dataset_parser("upload", "Validate every row of a dataset, print a report (formats, rows, token "
+                                       "lengths, truncation at max_seq_length) and store a copy as JSON Lines.")
+    parser.add_argument("path", metavar="PATH",
+                        help="a JSONL, JSON, CSV/TSV, Parquet or Arrow file; a directory of train*/validation* "
+                             "files; a `datasets` save_to_disk folder; or a Hub dataset ID org/name[:config] "
+                             "(Parquet, Arrow, saved folders and Hub IDs need the [datasets] extra)")
     parser.add_argument("--name", required=True, help="name to store it under (then: dataset.path=NAME)")
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL",
                         help=f"model config whose tokenizer and max_seq_length the report uses ({DEFAULT_MODEL})")
@@ -531,7 +558,7 @@ class _Command:
 
 _COMMANDS: dict[str, _Command] = {
     "train": _Command(_train, "fine-tune (the default: 'train' may be left out before the overrides)"),
-    "configs": _Command(_configs, "list the shipped model configs"),
+    "configs": _Command(_configs, "list the model configs: the shipped ones and those in --config-dir folders"),
     "generate": _Command(_generate, "complete a prompt or answer a chat, optionally with a trained adapter"),
     "evaluate": _Command(_evaluate, "task metrics and loss on held-out rows, for a job, an adapter or a base model"),
     "serve": _Command(_serve, "an OpenAI-compatible server for a base model and its adapters"),

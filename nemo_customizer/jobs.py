@@ -203,6 +203,24 @@ def _umask() -> int:
     return mask
 
 
+def with_recorded_checkpoint_revision(cfg: Config) -> Config:
+    """``cfg`` asking for the Hub commit that the unfinished job in its ``output_dir`` recorded
+    (``model.checkpoint_revision``) when it names the same ``model.checkpoint`` and no commit of its own: a resumed
+    job trains on the weights it started from, not on whatever was pushed to the repository since."""
+    saved_file = Path(cfg.output_dir).expanduser() / CONFIG_FILE
+    if not cfg.model.checkpoint or cfg.model.checkpoint_revision or not saved_file.is_file() \
+            or (saved_file.parent / RESULT_FILE).exists():
+        return cfg
+    try:
+        saved = OmegaConf.load(saved_file).get("model") or {}
+    except Exception:  # an unreadable config.yaml: JobDirectory.create reports it
+        return cfg
+    if saved.get("checkpoint") != cfg.model.checkpoint or not saved.get("checkpoint_revision"):
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                              checkpoint_revision=saved.get("checkpoint_revision")))
+
+
 def config_changes(saved, cfg: Config) -> List[Tuple[str, object, object]]:
     """``(key, saved value, new value)`` for every setting that differs, except ``RESUMABLE_CHANGES``."""
     old = _flatten(OmegaConf.to_container(saved, resolve=True))

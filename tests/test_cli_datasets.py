@@ -149,3 +149,13 @@ def test_unknown_subcommand_is_a_usage_error(capsys):
         cli.main(["datasets", "upload-all"])
     assert exit_.value.code == 2
     assert "invalid choice: 'upload-all'" in capsys.readouterr().err
+
+
+def test_upload_help_names_every_kind_of_data_it_reads(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["datasets", "upload", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for kind in ("JSONL", "JSON,", "CSV/TSV", "Parquet", "Arrow", "save_to_disk folder", "Hub dataset ID"):
+        assert kind in text, kind
+    assert "a JSONL file or a directory" not in text

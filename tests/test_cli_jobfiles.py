@@ -92,6 +92,27 @@ def test_model_yaml_of_ones_own_beside_the_job_or_in_a_config_dir(job_dir, tmp_p
         compose_config(["model=short-llama"])  # not on the search path without the folder
 
 
+def test_configs_lists_model_yamls_of_ones_own_with_their_folder(job_dir, capsys):
+    from nemo_customizer import configs
+
+    rows = {row["name"]: row for row in configs(config_dir=job_dir)}
+    assert rows["short-llama"]["max_seq_length"] == 256 and rows["short-llama"]["config_dir"] == str(job_dir)
+    assert "config_dir" not in rows["llama-3.2-1b-instruct"]  # shipped
+    assert "short-llama" not in [row["name"] for row in configs()]
+    for args in (["configs", "--config-dir", str(job_dir)], ["--config-dir", str(job_dir), "configs"],
+                 ["configs", "--config-path", str(job_dir)]):
+        assert cli.main([*args, "--json"]) == 0
+        listed = {row["name"]: row.get("config_dir") for row in json.loads(capsys.readouterr().out)}
+        assert listed["short-llama"] == str(job_dir) and listed["qwen3-0.6b"] is None, args
+    assert cli.main(["-cd", str(job_dir), "configs"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[-1] == "from"
+    assert [line.split()[-1] for line in table if line.startswith(("short-llama ", "qwen3-0.6b "))] == [
+        "shipped", str(job_dir)]
+    assert cli.main(["configs", "--config-dir", str(job_dir / "absent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_model_yaml_of_ones_own_is_validated_like_a_shipped_one(tmp_path):
     _write(tmp_path / "model" / "typo.yaml", """\
         defaults: [tiny-llama-test, _self_]

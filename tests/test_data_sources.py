@@ -378,6 +378,23 @@ def test_mix_config_composes_and_is_checked(tmp_path):
             validate_config(config_from_kwargs(dataset=dataset))
 
 
+def test_a_misspelled_key_in_a_mix_entry_is_named_by_its_full_path(tmp_path):
+    """OmegaConf alone names the entry's key without its list prefix (``weigth``)."""
+    from nemo_customizer.config import config_search
+
+    full = r"unknown config key 'dataset\.mix\[1\]\.weigth' \(did you mean 'weight'\?\); valid keys under "
+    with pytest.raises(ConfigError, match=full + r"'dataset\.mix\[1\]': path, weight, columns"):
+        compose_config(["dataset.mix=[{path:a},{path:b,weigth:2}]"])
+    with pytest.raises(ConfigError, match=full):
+        config_from_kwargs(dataset={"mix": [{"path": "a"}, {"path": "b", "weigth": 2}]})
+    with pytest.raises(ConfigError, match=r"'dataset\.mix\[0\]\.columns\.promt' \(did you mean 'prompt'\?\)"):
+        compose_config(["dataset={mix:[{path:a,columns:{promt:q}}]}"])
+    job = tmp_path / "job.yaml"
+    job.write_text("dataset:\n  mix:\n    - path: a\n    - {path: b, weigth: 2}\n")
+    with pytest.raises(ConfigError, match=full + rf".*\(in {job}\)\.$"):
+        compose_config([], search=config_search(job))
+
+
 def test_a_job_trains_on_a_mixture(model_dir, tmp_path, capsys):
     from nemo_customizer.api import customize
 

@@ -3,6 +3,7 @@ out (``models--org--name/{blobs,refs,snapshots}``), built here from the tiny che
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -166,3 +167,69 @@ def test_hf_home_names_the_cache_in_a_fresh_process(tmp_path, model_dir):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert Path(json.loads(out.stdout.strip().splitlines()[-1])) == snapshot
+
+
+def test_a_job_records_the_commit_it_trained_on_and_a_resume_asks_for_it(hub_cache, model_dir, tmp_path):
+    """config.yaml pins ``model.checkpoint_revision`` to the snapshot's commit; once ``main`` moves on (a later
+    push, fetched into the cache), resuming the unfinished job still resolves the commit it started from."""
+    from nemo_customizer.api import customize
+    from nemo_customizer.checkpoints.resolve import resolve_model
+    from nemo_customizer.config import config_from_file
+    from nemo_customizer.jobs import JobDirectory, with_recorded_checkpoint_revision
+
+    first = cache_snapshot(hub_cache, REPO_ID, model_dir, commit="a" * 40)
+    write_classification_data(tmp_path / "data", n_train=8, n_val=4)
+    customize("tiny-llama-test", dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "job"),
+              progress_bar=False, hyperparameters={"epochs": 1, "batch_size": 4, "micro_batch_size": 4},
+              model={"checkpoint": REPO_ID, "random_weights": False})
+    saved = config_from_file(tmp_path / "job" / "config.yaml")
+    assert (saved.model.checkpoint, saved.model.checkpoint_revision) == (REPO_ID, first.name)
+
+    (tmp_path / "job" / "result.json").unlink()  # unfinished, as a stopped job is
+    pushed = cache_snapshot(hub_cache, REPO_ID, model_dir, commit="b" * 40)  # refs/main now names this one
+    # The same command line as the first run: no commit of its own.
+    rerun = dataclasses.replace(saved, model=dataclasses.replace(saved.model, checkpoint_revision=None))
+    assert resolve_model(rerun.model, None).checkpoint_dir == pushed
+    pinned = with_recorded_checkpoint_revision(rerun)
+    resolved = resolve_model(pinned.model, None)
+    assert resolved.checkpoint_dir == first and resolved.config.checkpoint_revision == first.name
+    JobDirectory.create(str(tmp_path / "job"), saved)  # the same settings: accepted as a resume
+
+
+def test_a_downloaded_snapshot_is_pinned_and_the_pin_is_asked_for(hub_cache, model_dir, monkeypatch):
+    """Not cached and online: the commit comes from the folder snapshot_download returns; a recorded commit is the
+    revision asked for, in place of the ID's own branch."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from nemo_customizer.checkpoints.resolve import resolve_model
+    from nemo_customizer.config import ModelConfig
+
+    asked = []
+
+    def fake_snapshot_download(repo_id, *, revision=None, local_files_only=False, **kwargs):
+        asked.append((revision, local_files_only))
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        return str(cache_snapshot(hub_cache, repo_id, model_dir, commit=revision if revision == "c" * 40
+                                  else "d" * 40))
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = ModelConfig(checkpoint=f"{REPO_ID}@main", architecture_from_checkpoint=True)
+    assert resolve_model(model, None).config.checkpoint_revision == "d" * 40
+    asked.clear()
+    pinned = dataclasses.replace(model, checkpoint_revision="c" * 40)
+    assert resolve_model(pinned, None).checkpoint_dir.name == "c" * 40
+    assert asked == [("c" * 40, True), ("c" * 40, False)]
+
+
+def test_a_recorded_commit_with_a_local_folder_is_refused(model_dir):
+    from nemo_customizer.checkpoints.resolve import resolve_model
+    from nemo_customizer.config import ConfigError, ModelConfig
+
+    model = ModelConfig(checkpoint=str(model_dir), checkpoint_revision="a" * 40, architecture_from_checkpoint=True)
+    with pytest.raises(ConfigError, match="model.checkpoint_revision=a{40} pins .* not a Hub model ID; drop "
+                                          "model.checkpoint_revision"):
+        resolve_model(model, None)

@@ -12,6 +12,10 @@ In this order:
    Every process of a job resolves it; huggingface_hub's file locks let one download each file while others wait.
    Offline (``HF_HUB_OFFLINE=1``), unreachable, unknown or gated: a ``ConfigError`` naming the command that fetches
    it, raised before any data is read.
+
+The snapshot's folder is named by its commit (``snapshot_commit``): the job records it as
+``model.checkpoint_revision`` in its config.yaml, and a rerun or resume from that config asks for that commit, so a
+later push to the repository does not change the weights of a job under way.
 """
 
 from __future__ import annotations
@@ -44,14 +48,21 @@ def download_command(repo_id: str, revision: Optional[str]) -> str:
     return f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
 
 
-def hub_snapshot(value: str) -> Path:
+def snapshot_commit(snapshot: Path) -> str:
+    """The commit of a snapshot folder ``hub_snapshot`` returned (huggingface_hub names it ``snapshots/<commit>``)."""
+    return snapshot.name
+
+
+def hub_snapshot(value: str, commit: Optional[str] = None) -> Path:
     """The cache folder of the Hub model ``value`` (``org/name[@revision]``), downloaded when missing and allowed
-    (module docstring); ``ConfigError`` when it cannot be had."""
+    (module docstring); ``ConfigError`` when it cannot be had. ``commit`` (a job's recorded
+    ``model.checkpoint_revision``) is asked for in place of the ID's own revision."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
     repo_id, revision = split_hub_id(value)
+    revision = commit or revision
     cache = constants.HF_HUB_CACHE
     fetch = (f"Fetch it where the Hub is reachable, into the same cache (HF_HOME / HF_HUB_CACHE): "
              f"`{download_command(repo_id, revision)}`; or point model.checkpoint at a local checkpoint folder.")

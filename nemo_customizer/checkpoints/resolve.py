@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from nemo_customizer.checkpoints.hub import hub_snapshot, split_hub_id
+from nemo_customizer.checkpoints.hub import hub_snapshot, snapshot_commit, split_hub_id
 from nemo_customizer.config import ConfigError, ModelConfig, merge_checkpoint_architecture, model_source, read_hf_config
 from nemo_customizer.config.validate import validate_model
 
@@ -27,7 +27,10 @@ def resolve_model(model: ModelConfig, cache_dir: Optional[str]) -> ResolvedModel
     kind, where = model_source(model)
     checkpoint: Optional[Path] = None
     if kind == "checkpoint":
-        checkpoint = checkpoint_directory(where)
+        checkpoint = checkpoint_directory(where, model.checkpoint_revision)
+        if _is_hub_id(where):
+            # The commit this job trains on, recorded in its config.yaml: a resume or rerun asks for it again.
+            model = dataclasses.replace(model, checkpoint_revision=snapshot_commit(checkpoint))
         if not (checkpoint / "config.json").is_file():
             raise ConfigError(f"model.checkpoint={where}: no config.json there; point it at an HF checkpoint "
                               "directory (config.json, *.safetensors, tokenizer files) or a Hugging Face Hub model "
@@ -48,13 +51,22 @@ def resolve_model(model: ModelConfig, cache_dir: Optional[str]) -> ResolvedModel
     return ResolvedModel(model, checkpoint, tokenizer)
 
 
-def checkpoint_directory(value: str) -> Path:
+def checkpoint_directory(value: str, revision: Optional[str] = None) -> Path:
     """``model.checkpoint``'s folder: a local path when it exists, else the cached snapshot of a Hub model ID
-    (``org/name[@revision]``, ``checkpoints.hub``), else the path as given (the caller reports what is missing)."""
-    local = Path(value).expanduser()
-    if local.exists() or split_hub_id(value) is None:
-        return local
-    return hub_snapshot(value)
+    (``org/name[@revision]``, ``checkpoints.hub``; ``revision``, a recorded ``model.checkpoint_revision``, names
+    the commit), else the path as given (the caller reports what is missing)."""
+    if not _is_hub_id(value):
+        if revision:
+            raise ConfigError(f"model.checkpoint_revision={revision} pins a Hugging Face Hub model ID's commit, but "
+                              f"model.checkpoint={value} names a local folder, not a Hub model ID; drop "
+                              "model.checkpoint_revision.")
+        return Path(value).expanduser()
+    return hub_snapshot(value, revision)
+
+
+def _is_hub_id(value: str) -> bool:
+    """``model.checkpoint`` reads as a Hub model ID and no local folder of that name exists."""
+    return split_hub_id(value) is not None and not Path(value).expanduser().exists()
 
 
 def load_tokenizer(directory: Optional[Path], chat_template: Optional[str] = None):

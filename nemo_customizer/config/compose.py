@@ -248,6 +248,8 @@ def _compose(overrides: list[str], search: ConfigSearch):
                 return compose(config_name=_CONFIG_NAME, overrides=overrides)
         # The user's folders first (the first one is Hydra's primary folder), conf/ after them.
         searchpath = [f"file://{d}" for d in [*user_dirs[1:], conf_dir()]]
+        if search.job_file:
+            _check_list_entries("", _load_job(search.job_file), Config, f" (in {search.job_file})")
         _register_job_primary(search.job_file)
         with _hydra_context(user_dirs[0]):
             return compose(config_name=_JOB_PRIMARY,
@@ -286,6 +288,11 @@ def _register_job_primary(job_file: Optional[Path]) -> None:
 
 def _job_defaults(job_file: Path) -> list[Any]:
     """The job file's defaults list (for which of the shipped entries it takes over)."""
+    entries = _load_job(job_file).get("defaults") or []
+    return entries if isinstance(entries, list) else []  # a malformed list is Hydra's to report
+
+
+def _load_job(job_file: Path) -> dict:
     try:
         job = OmegaConf.load(job_file)
     except Exception as exc:
@@ -293,8 +300,7 @@ def _job_defaults(job_file: Path) -> list[Any]:
     if not isinstance(job, DictConfig):
         raise ConfigError(f"job file {job_file} must be a mapping of config keys (defaults:, model:, dataset:, "
                           "hyperparameters:, ...).")
-    entries = OmegaConf.to_container(job).get("defaults") or []
-    return entries if isinstance(entries, list) else []  # a malformed list is Hydra's to report
+    return OmegaConf.to_container(job)
 
 
 def _default_key(entry: Any) -> Optional[str]:
@@ -345,7 +351,49 @@ def _check_overrides(overrides: list[str], search: ConfigSearch = ConfigSearch()
             if key == "model":
                 _check_model_name(str(override.value()), search.user_dirs)
             continue
-        _check_key(key)
+        annotation = _check_key(key)
+        if not override.is_delete():
+            _check_list_entries(key, override.value(), annotation)
+
+
+def _check_list_entries(dotted: str, value: Any, annotation: Any, where: str = "") -> None:
+    """Unknown keys in the entries of a list of sections (``dataset.mix``) inside ``value``, named by their full
+    path, index included: OmegaConf's own error names the entry's key alone (``weigth``). Elsewhere its errors
+    name the full key, so only the lists are looked into. ``where`` ends the message (`` (in FILE)``)."""
+    entry_type = _list_entry_dataclass(annotation)
+    if entry_type is not None and isinstance(value, (list, tuple)):
+        for i, entry in enumerate(value):
+            if isinstance(entry, Mapping):
+                _check_section_keys(f"{dotted}[{i}]", entry, entry_type, where)
+        return
+    node = _dataclass_of(annotation)
+    if node is not None and isinstance(value, Mapping):
+        hints = typing.get_type_hints(node)
+        for key, item in value.items():
+            if key in hints:
+                _check_list_entries(f"{dotted}.{key}" if dotted else str(key), item, hints[key], where)
+
+
+def _check_section_keys(dotted: str, value: Mapping, node: type, where: str) -> None:
+    """Every key of ``value`` (a section of type ``node`` at ``dotted``) and of its subsections is in the schema."""
+    hints = typing.get_type_hints(node)
+    for key, item in value.items():
+        if key not in hints:
+            names = [f.name for f in dataclasses.fields(node)]
+            raise ConfigError(f"unknown config key '{dotted}.{key}'{_did_you_mean(str(key), names)}; valid keys "
+                              f"under '{dotted}': {', '.join(names)}{where}.")
+        if _dataclass_of(hints[key]) is not None and isinstance(item, Mapping):
+            _check_section_keys(f"{dotted}.{key}", item, _dataclass_of(hints[key]), where)
+        else:
+            _check_list_entries(f"{dotted}.{key}", item, hints[key], where)
+
+
+def _list_entry_dataclass(annotation: Any) -> type | None:
+    """``X`` for a ``List[X]`` (or ``Optional[List[X]]``) of a dataclass ``X``, else None."""
+    for candidate in (annotation, *typing.get_args(annotation)):  # Optional[List[X]]: its arguments
+        if typing.get_origin(candidate) is list:
+            return _dataclass_of(typing.get_args(candidate)[0]) if typing.get_args(candidate) else None
+    return None
 
 
 def _check_model_name(name: str, config_dirs: Sequence[Path] = ()) -> None:
@@ -357,9 +405,10 @@ def _check_model_name(name: str, config_dirs: Sequence[Path] = ()) -> None:
                           f"{', '.join(names)}.{own}")
 
 
-def _check_key(dotted: str) -> None:
-    """Raise ConfigError unless ``dotted`` names a field of the schema."""
+def _check_key(dotted: str) -> Any:
+    """Raise ConfigError unless ``dotted`` names a field of the schema; returns the field's type annotation."""
     node: Any = Config
+    annotation: Any = Config
     parts = dotted.split(".")
     for depth, part in enumerate(parts):
         parent = ".".join(parts[:depth])
@@ -368,7 +417,9 @@ def _check_key(dotted: str) -> None:
         hints = typing.get_type_hints(node)
         if part not in hints:
             raise _unknown_key_error(dotted)
-        node = _dataclass_of(hints[part])
+        annotation = hints[part]
+        node = _dataclass_of(annotation)
+    return annotation
 
 
 def _unknown_key_error(dotted: str) -> ConfigError:

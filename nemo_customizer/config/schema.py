@@ -99,6 +99,10 @@ class ModelConfig:
     """HF checkpoint directory (config.json, *.safetensors, tokenizer files), or a Hugging Face Hub model ID
     (``Qwen/Qwen3-0.6B``, ``org/name@revision``) taken from huggingface_hub's cache, downloaded there when missing
     and not offline (``checkpoints.hub``); a local folder of that name wins. Overrides ``embedded``."""
+    checkpoint_revision: Optional[str] = None
+    """The Hub commit a ``checkpoint`` model ID resolved to, recorded by the job in its config.yaml: a resume, or a
+    rerun from that config, trains on the same weights whatever was pushed since. To choose a revision yourself,
+    write it into the ID (``org/name@revision``)."""
     embedded: Optional[str] = None
     """Name of a checkpoint shipped inside a Python package (``smollm2-135m-instruct``), converted once to a cache."""
     random_weights: bool = False
