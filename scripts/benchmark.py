@@ -5,6 +5,7 @@
     python scripts/benchmark.py --suite --baseline # ... and transformers+peft on the same configs
     python scripts/benchmark.py --suite --baseline --model llama-3.1-8b-instruct   # the suite's rows of one model
     python scripts/benchmark.py --suite --equal-work --baseline hf-peft,liger   # equal work, two baselines
+    python scripts/benchmark.py --suite --equal-work --baseline hf-peft,liger,unsloth   # ... and Unsloth
     torchrun --nproc-per-node 2 scripts/benchmark.py --model llama-3.1-8b-instruct --mode lora-qv --packed \
         --tp 2 --sp                                # tensor (+ sequence) parallel: tokens/s per GPU
 
@@ -248,35 +249,44 @@ def _profile(run_steps, path: Path) -> None:
     print(table, flush=True)
 
 
-BASELINES = {"hf-peft": ("hf+peft", "torch"), "liger": ("hf+peft+liger", "liger")}
-"""``--baseline`` names → (the row's ``impl``, ``scripts/hf_peft_throughput.py --kernels``)."""
+BASELINES = {"hf-peft": ("hf+peft", "torch"), "liger": ("hf+peft+liger", "liger"), "unsloth": ("unsloth", "unsloth")}
+"""``--baseline`` names → (the row's ``impl``, ``scripts/hf_peft_throughput.py --kernels``; ``unsloth``: the script
+``scripts/unsloth_throughput.py`` instead)."""
 
 
 def run_baseline(model_name: str, mode: str, seq: int, rows: int = 1, baseline: str = "hf-peft") -> dict:
-    """A transformers+peft baseline (``scripts/hf_peft_throughput.py``) on ``rows`` dense ``seq``-token sequences
-    per step (rows = our bins per micro batch), its FLOPs counted as ours are. Each baseline runs in a process of its
-    own: Liger patches ``transformers``' modules for the rest of a process, and the GPU starts empty."""
+    """A transformers+peft baseline (``scripts/hf_peft_throughput.py``) or Unsloth (``scripts/unsloth_throughput.py``)
+    on ``rows`` dense ``seq``-token sequences per step (rows = our bins per micro batch), its FLOPs counted as ours
+    are. Each baseline runs in a process of its own: Liger and Unsloth patch ``transformers``' modules for the rest of
+    a process, and the GPU starts empty."""
     import subprocess
 
     from nemo_customizer.config import config_from_kwargs
 
     impl, kernels = BASELINES[baseline]
     kind, targets = MODES[mode]
-    command = [sys.executable, str(Path(__file__).resolve().parent / "hf_peft_throughput.py"), "--model", model_name,
-               "--seq", str(seq), "--rows", str(rows), "--kernels", kernels]
+    command = [sys.executable, str(Path(__file__).resolve().parent / _baseline_script(kernels)), "--model", model_name,
+               "--seq", str(seq), "--rows", str(rows)]
+    command += [] if kernels == "unsloth" else ["--kernels", kernels]
     command += ["--full"] if kind == "all_weights" else ["--targets", ",".join(targets)]
     torch.cuda.empty_cache()  # what this process keeps cached is not the baseline's to fight for
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         oom = "OutOfMemoryError" in done.stderr
-        return dict(impl=impl, model=model_name, mode=mode, error=("OOM: " if oom else "failed: ") + " | ".join(tail))
+        return dict(impl=impl, model=model_name, mode=mode, error=("OOM: " if oom else "unavailable: " if done.returncode == 2 else "failed: ")
+                    + " | ".join(tail))
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     arch = config_from_kwargs(config=model_name).model.architecture
     tflops = measured["tokens_per_s"] * model_flops_per_token(arch, kind, [seq] * rows) / 1e12
     return dict(impl=impl, model=model_name, mode=mode, seq=seq, packed=False, rows=rows,
                 tok_s=round(measured["tokens_per_s"]), tflops=round(tflops), mfu=round(tflops / PEAK_TFLOPS, 3),
                 peak_gb=round(measured["peak_gib"], 1), step_ms=round(measured["step_ms"], 1))
+
+
+def _baseline_script(kernels: str) -> str:
+    """The script that measures a baseline: Unsloth loads and patches models its own way."""
+    return "unsloth_throughput.py" if kernels == "unsloth" else "hf_peft_throughput.py"
 
 
 SUITE = [("llama-3.2-1b-instruct", "lora-qv"), ("llama-3.2-1b-instruct", "lora-all"),
@@ -293,7 +303,8 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", action="store_true", help="run the standard table (packed)")
     parser.add_argument("--baseline", nargs="?", const="hf-peft", default=None, metavar="NAMES",
                         help="also run baselines on each config, comma-separated: hf-peft (the default: "
-                             "transformers+peft), liger (the same with Liger kernels); scripts/hf_peft_throughput.py")
+                             "transformers+peft), liger (the same with Liger kernels), unsloth (Unsloth's "
+                             "FastLanguageModel); scripts/hf_peft_throughput.py, scripts/unsloth_throughput.py")
     parser.add_argument("--equal-work", action="store_true",
                         help="each bin holds one causal SEQ-token sequence, the baselines' work (packed path)")
     parser.add_argument("--steps", type=int, default=10)
