@@ -47,8 +47,7 @@ def import_unsloth():
     for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "UNSLOTH_DISABLE_STATISTICS"):
         os.environ.setdefault(flag, "1")
     try:
-        import unsloth  # noqa: F401  (its patches)
-        from unsloth import FastLanguageModel
+        from unsloth import FastLanguageModel  # importing unsloth patches transformers
     except Exception as err:  # Unsloth raises more than ImportError when a dependency or the GPU does not fit it
         print(f"error: Unsloth does not import here ({type(err).__name__}: {err})", file=sys.stderr)
         raise SystemExit(UNAVAILABLE) from err
