@@ -56,10 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[name].run(argv)
     except Exception as exc:
         from .data.errors import DatasetError  # imported late: the data package pulls in torch
+        from .training.trackers import TrackerError
 
-        if not isinstance(exc, (ConfigError, DatasetError, FileExistsError, PermissionError)):
+        if not isinstance(exc, (ConfigError, DatasetError, TrackerError, FileExistsError, PermissionError)):
             raise
-        # User input problems (config keys, dataset rows, output directory): one clear message, no traceback.
+        # User input problems (config keys, dataset rows, tracker settings, output directory): one clear message,
+        # no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return CONFIG_ERROR_EXIT
 
@@ -117,7 +119,9 @@ def _train(argv: list[str]) -> int:
     from .training.status import JobCancelled
 
     try:
-        result = run(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConfigWarning)  # validate_config's, printed just above
+            result = run(cfg)
     except JobCancelled as cancelled:
         print(f"{cancelled} (status: {cfg.output_dir}/status.json)", file=sys.stderr)
         return cancelled.exit_code

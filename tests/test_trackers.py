@@ -297,6 +297,21 @@ def test_a_run_that_cannot_start_fails_the_job_naming_the_setting(tmp_path, mode
     assert run["exit_code"] == 1 and not (tmp_path / "job/metrics.jsonl").exists()
 
 
+
+def test_the_command_line_prints_a_tracker_that_cannot_start_as_one_error_line(tmp_path, model_dir, monkeypatch,
+                                                                               capsys):
+    from nemo_customizer import cli
+
+    _offline(monkeypatch, tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    write_classification_data(tmp_path / "data", n_train=16, n_val=8)
+    code = cli.main(["model=tiny-llama-test", f"model.checkpoint={model_dir}", "model.random_weights=false",
+                     f"dataset.path={tmp_path / 'data'}", f"output_dir={tmp_path / 'job'}", "progress_bar=false",
+                     "logger.mlflow.enabled=true", f"logger.mlflow.tracking_uri={_mlflow_uri(tmp_path)}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: logger.mlflow: the mlflow run could not start" in err and "Traceback" not in err
+
 # --- config checks ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
