@@ -178,7 +178,9 @@ def run_ours(model_name: str, mode: str, seq: int, packed: bool, steps: int, war
             few = [micro for micro, _ in batches[:3]]
             run_few = (lambda: [train_step(ddp, optimizer, scheduler, m, device) for m in few]) if synced_steps \
                 else (lambda: queued_steps(few))
-            _profile(run_few, Path(profile_dir) / (f"{model_name}-{mode}" + (f"-tp{tp}" if tp > 1 else "")))
+            name = (f"{model_name}-{mode}" + (f"-tp{tp}" if tp > 1 else "")
+                    + ("" if precision == "bf16" else f"-{precision}"))
+            _profile(run_few, Path(profile_dir) / name)
         lengths = [n for _, ls in batches[warmup:] for n in ls]
         tokens_per_step = sum(lengths) / steps
         tok_s = tokens_per_step / step_s / tp  # per GPU: the TP ranks share every token
@@ -273,9 +275,9 @@ def run_baseline(model_name: str, mode: str, seq: int, rows: int = 1, baseline: 
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        oom = "OutOfMemoryError" in done.stderr
-        return dict(impl=impl, model=model_name, mode=mode, error=("OOM: " if oom else "unavailable: " if done.returncode == 2 else "failed: ")
-                    + " | ".join(tail))
+        why = ("OOM: " if "OutOfMemoryError" in done.stderr else "unavailable: " if done.returncode == 2
+               else "failed: ")
+        return dict(impl=impl, model=model_name, mode=mode, error=why + " | ".join(tail))
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     arch = config_from_kwargs(config=model_name).model.architecture
     tflops = measured["tokens_per_s"] * model_flops_per_token(arch, kind, [seq] * rows) / 1e12
