@@ -384,11 +384,16 @@ def main(argv=None) -> int:
             rows.append(row)
             if not leader:
                 continue
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+            write_row(row, args.out)
     return 0
+
+
+def write_row(row: dict, out: str | None) -> None:
+    """One result row as a JSON line on stdout, and appended to ``out`` when given."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

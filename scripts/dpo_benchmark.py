@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import ALL_LINEAR, model_flops_per_token  # noqa: E402  (a script beside this one)
+from benchmark import ALL_LINEAR, model_flops_per_token, write_row  # noqa: E402  (a script beside this one)
 
 MODES = {"lora-qv": ["q_proj", "v_proj"], "lora-all": ALL_LINEAR}
 RANK, ALPHA = 16, 32
@@ -298,10 +297,7 @@ def main(argv=None) -> int:
         except torch.cuda.OutOfMemoryError as err:
             row = dict(impl=name, model=work.model, mode=work.mode, error=f"OOM: {err}"[:200])
         row["card"] = card
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        write_row(row, args.out)
     return 0
 
 

@@ -82,8 +82,15 @@ def _measure(model_name, targets, seq, rows, steps, warmup, rank, alpha, kernels
     if targets is not None:
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                                  target_modules=list(targets)))
+    return timed_training_steps(model, arch.vocab_size, rows=rows, seq=seq, steps=steps, warmup=warmup)
+
+
+def timed_training_steps(model, vocab_size: int, *, rows: int, seq: int, steps: int, warmup: int) -> dict:
+    """Train ``model`` (a ``transformers`` causal LM on CUDA, its trainable parameters marked) with torch's fused AdamW
+    on ``rows`` random ``seq``-token rows per step: tokens/s, the median synchronized step and peak memory, after
+    ``warmup`` steps. Every baseline script measures its model with this."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    tokens = torch.randint(0, arch.vocab_size, (rows, seq), device="cuda")
+    tokens = torch.randint(0, vocab_size, (rows, seq), device="cuda")
 
     def step() -> None:
         model(input_ids=tokens, labels=tokens).loss.backward()
@@ -105,8 +112,10 @@ def _measure(model_name, targets, seq, rows, steps, warmup, rank, alpha, kernels
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def baseline_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every baseline script takes: the model config, LoRA targets or full fine-tuning, the step's
+    shape, steps and warm-up."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3.2-1b-instruct", help="one of our model configs")
     parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, comma-separated")
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
@@ -114,6 +123,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=1, help="dense sequences per step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = baseline_arguments(__doc__)
     parser.add_argument("--kernels", choices=KERNELS, default="torch",
                         help="liger: Liger's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy kernels")
     args = parser.parse_args(argv)

@@ -18,18 +18,18 @@ it exits with status 2 and says why.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_peft_throughput import baseline_arguments, baseline_model, timed_training_steps  # noqa: E402  (imports transformers lazily)
 
 UNAVAILABLE = 2
 """Exit status when the baseline cannot run here (no CUDA GPU, or Unsloth does not import)."""
@@ -57,17 +57,7 @@ def import_unsloth():
 def save_random_checkpoint(model_name: str, directory: Path):
     """Our model config ``model_name`` as a ``transformers`` checkpoint with random weights (bf16) and a small
     word-level tokenizer in ``directory``; returns the architecture."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from nemo_customizer.checkpoints.hf_export import hf_config_dict
-    from nemo_customizer.config import config_from_kwargs
-
-    arch = config_from_kwargs(config=model_name).model.architecture
-    config_dict = hf_config_dict(arch)
-    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model, arch = baseline_model(model_name)  # the transformers+peft baseline's random-weight model
     model.save_pretrained(directory)
     del model
     torch.cuda.empty_cache()
@@ -106,27 +96,8 @@ def measure(model_name: str, *, targets: Optional[Sequence[str]], seq: int = 409
                                           target_modules=list(targets), bias="none",
                                           use_gradient_checkpointing=False, random_state=0)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    tokens = torch.randint(0, arch.vocab_size, (rows, seq), device="cuda")
-
-    def step() -> None:
-        model(input_ids=tokens, labels=tokens).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    step_s = statistics.median(times)
-    return dict(tokens_per_s=rows * seq / step_s, step_ms=step_s * 1e3,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30, unsloth_version=_version("unsloth"))
+    measured = timed_training_steps(model, arch.vocab_size, rows=rows, seq=seq, steps=steps, warmup=warmup)
+    return dict(measured, unsloth_version=_version("unsloth"))
 
 
 def _version(package: str) -> str:
@@ -136,14 +107,7 @@ def _version(package: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-3.2-1b-instruct", help="one of our model configs")
-    parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, comma-separated")
-    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--rows", type=int, default=1, help="dense sequences per step")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser = baseline_arguments(__doc__)
     parser.add_argument("--checkpoint-root", default=None, metavar="DIR",
                         help="where the temporary random-weight checkpoint goes (default: the system temp dir)")
     args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ model classes, read by our loader)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -169,3 +170,9 @@ def write_random_peft_adapter(model_dir: Path, adapter_dir: Path, target_modules
                 param.normal_(0, 0.3)
     model.save_pretrained(str(adapter_dir))
     return model.eval()
+
+
+def train_losses(job_dir: Path) -> list[float]:
+    """The per-step train losses in a job's ``metrics.jsonl``."""
+    rows = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["event"] == "train"]

@@ -5,14 +5,12 @@ job end to end (checkpoint, adapter, merged export from the checkpoint). ``tests
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from _multiproc import run_world
-from _tiny import write_classification_data, write_tiny_model_dir
+from _tiny import train_losses, write_classification_data, write_tiny_model_dir
 
 E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 E4M3_GRID = E4M3_GRID[E4M3_GRID.isfinite()].unique()  # every finite e4m3fn value, sorted
@@ -196,11 +194,6 @@ def _train(rank: int, root: str, name: str, tp: int, sp: bool) -> None:
     )
 
 
-def _losses(job: Path) -> list:
-    rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["event"] == "train"]
-
-
 @pytest.fixture(scope="module")
 def fp8_job(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
@@ -215,7 +208,7 @@ def test_fp8_lora_job_trains_saves_and_exports_a_merged_model_from_its_checkpoin
 
     from nemo_customizer.export import export_checkpoint
 
-    losses = _losses(fp8_job / "single")
+    losses = train_losses(fp8_job / "single")
     assert len(losses) == STEPS and losses[-1] < losses[0]
     adapter = load_file(str(fp8_job / "single" / "adapter" / "adapter_model.safetensors"))
     assert adapter and all(t.dtype != torch.float8_e4m3fn for t in adapter.values())
@@ -237,4 +230,4 @@ def test_fp8_tensor_parallel_job_tracks_one_process(fp8_job):
     """TP=2 with sequence parallelism: the same communication as megatron's linears. Row-parallel weights are scaled
     per rank's input columns, so the losses agree to FP8's rounding, not exactly."""
     run_world(_train, 2, str(fp8_job), "tp2sp", 2, True)
-    assert _losses(fp8_job / "tp2sp") == pytest.approx(_losses(fp8_job / "single"), rel=2e-2)
+    assert train_losses(fp8_job / "tp2sp") == pytest.approx(train_losses(fp8_job / "single"), rel=2e-2)

@@ -18,6 +18,15 @@ TINY = 1e-12
 
 
 @triton.jit
+def _row_block(x_ptr, multiplier_ptr, row, x_row_stride, col, mask, HAS_MULTIPLIER: tl.constexpr):
+    """One block of a row in fp32, times the multiplier's columns when there is one."""
+    x = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MULTIPLIER:
+        x = x * tl.load(multiplier_ptr + col, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, multiplier_ptr, q_ptr, scale_ptr, cols, x_row_stride, q_row_stride,
                           HAS_MULTIPLIER: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
                           TINY: tl.constexpr):
@@ -26,19 +35,14 @@ def _quantize_rows_kernel(x_ptr, multiplier_ptr, q_ptr, scale_ptr, cols, x_row_s
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, cols, BLOCK):
         col = start + offsets
-        mask = col < cols
-        x = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(tl.float32)
-        if HAS_MULTIPLIER:
-            x = x * tl.load(multiplier_ptr + col, mask=mask, other=0.0)
+        x = _row_block(x_ptr, multiplier_ptr, row, x_row_stride, col, col < cols, HAS_MULTIPLIER)
         amax = tl.maximum(amax, tl.abs(x))
     scale = tl.maximum(tl.max(amax, axis=0), TINY) / FP8_MAX
     tl.store(scale_ptr + row, scale)
-    for start in range(0, cols, BLOCK):
+    for start in range(0, cols, BLOCK):  # the row again (from L2 at these widths), now cast
         col = start + offsets
         mask = col < cols
-        x = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(tl.float32)
-        if HAS_MULTIPLIER:
-            x = x * tl.load(multiplier_ptr + col, mask=mask, other=0.0)
+        x = _row_block(x_ptr, multiplier_ptr, row, x_row_stride, col, mask, HAS_MULTIPLIER)
         q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
         tl.store(q_ptr + row * q_row_stride + col, q.to(q_ptr.dtype.element_ty), mask=mask)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from _tiny import train_losses
 
 
 
@@ -48,8 +49,3 @@ class TinyJobs:
         assert name in self._runs, f"job {name} has not run"
         return self.root / name / "adapter"
 
-
-def train_losses(job_dir: Path) -> list[float]:
-    """The per-step train losses in a job's ``metrics.jsonl``."""
-    rows = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["event"] == "train"]

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from _tiny_jobs import train_losses
+from _tiny import train_losses
 
 pytestmark = pytest.mark.gpu
 
