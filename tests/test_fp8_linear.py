@@ -1,10 +1,11 @@
 """``precision=fp8`` on the CPU, where the FP8 arithmetic is simulated (real e4m3 casts, an fp32 matmul): the
-rounding against a quantizer written here, gradient routing, the config errors, TP=2+SP against TP=1, and a tiny LoRA
-job end to end (checkpoint, adapter, merged export from the checkpoint). ``tests/gpu/test_fp8_gpu.py`` checks that
+rounding against a quantizer written here, gradient routing, the config errors, TP=2+SP against TP=1, and tiny LoRA
+jobs end to end (checkpoint, adapter, merged export from the checkpoint; DPO with its reference on the FP8 base). ``tests/gpu/test_fp8_gpu.py`` checks that
 ``torch._scaled_mm`` computes what the simulation does."""
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -231,3 +232,31 @@ def test_fp8_tensor_parallel_job_tracks_one_process(fp8_job):
     per rank's input columns, so the losses agree to FP8's rounding, not exactly."""
     run_world(_train, 2, str(fp8_job), "tp2sp", 2, True)
     assert train_losses(fp8_job / "tp2sp") == pytest.approx(train_losses(fp8_job / "single"), rel=2e-2)
+
+
+def _train_dpo(rank: int, root: str) -> None:
+    import nemo_customizer.models.fp8_linear as fp8_linear
+    from nemo_customizer.api import customize
+
+    fp8_linear.fp8_unavailable_reason = lambda device: None
+    customize("tiny-llama-test", dataset=f"{root}/pairs", output_dir=f"{root}/dpo", device="cpu", progress_bar=False,
+              precision="fp8",
+              hyperparameters={"training_type": "dpo", "epochs": 1, "batch_size": 8, "micro_batch_size": 2,
+                               "learning_rate": 5e-3, "lora": {"adapter_dropout": 0.0},
+                               "dpo": {"ref_policy_kl_penalty": 0.5}},
+              model={"checkpoint": f"{root}/model", "random_weights": False})
+
+
+def test_fp8_lora_dpo_job_takes_its_reference_from_the_same_fp8_base(fp8_job):
+    """The reference is the FP8 base with the adapters switched off, the policy the same base with them: at the first
+    step (B = 0) the two agree to rounding, so the loss is log 2 and the rewards 0; then the policy learns."""
+    from _pairs import write_preference_data
+
+    write_preference_data(fp8_job / "pairs", n_train=32, n_val=8)
+    run_world(_train_dpo, 1, str(fp8_job))
+    rows = [json.loads(line) for line in (fp8_job / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["event"] == "train"]
+    assert len(train) == 4
+    assert train[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # -log sigmoid(0)
+    assert train[0]["rewards_chosen"] == pytest.approx(0.0, abs=1e-4)
+    assert train[-1]["loss"] < train[0]["loss"]
