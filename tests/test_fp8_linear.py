@@ -1,7 +1,7 @@
 """``precision=fp8`` on the CPU, where the FP8 arithmetic is simulated (real e4m3 casts, an fp32 matmul): the
 rounding against a quantizer written here, gradient routing, the config errors, TP=2+SP against TP=1, and tiny LoRA
-jobs end to end (checkpoint, adapter, merged export from the checkpoint; DPO with its reference on the FP8 base). ``tests/gpu/test_fp8_gpu.py`` checks that
-``torch._scaled_mm`` computes what the simulation does."""
+jobs end to end (checkpoint, adapter, merged export from the checkpoint; DPO with its reference on the FP8 base).
+``tests/gpu/test_fp8_gpu.py`` checks that ``torch._scaled_mm`` computes what the simulation does."""
 
 from __future__ import annotations
 
