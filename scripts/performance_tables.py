@@ -433,9 +433,13 @@ STEP_PROFILE = Table(
     """\
 A torch profiler trace of three graphed steps (`--profile DIR`), summed per kernel by `scripts/trace_summary.py`;
 times per step. The rest of a step's kernel time is spread over many small kernels; the GPU's idle time is the host's
-work between graph replays.""",
-    ("model", "mode"),
-    (Column("workload", workload), Column("step", with_unit("step_ms", "ms")),
+work between graph replays. Rows recorded with `python scripts/performance_tables.py --add-profile SUMMARY --add ROWS`
+(`trace_summary.py --json` and the benchmark's rows of the same call) list the kernel categories that
+`trace_summary.py` sorts kernels into, and an equal-work row (one causal 4,096-token sequence per step) says so.""",
+    ("model", "mode", "work", "precision"),
+    (Column("workload", lambda r: workload(r) + (", equal work" if r.get("work") == "equal" else "")
+            + ("" if r.get("precision", "bf16") == "bf16" else f", {r['precision'].upper()} frozen base")),
+     Column("step", with_unit("step_ms", "ms")),
      Column("kernels", with_unit("kernels_ms", "ms")), Column("largest parts (ms)", parts)))
 
 CPU_SERVER = Table(
@@ -634,6 +638,21 @@ def from_benchmark(lines: list[str], run: dict, table: str | None = None) -> lis
 
 # --- command line ---------------------------------------------------------------------------------------------------
 
+def from_profile(summary: dict, benchmark_lines: list[str], run: dict) -> dict:
+    """A step-profile row: ``trace_summary.py --json``'s kernel categories beside the profiled benchmark row (ours:
+    its model, mode, work, precision and step time)."""
+    ours = [json.loads(line) for line in benchmark_lines if line.strip().startswith("{")]
+    ours = [r for r in ours if r.get("impl") == "nemo_customizer"]
+    if len(ours) != 1:
+        raise ValueError(f"--add-profile needs the rows of exactly one of our benchmark runs, found {len(ours)}")
+    (r,) = ours
+    idle = [["GPU idle (3 steps, between steps included)", summary["idle_ms"]]] if summary.get("idle_ms") else []
+    return dict(run, table="step-profile", card=run.get("card") or card_name(r.get("card", "?"), r["tp"]),
+                model=r["model"], mode=r["mode"], work=r.get("work"), precision=r.get("precision", "bf16"),
+                attention=r.get("attention"), step_ms=r["step_ms"], kernels_ms=summary["kernels_ms_per_step"],
+                parts=[[name, part["ms"]] for name, part in summary["categories"].items()] + idle)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare the document with what the results render")
@@ -645,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--software", help="with --add: e.g. 'torch 2.11.0+cu130, megatron-core 0.16.1'")
     parser.add_argument("--table", choices=("one-gpu", "equal-work", "tensor-parallel", "recompute"),
                         help="with --add: file every row under this table (default: from each row's settings)")
+    parser.add_argument("--add-profile", type=Path, metavar="SUMMARY",
+                        help="with --add ROWS: trace_summary.py --json's output for the run that printed ROWS, "
+                             "recorded in the step-profile table")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--doc", type=Path, default=DOC)
     args = parser.parse_args(argv)
@@ -654,7 +676,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--add needs --command: the exact command that printed the rows")
         given = dict(date=args.date, card=args.card, software=args.software, command=args.command)
         run = {name: value for name, value in given.items() if value is not None} | {"commit": args.commit}
-        new = from_benchmark(args.add.read_text().splitlines(), run, args.table)
+        if args.add_profile:
+            new = [from_profile(json.loads(args.add_profile.read_text()), args.add.read_text().splitlines(), run)]
+        else:
+            new = from_benchmark(args.add.read_text().splitlines(), run, args.table)
         if not new:
             print(f"error: no benchmark rows in {args.add}", file=sys.stderr)
             return 2

@@ -23,8 +23,8 @@ CATEGORIES = (
     ("attention", r"flash|fmha|attention|_attn|sdpa|flex"),
     ("loss", r"cross_entropy|nll_loss|log_softmax|logsumexp"),
     ("optimizer", r"adam|multi_tensor|foreach"),
-    ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|matmul|_mm_|scaled_mm|splitk|sm90_|sm80_|wgmma"),
-    ("norm, rope, activation", r"rms|rsqrt|norm|rope|rotate|rotary|swiglu|geglu|silu|gelu"),
+    ("GEMMs", r"gemm|nvjet|xmma|cutlass|cublas|matmul|_mm_|scaled_mm|splitk|sm90_|sm80_|wgmma"),
+    ("norm, RoPE, activation", r"rms|rsqrt|norm|rope|rotate|rotary|swiglu|geglu|silu|gelu"),
     ("copies", r"memcpy|memset|copy|cat_|transpose|contiguous"),
 )
 OTHER = "other element-wise"

@@ -88,3 +88,23 @@ def test_equal_work_rows_go_to_their_own_table_beside_every_baseline(tmp_path):
         (12000, 15000, None)
     text = doc.read_text()
     assert "| 8B LoRA r16 q,v, FP8 frozen base | H100 | 30,000 | 50.6% | 6.9 | 12,000 | 15,000 | — | 2.00× |" in text
+
+
+def test_a_profile_summary_is_recorded_beside_its_benchmark_row(tmp_path):
+    results, doc = tmp_path / "results.jsonl", tmp_path / "PERFORMANCE.md"
+    shutil.copy(ROOT / "docs" / "performance" / "results.jsonl", results)
+    ours = json.loads(_benchmark_output(20000).splitlines()[1])
+    ours.update(model="llama-3.1-8b-instruct", work="equal", step_ms=230.5)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(ours) + "\n")
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps(dict(kernels_ms_per_step=221.0, idle_ms=4.5, categories={
+        "GEMMs": dict(ms=180.25, share=0.816), "attention": dict(ms=25.0, share=0.113)})))
+    command = "python scripts/benchmark.py --equal-work --cuda-graphs --profile DIR"
+    assert _tables().main(["--add", str(rows), "--add-profile", str(summary), "--command", command, "--date",
+                           "2026-12-08", "--results", str(results), "--doc", str(doc)]) == 0
+    added = json.loads(results.read_text().splitlines()[-1])
+    assert added["table"] == "step-profile" and added["kernels_ms"] == 221.0
+    assert added["parts"][:2] == [["GEMMs", 180.25], ["attention", 25.0]]
+    assert ("| 8B LoRA r16 q,v, equal work | 230.5 ms | 221.0 ms | GEMMs 180.25, attention 25.0, GPU idle (3 steps, "
+            "between steps included) 4.5 |") in doc.read_text()
