@@ -164,10 +164,11 @@ Llama rows among them are the same-card reference for the other families. Qwen3'
 and key head) and Gemma 3's (four norms per layer, GeGLU, sliding-window layers with a RoPE table of their own) run
 inside the same compiled, graph-captured step, and the comparison with the Llama rows of the same card shows what
 they cost. Gemma 2 is the exception: no flash kernel here applies its attention-logit softcapping in backward, so its
-softcapped layers attend sequence by sequence with materialized fp32 scores and without CUDA graphs, which makes it
-slower than the baseline. Its baseline rows asked `transformers` for SDPA attention, which cannot softcap, so they
-may have run without the softcap and are not a like-for-like comparison; `scripts/hf_peft_throughput.py` now gives
-a softcapping model `transformers`' eager attention, and the next measurement replaces them."""
+softcapped layers attended sequence by sequence with materialized fp32 scores and without CUDA graphs when its rows
+were measured, which made it slower than the baseline. Its baseline rows asked `transformers` for SDPA attention,
+which cannot softcap, so they may have run without the softcap and are not a like-for-like comparison. Since then
+softcapped attention on CUDA runs FlexAttention (`models/flex_softcap.py`) and `scripts/hf_peft_throughput.py` gives a
+softcapping model `transformers`' eager attention; the next measurement replaces both rows."""
     , ("model", "mode", "attention"),
     (Column("workload", workload), Column("card", field("card")), Column("tokens/s", field("tokens_per_s")),
      Column("MFU", lambda r: percent(r.get("mfu"))), Column("peak GiB", field("peak_gib")),
