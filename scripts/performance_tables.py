@@ -196,6 +196,44 @@ token for LoRA plus causal attention over 4,096 tokens, against 989 TFLOP/s.""",
      Column("ratio to the fastest", lambda r: _ratio_to_fastest(r))))
 
 
+FP8_NUMERICS = Table(
+    "fp8-numerics", "FP8 frozen base against bf16: numerics",
+    """\
+`precision=fp8` against the same random weights in bf16 (`scripts/fp8_numerics.py`): the logits' relative error on one
+sequence (largest difference over the largest logit, and RMS over RMS), each LoRA gradient's relative error after
+one backward pass (largest difference over the largest value, per projection's A and B; the median over layers),
+and the largest relative difference of the per-step training losses over a short run. B starts small and random
+instead of at zero, so that A has a gradient at the first step. A CPU row runs the same arithmetic simulated (real
+e4m3 rounding with per-row scales, products in fp32) against fp32. e4m3 keeps three mantissa bits, so every FP8
+product rounds both operands by a few percent, and random weights carry that through every layer: the per-token
+losses, averages over many positions, move far less than single logits.""",
+    ("model", "layers", "seq", "card"),
+    (Column("model shape", lambda r: f"{MODELS.get(r['model'], r['model'])}-shaped, "
+            + (f"{r['layers']} layers, " if r.get("layers") else "") + f"LoRA {','.join(r['targets'])}"),
+     Column("card", field("card")), Column("against", field("against")),
+     Column("tokens", field("seq")),
+     Column("logits: max / RMS rel. error", lambda r: f"{r['logits_max_rel']:.3f} / {r['logits_rms_rel']:.3f}"),
+     Column("LoRA gradients: median rel. error", lambda r: ", ".join(
+         f"{group} {errors['median']:.2f}" for group, errors in r["lora_grads"].items())),
+     Column("loss curve: largest step rel. difference", lambda r: f"{r['loss_max_step_rel']:.4f} "
+            f"over {r['steps']} steps")))
+
+
+def from_fp8_numerics(lines: list[str], run: dict) -> dict:
+    """``scripts/fp8_numerics.py``'s three JSON lines as one fp8-numerics row."""
+    measures = {r["measure"]: r for r in (json.loads(line) for line in lines if line.strip().startswith("{"))}
+    missing = {"logits", "lora_grads", "loss_curve"} - set(measures)
+    if missing:
+        raise ValueError(f"fp8_numerics.py output lacks {', '.join(sorted(missing))}")
+    logits, grads, curve = measures["logits"], measures["lora_grads"], measures["loss_curve"]
+    card = logits["card"] if logits["card"].startswith("CPU") else card_name(logits["card"], 1)
+    return dict(run, table="fp8-numerics", card=run.get("card") or card, model=logits["model"],
+                layers=logits["layers"], targets=logits["targets"], seq=logits["seq"], against=logits["against"],
+                logits_max_rel=round(logits["max_rel"], 4), logits_rms_rel=round(logits["rms_rel"], 4),
+                lora_grads=grads["groups"], steps=curve["steps"], loss_max_step_rel=round(curve["max_step_rel"], 5),
+                losses=dict(reference=curve["reference"], fp8=curve["fp8"]))
+
+
 def _ratio_to_fastest(row: dict) -> str:
     speeds = [row.get(name) for name in ("baseline_tokens_per_s", "liger_tokens_per_s", "unsloth_tokens_per_s")]
     speeds = [v for v in speeds if v]
@@ -459,7 +497,7 @@ adapters.""",
      Column("latency p50", with_unit("latency_p50_s", "s", ".2f")),
      Column("latency p95", with_unit("latency_p95_s", "s", ".2f")), Column("wall", with_unit("wall_s", "s", ".1f"))))
 
-TABLES = (ONE_GPU, EQUAL_WORK, QUALITY_SIMPLIFICATION, QUALITY_CLASSIFICATION, QUALITY_DPO, CPU_DEMO, CPU_PACKING,
+TABLES = (ONE_GPU, EQUAL_WORK, FP8_NUMERICS, QUALITY_SIMPLIFICATION, QUALITY_CLASSIFICATION, QUALITY_DPO, CPU_DEMO, CPU_PACKING,
           TENSOR_PARALLEL, LAYOUTS, COLLECTIVES, RECOMPUTE, ATTENTION_KERNELS, ATTENTION_IN_TRAINING, STEP_TIMING,
           STEP_PROFILE, CPU_SERVER)
 TABLE_BY_ID = {table.id: table for table in TABLES}
@@ -657,7 +695,8 @@ def from_profile(summary: dict, benchmark_lines: list[str], run: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare the document with what the results render")
-    parser.add_argument("--add", type=Path, metavar="FILE", help="benchmark.py's JSON lines (its stdout or --out)")
+    parser.add_argument("--add", type=Path, metavar="FILE",
+                        help="benchmark.py's JSON lines (its stdout or --out), or fp8_numerics.py's")
     parser.add_argument("--command", help="with --add: the exact command that printed FILE")
     parser.add_argument("--date", default=datetime.date.today().isoformat(), help="with --add (default: today)")
     parser.add_argument("--card", help="with --add: e.g. H100 (default: from the rows' device name)")
@@ -677,7 +716,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--add needs --command: the exact command that printed the rows")
         given = dict(date=args.date, card=args.card, software=args.software, command=args.command)
         run = {name: value for name, value in given.items() if value is not None} | {"commit": args.commit}
-        if args.add_profile:
+        lines = args.add.read_text().splitlines()
+        if any('"measure"' in line for line in lines):  # scripts/fp8_numerics.py's output
+            new = [from_fp8_numerics(lines, run)]
+        elif args.add_profile:
             new = [from_profile(json.loads(args.add_profile.read_text()), args.add.read_text().splitlines(), run)]
         else:
             new = from_benchmark(args.add.read_text().splitlines(), run, args.table)
