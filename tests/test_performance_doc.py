@@ -108,3 +108,22 @@ def test_a_profile_summary_is_recorded_beside_its_benchmark_row(tmp_path):
     assert added["parts"][:2] == [["GEMMs", 180.25], ["attention", 25.0]]
     assert ("| 8B LoRA r16 q,v, equal work | 230.5 ms | 221.0 ms | GEMMs 180.25, attention 25.0, GPU idle (3 steps, "
             "between steps included) 4.5 |") in doc.read_text()
+
+
+def test_fp8_numerics_output_is_recorded_as_one_row(tmp_path):
+    results, doc = tmp_path / "results.jsonl", tmp_path / "PERFORMANCE.md"
+    shutil.copy(ROOT / "docs" / "performance" / "results.jsonl", results)
+    common = dict(model="llama-3.1-8b-instruct", layers=None, targets=["q_proj", "v_proj"], seq=2048, against="bf16",
+                  card="NVIDIA H100 80GB HBM3")
+    printed = [dict(measure="logits", **common, max_rel=0.0512, rms_rel=0.0301, loss_reference=11.9, loss_fp8=11.8),
+               dict(measure="lora_grads", **common, groups={"q_proj.lora_A": dict(max=0.3, median=0.12)}),
+               dict(measure="loss_curve", **common, steps=20, reference=[12.0, 11.0], fp8=[12.01, 11.02],
+                    max_step_rel=0.0018)]
+    rows = tmp_path / "numerics.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in printed))
+    assert _tables().main(["--add", str(rows), "--command", "python scripts/fp8_numerics.py", "--date", "2026-12-08",
+                           "--results", str(results), "--doc", str(doc)]) == 0
+    added = json.loads(results.read_text().splitlines()[-1])
+    assert (added["table"], added["card"], added["logits_max_rel"]) == ("fp8-numerics", "H100", 0.0512)
+    assert ("| 8B-shaped, LoRA q_proj,v_proj | H100 | bf16 | 2,048 | 0.051 / 0.030 | q_proj.lora_A 0.12 | "
+            "0.0018 over 20 steps |") in doc.read_text()
