@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "prepare_chitchat.py"
+from _scripts import load_script
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("chitchat_dataset") is None,
                                 reason="pip install --no-deps chitchat-dataset")
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_chitchat", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("prepare_chitchat")
 
 
 def test_to_row_alternates_roles_and_ends_on_the_assistant():

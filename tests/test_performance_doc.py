@@ -1,22 +1,19 @@
 """docs/PERFORMANCE.md is what docs/performance/results.jsonl renders, and benchmark rows can be added to it."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from _scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "performance_tables.py"
 
 
 def _tables():
-    spec = importlib.util.spec_from_file_location("performance_tables", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("performance_tables")
 
 
 def test_performance_doc_is_what_the_results_render():

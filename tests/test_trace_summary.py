@@ -1,22 +1,15 @@
 """scripts/trace_summary.py: a profiled step's GPU time by kernel category, and the busy/idle split."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "trace_summary.py"
+from _scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def trace_summary():
-    spec = importlib.util.spec_from_file_location("trace_summary", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("trace_summary")
 
 
 @pytest.mark.parametrize("name, category", [

@@ -1,7 +1,6 @@
 """The Unsloth baseline of ``scripts/benchmark.py``: its script refuses clearly where it cannot run (no CUDA GPU, no
 importable Unsloth), and ``--baseline unsloth`` runs that script instead of the transformers+peft one."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,14 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from _scripts import SCRIPTS, load_script
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
 
 
 def test_without_a_cuda_gpu_the_script_exits_2_and_says_why():

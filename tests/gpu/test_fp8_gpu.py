@@ -4,12 +4,12 @@ simulated arithmetic the CPU tests check, and a small Llama-shaped LoRA job agai
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+
+from _scripts import load_script
 
 pytestmark = pytest.mark.gpu
 
@@ -35,11 +35,7 @@ def hopper():
 
 
 def _numerics_script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "fp8_numerics.py"
-    spec = importlib.util.spec_from_file_location("fp8_numerics", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fp8_numerics")
 
 
 @pytest.mark.parametrize("with_multiplier", [False, True])
