@@ -251,9 +251,11 @@ def _profile(run_steps, path: Path) -> None:
     print(table, flush=True)
 
 
-BASELINES = {"hf-peft": ("hf+peft", "torch"), "liger": ("hf+peft+liger", "liger"), "unsloth": ("unsloth", "unsloth")}
-"""``--baseline`` names → (the row's ``impl``, ``scripts/hf_peft_throughput.py --kernels``; ``unsloth``: the script
-``scripts/unsloth_throughput.py`` instead)."""
+BASELINES = {"hf-peft": ("hf+peft", ["hf_peft_throughput.py", "--kernels", "torch"]),
+             "liger": ("hf+peft+liger", ["hf_peft_throughput.py", "--kernels", "liger"]),
+             "unsloth": ("unsloth", ["unsloth_throughput.py"])}
+"""``--baseline`` names → (the row's ``impl``, the script under ``scripts/`` that measures it and its own options;
+Unsloth loads and patches models its own way)."""
 
 
 def run_baseline(model_name: str, mode: str, seq: int, rows: int = 1, baseline: str = "hf-peft") -> dict:
@@ -265,11 +267,10 @@ def run_baseline(model_name: str, mode: str, seq: int, rows: int = 1, baseline: 
 
     from nemo_customizer.config import config_from_kwargs
 
-    impl, kernels = BASELINES[baseline]
+    impl, (script, *options) = BASELINES[baseline]
     kind, targets = MODES[mode]
-    command = [sys.executable, str(Path(__file__).resolve().parent / _baseline_script(kernels)), "--model", model_name,
+    command = [sys.executable, str(Path(__file__).resolve().parent / script), *options, "--model", model_name,
                "--seq", str(seq), "--rows", str(rows)]
-    command += [] if kernels == "unsloth" else ["--kernels", kernels]
     command += ["--full"] if kind == "all_weights" else ["--targets", ",".join(targets)]
     torch.cuda.empty_cache()  # what this process keeps cached is not the baseline's to fight for
     done = subprocess.run(command, capture_output=True, text=True)
@@ -284,11 +285,6 @@ def run_baseline(model_name: str, mode: str, seq: int, rows: int = 1, baseline: 
     return dict(impl=impl, model=model_name, mode=mode, seq=seq, packed=False, rows=rows,
                 tok_s=round(measured["tokens_per_s"]), tflops=round(tflops), mfu=round(tflops / PEAK_TFLOPS, 3),
                 peak_gb=round(measured["peak_gib"], 1), step_ms=round(measured["step_ms"], 1))
-
-
-def _baseline_script(kernels: str) -> str:
-    """The script that measures a baseline: Unsloth loads and patches models its own way."""
-    return "unsloth_throughput.py" if kernels == "unsloth" else "hf_peft_throughput.py"
 
 
 SUITE = [("llama-3.2-1b-instruct", "lora-qv"), ("llama-3.2-1b-instruct", "lora-all"),
