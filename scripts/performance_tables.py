@@ -97,6 +97,7 @@ def with_unit(name: str, unit: str, spec: str = "") -> Callable[[dict], str]:
 
 def workload(row: dict) -> str:
     label = f"{MODELS.get(row['model'], row['model'])} {MODES.get(row['mode'], row['mode'])}"
+    label += f", {row['precision'].upper()} frozen base" if row.get("precision") else ""
     label += ", torch's flash attention" if row.get("attention") == "torch" else ""
     return label + (", no CUDA graphs" if row.get("cuda_graphs") is False else "")
 
@@ -169,7 +170,7 @@ were measured, which made it slower than the baseline. Its baseline rows asked `
 which cannot softcap, so they may have run without the softcap and are not a like-for-like comparison. Since then
 softcapped attention on CUDA runs FlexAttention (`models/flex_softcap.py`) and `scripts/hf_peft_throughput.py` gives a
 softcapping model `transformers`' eager attention; the next measurement replaces both rows."""
-    , ("model", "mode", "attention"),
+    , ("model", "mode", "attention", "precision"),
     (Column("workload", workload), Column("card", field("card")), Column("tokens/s", field("tokens_per_s")),
      Column("MFU", lambda r: percent(r.get("mfu"))), Column("peak GiB", field("peak_gib")),
      Column("transformers+peft tokens/s", field("baseline_tokens_per_s")),
@@ -187,8 +188,7 @@ and the fused linear cross-entropy, which never materializes the logits: what ax
 its packages could be carried to the machine. The ratio is against the fastest baseline of the row. MFU counts 4·N per
 token for LoRA plus causal attention over 4,096 tokens, against 989 TFLOP/s.""",
     ("model", "mode", "precision"),
-    (Column("workload", lambda r: workload(r) + ("" if r.get("precision", "bf16") == "bf16" else
-                                                 f", {r['precision'].upper()} frozen base")),
+    (Column("workload", workload),
      Column("card", field("card")), Column("tokens/s", field("tokens_per_s")),
      Column("MFU", lambda r: percent(r.get("mfu"))), Column("peak GiB", field("peak_gib")),
      Column("transformers+peft", field("baseline_tokens_per_s")),
@@ -476,8 +476,7 @@ work between graph replays. Rows recorded with `python scripts/performance_table
 (`trace_summary.py --json` and the benchmark's rows of the same call) list the kernel categories that
 `trace_summary.py` sorts kernels into, and an equal-work row (one causal 4,096-token sequence per step) says so.""",
     ("model", "mode", "work", "precision"),
-    (Column("workload", lambda r: workload(r) + (", equal work" if r.get("work") == "equal" else "")
-            + ("" if r.get("precision", "bf16") == "bf16" else f", {r['precision'].upper()} frozen base")),
+    (Column("workload", lambda r: workload(r) + (", equal work" if r.get("work") == "equal" else "")),
      Column("step", with_unit("step_ms", "ms")),
      Column("kernels", with_unit("kernels_ms", "ms")), Column("largest parts (ms)", parts)))
 
@@ -597,6 +596,12 @@ def merge(rows: list[dict], new: list[dict]) -> list[dict]:
     return merged
 
 
+def _precision(row: dict):
+    """A benchmark row's precision as the tables keep it: None for bf16 (every row before FP8), else its name."""
+    precision = row.get("precision", "bf16")
+    return None if precision == "bf16" else precision
+
+
 BASELINE_FIELDS = {"hf+peft": "baseline", "hf+peft+liger": "liger", "unsloth": "unsloth"}
 """A baseline row's ``impl`` → the prefix of its fields in our row."""
 
@@ -647,9 +652,7 @@ def from_benchmark(lines: list[str], run: dict, table: str | None = None) -> lis
                    model=r["model"], mode=r["mode"], tokens_per_s=r["tok_s"], mfu=r["mfu"], peak_gib=r["peak_gb"],
                    step_ms=r["step_ms"])
         if name in ("one-gpu", "equal-work"):
-            row.update(attention=r.get("attention"), cuda_graphs=r["cuda_graphs"])
-            if name == "equal-work":
-                row.update(precision=r.get("precision", "bf16"))
+            row.update(attention=r.get("attention"), cuda_graphs=r["cuda_graphs"], precision=_precision(r))
             for impl, prefix in BASELINE_FIELDS.items():
                 if impl != "hf+peft" and name == "one-gpu":
                     continue
@@ -687,7 +690,7 @@ def from_profile(summary: dict, benchmark_lines: list[str], run: dict) -> dict:
     (r,) = ours
     idle = [["GPU idle (3 steps, between steps included)", summary["idle_ms"]]] if summary.get("idle_ms") else []
     return dict(run, table="step-profile", card=run.get("card") or card_name(r.get("card", "?"), r["tp"]),
-                model=r["model"], mode=r["mode"], work=r.get("work"), precision=r.get("precision", "bf16"),
+                model=r["model"], mode=r["mode"], work=r.get("work"), precision=_precision(r),
                 attention=r.get("attention"), step_ms=r["step_ms"], kernels_ms=summary["kernels_ms_per_step"],
                 parts=[[name, part["ms"]] for name, part in summary["categories"].items()] + idle)
 

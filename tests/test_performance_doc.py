@@ -124,3 +124,17 @@ def test_fp8_numerics_output_is_recorded_as_one_row(tmp_path):
     assert (added["table"], added["card"], added["logits_max_rel"]) == ("fp8-numerics", "H100", 0.0512)
     assert ("| 8B-shaped, LoRA q_proj,v_proj | H100 | bf16 | 2,048 | 0.051 / 0.030 | q_proj.lora_A 0.12 | "
             "0.0018 over 20 steps |") in doc.read_text()
+
+
+def test_an_fp8_row_sits_beside_the_bf16_row_of_its_configuration(tmp_path):
+    results, doc = tmp_path / "results.jsonl", tmp_path / "PERFORMANCE.md"
+    shutil.copy(ROOT / "docs" / "performance" / "results.jsonl", results)
+    for tok_s, precision in ((90000, "bf16"), (120000, "fp8")):
+        ours, baseline = (json.loads(line) for line in _benchmark_output(tok_s).splitlines()[1:])
+        rows = tmp_path / f"rows-{precision}.jsonl"
+        rows.write_text(json.dumps(dict(ours, precision=precision)) + "\n" + json.dumps(baseline) + "\n")
+        assert _tables().main(["--add", str(rows), "--command", f"benchmark --precision {precision}", "--date",
+                               "2026-12-08", "--results", str(results), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "| 1B LoRA r16 q,v | H100 | 90,000 |" in text
+    assert "| 1B LoRA r16 q,v, FP8 frozen base | H100 | 120,000 |" in text
